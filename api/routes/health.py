@@ -1,0 +1,25 @@
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from api.deps import StoreDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The API process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "Redis unreachable or no worker alive"}})
+async def readyz(store: StoreDep) -> JSONResponse:
+    """Ready when Redis answers and at least one worker is alive (its heartbeat is fresh)."""
+    try:
+        await store.redis.ping()
+        workers = await store.live_workers()
+    except Exception as exc:  # any Redis failure means not ready
+        return JSONResponse({"status": "unavailable", "reason": f"redis unreachable: {exc.__class__.__name__}"}, 503)
+    if not workers:
+        return JSONResponse({"status": "unavailable", "reason": "no worker alive", "workers": []}, 503)
+    return JSONResponse({"status": "ready", "workers": [w["hostname"] for w in workers]})

@@ -1,0 +1,33 @@
+from fastapi import APIRouter, Response
+
+from api.deps import StoreDep
+from schemas.jobs import ErrorResponse, Job, JobCreate, JobResults
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+_errors = {code: {"model": ErrorResponse} for code in (404, 413, 422, 503)}
+
+
+@router.post("", status_code=202, responses=_errors)
+async def create_job(body: JobCreate, store: StoreDep, response: Response) -> Job:
+    """Submit a bulk rerank job: many queries, each with its documents. Answers at once with the queued job."""
+    job = await store.submit(body)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.get("/{job_id}", responses=_errors)
+async def get_job(job_id: str, store: StoreDep) -> Job:
+    """A job's status and progress in pairs."""
+    return await store.get(job_id)
+
+
+@router.get("/{job_id}/results", responses={**_errors, 409: {"model": ErrorResponse}})
+async def get_results(job_id: str, store: StoreDep) -> JobResults:
+    """Ranked results, one entry per request in submission order; 409 until the job has succeeded."""
+    return await store.results(job_id)
+
+
+@router.post("/{job_id}/cancel", responses=_errors)
+async def cancel_job(job_id: str, store: StoreDep) -> Job:
+    """Cancel a job: chunks not yet scored are not scored. Cancelling a finished job changes nothing."""
+    return await store.cancel(job_id)

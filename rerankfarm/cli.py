@@ -1,0 +1,235 @@
+"""`rerankfarm`: run the farm (up, api, worker)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from schemas.settings import DEFAULT_MODEL, get_settings
+
+logger = logging.getLogger("rerankfarm")
+
+TINY_MODEL_DIR = Path.home() / ".cache" / "rerankfarm" / "tiny-qwen3-reranker"
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run("api.main:create_app", factory=True, host=args.host or settings.api_host,
+                port=args.port or settings.api_port, log_level=args.loglevel.lower())
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from workers import launcher
+
+    return launcher.run(prefix=args.name, cpu=args.cpu, concurrency=args.concurrency, loglevel=args.loglevel)
+
+
+def _model_loadable(model: str) -> str | None:
+    """None when the model's config can be read (local directory, cache or Hub), else the reason."""
+    if Path(model).is_dir():
+        return None if (Path(model) / "config.json").exists() else f"{model} has no config.json"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return None
+        socket.getaddrinfo(endpoint.hostname or "huggingface.co", endpoint.port or 443)
+    except socket.gaierror:
+        return f"{endpoint.hostname} cannot be reached and the model is not in the local cache"
+    except Exception as exc:
+        return f"{exc.__class__.__name__}: {exc}"
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(model)
+        return None
+    except Exception as exc:  # offline, unknown id, no transformers: all mean "not loadable here"
+        return f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _choose_model(args: argparse.Namespace) -> str:
+    if args.tiny_model:
+        from rerankfarm.tiny_model import build_tiny_model
+
+        return str(build_tiny_model(TINY_MODEL_DIR))
+    model = args.model or get_settings().model
+    reason = _model_loadable(model)
+    if reason is None:
+        return model
+    explicit = args.model is not None or "RERANK_MODEL" in os.environ
+    if explicit or model != DEFAULT_MODEL:
+        raise SystemExit(f"rerankfarm up: cannot load model {model!r}: {reason}")
+    from rerankfarm.tiny_model import build_tiny_model
+
+    print("=" * 78, file=sys.stderr)
+    print(f"  {DEFAULT_MODEL} cannot be loaded here ({reason}).", file=sys.stderr)
+    print("  Running the demo on a TINY RANDOM model instead: the farm works end to end,", file=sys.stderr)
+    print("  but the scores mean nothing. Set RERANK_MODEL to a downloaded model directory", file=sys.stderr)
+    print("  for real rankings.", file=sys.stderr)
+    print("=" * 78, file=sys.stderr)
+    return str(build_tiny_model(TINY_MODEL_DIR))
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _wait_ready(client: httpx.Client, children: list[subprocess.Popen[bytes]], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    reason = ""
+    while time.monotonic() < deadline:
+        for child in children:
+            if child.poll() is not None:
+                raise SystemExit(f"rerankfarm up: a process exited early (code {child.returncode}); see its log above")
+        try:
+            r = client.get("/readyz")
+            if r.status_code == 200:
+                return
+            reason = r.json().get("reason", "")
+        except httpx.HTTPError as exc:
+            reason = exc.__class__.__name__
+        time.sleep(0.5)
+    raise SystemExit(f"rerankfarm up: the farm was not ready after {timeout:.0f}s ({reason})")
+
+
+def _show_results(job: dict[str, Any], results: dict[str, Any], example: dict[str, Any]) -> None:
+    print(f"\njob {job['id']} {job['status']}: {job['progress']['completed']}/{job['progress']['total']} pairs, "
+          f"scored by {', '.join(job['workers'])}")
+    for request, entry in zip(example["requests"], results["data"], strict=True):
+        print(f"\n[{entry['custom_id']}] {request['query']}")
+        for rank_, r in enumerate(entry["results"], 1):
+            text = r["document"]["text"] if r.get("document") else f"document {r['index']}"
+            text = text if len(text) <= 70 else text[:67] + "..."
+            print(f"  {rank_}. {r['relevance_score']:.4f}  #{r['index']}  {text}")
+
+
+def run_example(client: httpx.Client) -> int:
+    example = json.loads(resources.files("rerankfarm").joinpath("data/example_job.json").read_text("utf-8"))
+    r = client.post("/v1/jobs", json=example)
+    r.raise_for_status()
+    job = r.json()
+    print(f"submitted example job {job['id']}: {len(example['requests'])} queries, {job['progress']['total']} pairs")
+    while True:
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+        done, total = job["progress"]["completed"], job["progress"]["total"]
+        bar = "#" * int(30 * done / max(total, 1))
+        print(f"\r  [{bar:<30}] {done}/{total} pairs  {job['status']:<10}", end="", flush=True)
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            break
+        time.sleep(0.3)
+    print()
+    if job["status"] != "succeeded":
+        print(f"job {job['status']}: {job.get('error')}", file=sys.stderr)
+        return 1
+    _show_results(job, client.get(f"/v1/jobs/{job['id']}/results").json(), example)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from rerankfarm.embedded_redis import EmbeddedRedis
+
+    settings = get_settings()
+    env = dict(os.environ)
+    model = _choose_model(args)
+    env["RERANK_MODEL"] = model
+    redis_server = None
+    if "RERANK_REDIS_URL" not in os.environ:
+        redis_server = EmbeddedRedis(appendonly=True).start()
+        env["RERANK_REDIS_URL"] = redis_server.url
+        print(f"embedded redis-server at {redis_server.url} (set RERANK_REDIS_URL to use your own)")
+    port = args.port or settings.api_port
+    if not _port_free(port):
+        raise SystemExit(f"rerankfarm up: port {port} is in use; pass --port or set RERANK_API_PORT")
+    exe = [sys.executable, "-m", "rerankfarm.cli"]
+    children = [
+        subprocess.Popen([*exe, "api", "--host", "127.0.0.1", "--port", str(port), "--loglevel", "WARNING"], env=env),
+        subprocess.Popen([*exe, "worker", "--loglevel", "WARNING"], env=env),
+    ]
+    code = 1
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            print(f"starting the API on http://127.0.0.1:{port} and the workers (model {model})...")
+            _wait_ready(client, children, args.ready_timeout)
+            print(f"ready: {', '.join(client.get('/readyz').json()['workers'])}")
+            code = run_example(client)
+            if args.serve and code == 0:
+                print(f"\nserving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        for child in reversed(children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in reversed(children):
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if redis_server is not None:
+            redis_server.stop()
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rerankfarm", description="Queue-based reranking farm (Qwen3-Reranker).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start everything and run the example bulk job (first run)",
+                        description="Start an embedded Redis (unless RERANK_REDIS_URL is set), the API and one "
+                        "worker per GPU (one CPU worker without GPUs), submit the example bulk job, show its "
+                        "progress and print the ranked results.")
+    up.add_argument("--port", type=int, default=None, help="API port (default RERANK_API_PORT, 8000)")
+    up.add_argument("--model", default=None, help="model id or directory (default RERANK_MODEL)")
+    up.add_argument("--tiny-model", action="store_true", help="use a tiny random model (no download; scores are "
+                    "meaningless)")
+    up.add_argument("--serve", action="store_true", help="keep the farm running after the example job")
+    up.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for the model to load")
+    up.set_defaults(func=cmd_up)
+
+    api = sub.add_parser("api", help="run the HTTP API (uvicorn)")
+    api.add_argument("--host", default=None, help="bind address (default RERANK_API_HOST, 127.0.0.1)")
+    api.add_argument("--port", type=int, default=None, help="port (default RERANK_API_PORT, 8000)")
+    api.add_argument("--loglevel", default="INFO")
+    api.set_defaults(func=cmd_api)
+
+    worker = sub.add_parser("worker", help="run one worker per GPU (one CPU worker without GPUs)",
+                            description="Detects GPUs (CUDA_VISIBLE_DEVICES, else NVML) and starts one Celery worker "
+                            "process per GPU, pinned with CUDA_VISIBLE_DEVICES and named gpuN@host.")
+    worker.add_argument("--name", default=None, help="prefix for worker names (PREFIX-gpu0@host, PREFIX@host)")
+    worker.add_argument("--cpu", action="store_true", help="one CPU worker even if GPUs are present")
+    worker.add_argument("--concurrency", type=int, default=None, help="chunks in flight per worker")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "loglevel", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

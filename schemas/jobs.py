@@ -1,0 +1,154 @@
+"""Bulk job requests and responses (the HTTP contract of /v1/jobs)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+NonBlank = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+
+
+class JobStatus(StrEnum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
+
+
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: NonBlank
+    id: str | None = Field(None, max_length=256, description="Your id for the document, echoed in the results.")
+
+
+class RerankRequest(BaseModel):
+    """One query and its candidate documents; a job carries many."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str | None = Field(None, max_length=256, description="Your id for this request, echoed in results.")
+    query: NonBlank
+    documents: list[NonBlank | DocumentIn] = Field(min_length=1)
+    instruction: NonBlank | None = Field(
+        None, description="Qwen3-Reranker task instruction; the model's default web-search instruction if omitted."
+    )
+    top_n: int | None = Field(None, ge=1, description="Keep only the n best documents; all when omitted.")
+    return_documents: bool = Field(False, description="Include each document's text in the results.")
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    def document_ids(self) -> list[str | None] | None:
+        ids = [None if isinstance(d, str) else d.id for d in self.documents]
+        return ids if any(i is not None for i in ids) else None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[RerankRequest] = Field(min_length=1)
+    priority: int = Field(5, ge=0, le=9, description="0 (lowest) to 9 (highest); higher-priority chunks run first.")
+    metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs, returned with the job.")
+
+    @field_validator("metadata")
+    @classmethod
+    def _small_metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_custom_ids(self) -> JobCreate:
+        ids = [r.custom_id for r in self.requests if r.custom_id is not None]
+        if len(ids) != len(set(ids)):
+            raise ValueError("custom_id values must be unique within a job")
+        return self
+
+    @property
+    def total_pairs(self) -> int:
+        return sum(len(r.documents) for r in self.requests)
+
+
+class Progress(BaseModel):
+    completed: int = Field(description="Pairs scored so far.")
+    total: int = Field(description="Pairs in the job.")
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+
+
+class Job(BaseModel):
+    id: str
+    object: Literal["rerank.job"] = "rerank.job"
+    status: JobStatus
+    priority: int
+    metadata: dict[str, str] | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: Progress
+    request_count: int
+    error: ErrorInfo | None = None
+    workers: dict[str, int] = Field(default_factory=dict, description="Pairs scored by each worker (hostname).")
+
+
+class ResultDocument(BaseModel):
+    text: str
+
+
+class RankedResult(BaseModel):
+    index: int = Field(description="Position of the document in the request's `documents`.")
+    relevance_score: float = Field(description="P(yes) of the reranker, in [0, 1].")
+    id: str | None = Field(None, description="The document's `id`, when it had one.")
+    document: ResultDocument | None = None
+
+
+class RequestResults(BaseModel):
+    custom_id: str | None
+    results: list[RankedResult]
+
+
+class JobResults(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    data: list[RequestResults]
+
+
+def rank(
+    scores: list[float], top_n: int | None, texts: list[str] | None, ids: list[str | None] | None
+) -> list[RankedResult]:
+    """Results sorted by score (ties keep document order), cut to top_n."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or None]
+    return [
+        RankedResult(
+            index=i,
+            relevance_score=scores[i],
+            id=ids[i] if ids else None,
+            document=ResultDocument(text=texts[i]) if texts is not None else None,
+        )
+        for i in order
+    ]
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, **extra}}
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

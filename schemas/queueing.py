@@ -1,0 +1,42 @@
+"""Celery configuration shared by the API (which only sends) and the workers (which consume)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.keys import QUEUE_BULK, TASK_SCORE_CHUNK
+from schemas.settings import Settings
+
+# Celery on Redis: priority 0 is served first. Jobs say 0 (lowest) .. 9 (highest), so the step is 9 - priority.
+PRIORITY_STEPS = list(range(10))
+
+
+def celery_priority(job_priority: int) -> int:
+    return 9 - job_priority
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport = {
+        "visibility_timeout": settings.visibility_timeout_s,
+        "queue_order_strategy": "priority",
+        "priority_steps": PRIORITY_STEPS,
+        "sep": ":",
+    }
+    return {
+        "broker_url": settings.redis_url,
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Results and progress live in our own Redis keys; Celery's result backend is not used.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # At-least-once: a chunk is acked after its scores are stored, and comes back if its worker dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": QUEUE_BULK,
+        "task_routes": {TASK_SCORE_CHUNK: {"queue": QUEUE_BULK}},
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }

@@ -1,0 +1,99 @@
+"""One settings class for the whole farm. Every field is also an environment variable with the `RERANK_` prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RERANK_", env_file=".env", extra="ignore")
+
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description="Redis used as Celery broker, job store and result store. `rerankfarm up` starts an embedded "
+        "redis-server instead when this variable is not set.",
+    )
+    model: str = Field(
+        DEFAULT_MODEL, description="Hugging Face model id or local directory of a Qwen3-Reranker checkpoint."
+    )
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto", description="`auto` picks vLLM when CUDA and vLLM are available, else transformers."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device for the transformers engine; `auto` uses CUDA when available."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Model weights dtype; `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    max_length: int = Field(
+        8192,
+        ge=64,
+        description="Max tokens of one (instruction, query, document) prompt, as in the model card. Longer prompts "
+        "are cut from the end of the document (the query is only cut when it alone exceeds the limit). "
+        "The model supports 32K; longer prompts cost quadratic attention time.",
+    )
+    max_batch_tokens: int = Field(
+        16_384,
+        ge=256,
+        description="Token budget (padded tokens) of one engine call. Raise until the GPU is compute-bound; lower "
+        "if the worker runs out of memory.",
+    )
+    chunk_size: int = Field(
+        256,
+        ge=1,
+        description="Pairs per queued chunk. Smaller chunks spread one job over more workers and lose less work on a "
+        "crash; larger ones cost fewer queue round trips.",
+    )
+    worker_concurrency: int = Field(
+        4,
+        ge=1,
+        description="Chunks a worker holds in flight at once (Celery threads). Their pairs are gathered into shared "
+        "engine calls, so more chunks in flight means fuller batches and more work to redo after a crash.",
+    )
+    result_ttl_s: int = Field(
+        86_400, ge=60, description="Seconds a job, its progress and its results stay in Redis after its last update."
+    )
+    visibility_timeout_s: int = Field(
+        300,
+        ge=30,
+        description="Seconds after which a chunk taken by a worker that died is handed to another worker. Must exceed "
+        "the longest time a chunk can spend reserved plus scored.",
+    )
+    chunk_max_retries: int = Field(
+        3, ge=0, description="Retries of a chunk whose engine call failed before its job is marked failed."
+    )
+    max_requests_per_job: int = Field(10_000, ge=1, description="Max queries (requests) in one bulk job.")
+    max_documents_per_request: int = Field(10_000, ge=1, description="Max documents for one query.")
+    max_pairs_per_job: int = Field(500_000, ge=1, description="Max (query, document) pairs in one bulk job.")
+    max_document_chars: int = Field(
+        200_000, ge=1, description="Max characters of one document; longer documents are refused (413-style 422)."
+    )
+    max_query_chars: int = Field(20_000, ge=1, description="Max characters of one query or instruction.")
+    api_host: str = Field("127.0.0.1", description="Address `rerankfarm api` binds to.")
+    api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
+    api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")
+    worker_heartbeat_s: int = Field(5, ge=1, description="Seconds between a worker's liveness heartbeats in Redis.")
+
+    def redacted_redis_url(self) -> str:
+        return redact_url(self.redis_url)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,9 @@
+"""The workers' Celery app. Importing it loads no model: the engine is loaded by `workers.main` before consuming."""
+
+from celery import Celery
+
+from schemas.queueing import celery_config
+from schemas.settings import get_settings
+
+app = Celery("rerankfarm", include=["workers.tasks"])
+app.conf.update(celery_config(get_settings()))

@@ -1,0 +1,96 @@
+"""Qwen3-Reranker on Hugging Face transformers: the CPU fallback and the reference for the vLLM engine.
+
+The rule is the model card's: prompt = PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>: ..." + SUFFIX, with
+the middle part tokenized on its own and cut from its end so the whole prompt fits `max_length`; the score is the
+softmax over the "no"/"yes" logits at the last position, keeping P(yes).
+
+Batches are padded on the right and each row is read at its own last token. With a causal mask, pads after a row's
+last token cannot change it and positions start at 0 in every row, so a pair scores the same alone or in any batch.
+Only the two rows of the LM head that matter are applied, instead of the full 151k-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from schemas.errors import EngineLoadError
+from schemas.prompt import PREFIX, SUFFIX, format_body
+from schemas.settings import Settings
+from workers.engines.base import Pair
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int, device: str) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.max_length = max_length
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ("yes", "no") if t not in vocab]
+        if missing:
+            raise EngineLoadError(f"the tokenizer has no token for {missing}: this is not a Qwen3-Reranker checkpoint")
+        self.prefix_ids: list[int] = tokenizer.encode(PREFIX, add_special_tokens=False)
+        self.suffix_ids: list[int] = tokenizer.encode(SUFFIX, add_special_tokens=False)
+        self.body_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.body_budget < 16:
+            raise EngineLoadError(f"RERANK_MAX_LENGTH={max_length} leaves no room for a query and a document")
+        head = model.get_output_embeddings().weight
+        ids = [vocab["no"], vocab["yes"]]
+        self.head = head[ids].detach().clone()  # [2, hidden]: rows of "no" and "yes"
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def load(cls, settings: Settings) -> TransformersEngine:
+        device = settings.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineLoadError("RERANK_DEVICE=cuda but torch sees no CUDA device")
+        dtype_name = settings.dtype
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if device == "cuda" else "float32"
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(settings.model)
+            model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=_DTYPES[dtype_name])
+        except (OSError, ValueError) as exc:
+            raise EngineLoadError(
+                f"could not load model {settings.model!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
+                "If this machine cannot reach the Hugging Face Hub, download the model where it can "
+                "(`hf download Qwen/Qwen3-Reranker-0.6B --local-dir DIR`) and set RERANK_MODEL=DIR; "
+                "check that RERANK_MODEL names a model id or a directory with config.json and tokenizer files."
+            ) from None
+        tokenizer.truncation_side = "right"
+        model = model.to(device).eval()
+        logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
+        return cls(model, tokenizer, settings.max_length, device)
+
+    def encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
+        bodies = [format_body(p.query, p.document, p.instruction) for p in pairs]
+        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=self.body_budget)
+        return [self.prefix_ids + ids + self.suffix_ids for ids in enc["input_ids"]]
+
+    @torch.inference_mode()
+    def score(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        if not batch:
+            return []
+        lengths = torch.tensor([len(x) for x in batch])
+        ids = torch.full((len(batch), int(lengths.max())), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, x in enumerate(batch):
+            ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[row, : len(x)] = 1
+        hidden = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
+        logits = (last @ self.head.T).float()  # [batch, 2] = ("no", "yes") logits, as the full LM head gives them
+        return torch.softmax(logits, dim=-1)[:, 1].tolist()

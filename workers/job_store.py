@@ -1,0 +1,89 @@
+"""What a worker writes about jobs: state changes and each chunk's scores, atomically and idempotently."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+import redis
+
+from schemas import keys
+
+# KEYS: job, scores, workers, input. ARGV: chunk index, scores JSON, pairs in chunk, worker, now, ttl seconds.
+# HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job.
+_RECORD_CHUNK = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
+redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
+local done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[5])
+  status = 'running'
+end
+if status == 'running' and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
+  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
+  return 'finished'
+end
+return 'recorded'
+"""
+
+# KEYS: job. ARGV: now.
+_MARK_RUNNING = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# KEYS: job. ARGV: code, message, now. Only a job that is not final yet can fail.
+_FAIL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'error_code', ARGV[1], 'error_message', ARGV[2], 'finished_at', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+FINAL = {"succeeded", "failed", "cancelled"}
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class WorkerJobStore:
+    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
+        self.redis = client
+        self.ttl = result_ttl_s
+        self._record = client.register_script(_RECORD_CHUNK)
+        self._running = client.register_script(_MARK_RUNNING)
+        self._fail = client.register_script(_FAIL)
+
+    def status(self, job_id: str) -> str | None:
+        value = self.redis.hget(keys.job_key(job_id), "status")
+        return value.decode() if isinstance(value, bytes) else value
+
+    def should_skip(self, job_id: str) -> bool:
+        """True when the job is gone, cancelled, failed or already done: its remaining chunks need no scoring."""
+        status = self.status(job_id)
+        return status is None or status in FINAL
+
+    def mark_running(self, job_id: str) -> bool:
+        return bool(self._running(keys=[keys.job_key(job_id)], args=[now_iso()]))
+
+    def record_chunk(self, job_id: str, chunk_index: int, scores: list[float], worker: str) -> str:
+        """Store a chunk's scores; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
+        result = self._record(
+            keys=[keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_workers_key(job_id),
+                  keys.job_input_key(job_id)],
+            args=[chunk_index, json.dumps(scores), len(scores), worker, now_iso(), self.ttl],
+        )
+        return result.decode() if isinstance(result, bytes) else str(result)
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        return bool(self._fail(keys=[keys.job_key(job_id)], args=[code, message[:2000], now_iso()]))

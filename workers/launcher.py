@@ -1,0 +1,110 @@
+"""`rerankfarm worker`: one worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES; one CPU worker when there
+is no GPU. Crashed workers are restarted with a backoff; a worker that cannot load its model stops everything."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+EXIT_CONFIG = 2  # a worker that exits with this cannot start (model not loadable): restarting would not help
+
+
+def detect_gpus() -> list[str]:
+    """GPU ids to pin: CUDA_VISIBLE_DEVICES when set (empty or -1 means none), else every device NVML sees."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        return [] if not ids or ids[0] == "-1" else ids
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no NVML library, no driver: no GPU
+        return []
+
+
+def worker_name(prefix: str | None, gpu: str | None) -> str:
+    base = "cpu" if gpu is None else "gpu" + re.sub(r"[^A-Za-z0-9-]", "", gpu)
+    return f"{prefix}-{base}" if prefix else base
+
+
+@dataclass
+class _Child:
+    name: str
+    env: dict[str, str]
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started: float = field(default=0.0)
+
+    def spawn(self) -> None:
+        self.process = subprocess.Popen(self.args, env=self.env)
+        self.started = time.monotonic()
+        logger.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", self.name, self.process.pid,
+                    self.env.get("CUDA_VISIBLE_DEVICES", ""))
+
+
+def run(prefix: str | None = None, cpu: bool = False, concurrency: int | None = None, loglevel: str = "INFO") -> int:
+    gpus = [] if cpu else detect_gpus()
+    children = []
+    for gpu in gpus or [None]:
+        name = worker_name(prefix, gpu)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if gpu is None else gpu)
+        args = [sys.executable, "-m", "workers.main", "--name", name, "--loglevel", loglevel]
+        if concurrency:
+            args += ["--concurrency", str(concurrency)]
+        children.append(_Child(name, env, args))
+    logger.info("%d worker(s): %s", len(children), ", ".join(c.name for c in children))
+
+    stopping = False
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for c in children:
+            if c.process and c.process.poll() is None:
+                c.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for c in children:
+        c.spawn()
+    code = 0
+    while not stopping:
+        time.sleep(0.5)
+        for c in children:
+            rc = c.process.poll() if c.process else None
+            if rc is None or stopping:
+                continue
+            if rc == EXIT_CONFIG:
+                logger.error("worker %s cannot start; stopping all workers", c.name)
+                code = EXIT_CONFIG
+                stop(signal.SIGTERM, None)
+                break
+            delay = min(2 ** c.restarts, 60) if time.monotonic() - c.started < 60 else 1
+            logger.warning("worker %s exited with %s; restarting in %ds", c.name, rc, delay)
+            time.sleep(delay)
+            c.restarts += 1
+            c.spawn()
+    deadline = time.monotonic() + 60
+    for c in children:
+        if c.process is None:
+            continue
+        try:
+            c.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.process.kill()
+            c.process.wait()
+    return code

@@ -1,0 +1,68 @@
+"""One worker process: load the engine, then consume chunks with Celery.
+
+Pool: `threads`. Prefork children are daemonic and vLLM must start its engine process (daemonic processes may not
+have children), and `solo` holds messages unacked until each task returns. With threads, several chunks are in
+flight at once (`--concurrency`), their pairs meet in the batcher, and one engine thread calls the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from celery import signals
+
+from schemas.errors import EngineLoadError
+from schemas.keys import QUEUE_BULK
+from schemas.settings import get_settings
+from workers import runtime
+
+logger = logging.getLogger("workers")
+_heartbeat: runtime.Heartbeat | None = None
+
+
+@signals.worker_ready.connect
+def _on_ready(sender: object = None, **_: object) -> None:
+    global _heartbeat
+    hostname = getattr(sender, "hostname", "unknown")
+    _heartbeat = runtime.Heartbeat(runtime.get(), hostname)
+    _heartbeat.start()
+    logger.info("worker %s consuming", hostname)
+
+
+@signals.worker_shutdown.connect
+def _on_shutdown(**_: object) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+    if runtime._runtime is not None:
+        runtime._runtime.batcher.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.main", description=__doc__)
+    parser.add_argument("--name", default="cpu", help="node name; the Celery hostname is NAME@host")
+    parser.add_argument("--concurrency", type=int, default=None, help="chunks in flight (RERANK_WORKER_CONCURRENCY)")
+    parser.add_argument("--loglevel", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    logger.info("worker %s: redis=%s model=%s", args.name, settings.redacted_redis_url(), settings.model)
+    try:
+        runtime.start(settings)
+    except EngineLoadError as exc:
+        print(f"rerankfarm worker {args.name}: cannot start: {exc.message}", file=sys.stderr)
+        return 2
+    from workers.celery_app import app
+
+    concurrency = args.concurrency or settings.worker_concurrency
+    app.worker_main([
+        "worker", "--pool", "threads", "--concurrency", str(concurrency), "--hostname", f"{args.name}@%h",
+        "--queues", QUEUE_BULK, "--loglevel", args.loglevel, "--task-events", "--without-mingle",
+        "--without-gossip",
+    ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Per-process worker state: the engine, the batcher and the job store, created once before consuming, plus the
+heartbeat that tells the API this worker is alive."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+
+from schemas import keys
+from schemas.settings import Settings
+from workers.batcher import Batcher
+from workers.engines.base import Engine, load_engine
+from workers.job_store import WorkerJobStore, now_iso
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    engine: Engine
+    batcher: Batcher
+    store: WorkerJobStore
+
+
+_runtime: Runtime | None = None
+_lock = threading.Lock()
+
+
+def start(settings: Settings) -> Runtime:
+    """Load the engine (raises EngineLoadError with advice) and build the runtime, once per process."""
+    global _runtime
+    with _lock:
+        if _runtime is None:
+            engine = load_engine(settings)
+            client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+            _runtime = Runtime(settings, engine, Batcher(engine, settings.max_batch_tokens),
+                               WorkerJobStore(client, settings.result_ttl_s))
+        return _runtime
+
+
+def get() -> Runtime:
+    if _runtime is None:
+        raise RuntimeError("worker runtime not started: run workers through `rerankfarm worker`")
+    return _runtime
+
+
+class Heartbeat:
+    """Keeps `rerank:worker:{hostname}` alive while the worker consumes; /readyz counts these keys."""
+
+    def __init__(self, runtime: Runtime, hostname: str) -> None:
+        self.runtime = runtime
+        self.hostname = hostname
+        self.client = redis.Redis.from_url(runtime.settings.redis_url)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.info = {
+            "hostname": hostname,
+            "engine": runtime.engine.name,
+            "device": runtime.engine.device,
+            "model": runtime.settings.model,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": now_iso(),
+        }
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        try:
+            self.client.delete(keys.worker_key(self.hostname))
+        except redis.RedisError:
+            pass
+
+    def _run(self) -> None:
+        period = self.runtime.settings.worker_heartbeat_s
+        while not self._stop.is_set():
+            stats = self.runtime.batcher.stats
+            info = {**self.info, "pairs_scored": stats.pairs, "batches": stats.batches, "at": time.time()}
+            try:
+                self.client.set(keys.worker_key(self.hostname), json.dumps(info), ex=period * keys.WORKER_TTL_FACTOR)
+            except redis.RedisError as exc:
+                logger.warning("heartbeat failed: %r", exc)
+            self._stop.wait(period)

@@ -1,0 +1,60 @@
+"""The one Celery task: score a chunk of a job. Thin: the work is in the batcher, the engine and the job store."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from celery import Task
+
+from schemas.chunks import Chunk
+from schemas.keys import TASK_SCORE_CHUNK
+from workers import runtime
+from workers.batcher import Cancelled
+from workers.celery_app import app
+from workers.engines.base import Pair
+
+logger = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
+def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
+    rt = runtime.get()
+    c = Chunk.model_validate(chunk)
+    store, job_id = rt.store, c.job_id
+    if store.should_skip(job_id):
+        logger.info("job %s chunk %d skipped: job is %s", job_id, c.index, store.status(job_id) or "gone")
+        return "skipped"
+    if store.mark_running(job_id):
+        logger.info("job %s running", job_id)
+    started = time.perf_counter()
+    pairs = [Pair(s.query, d, s.instruction) for s in c.segments for d in s.documents]
+    try:
+        token_ids = rt.engine.encode(pairs)
+    except Exception as exc:  # input the tokenizer rejects will fail again: no retry
+        logger.exception("job %s chunk %d: tokenizer rejected input", job_id, c.index)
+        store.fail(job_id, "invalid_input", f"chunk {c.index}: the tokenizer rejected the input ({exc!r})")
+        return "failed"
+    future = rt.batcher.submit(token_ids, c.priority, is_cancelled=lambda: store.should_skip(job_id))
+    try:
+        # Bounded below the visibility timeout, so a stuck engine gives the chunk back instead of holding it.
+        scores = future.result(timeout=rt.settings.visibility_timeout_s * 0.8)
+    except Cancelled:
+        logger.info("job %s chunk %d dropped: job is %s", job_id, c.index, store.status(job_id))
+        return "cancelled"
+    except (Exception, FutureTimeout) as exc:
+        retries = self.request.retries
+        if retries < rt.settings.chunk_max_retries:
+            logger.warning("job %s chunk %d: engine failed (%r), retry %d", job_id, c.index, exc, retries + 1)
+            raise self.retry(exc=exc, countdown=min(2**retries, 30)) from exc
+        store.fail(job_id, "engine_error", f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}")
+        logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
+        return "failed"
+    outcome = store.record_chunk(job_id, c.index, scores, self.request.hostname or "unknown")
+    logger.info("job %s chunk %d: %d pairs in %.3fs (%s)", job_id, c.index, len(scores),
+                time.perf_counter() - started, outcome)
+    if outcome == "finished":
+        logger.info("job %s succeeded", job_id)
+    return outcome
