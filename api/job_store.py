@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,7 +40,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat()
 
 
-def _decode(raw: dict[bytes, bytes]) -> dict[str, str]:
+def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items()}
 
 
@@ -58,26 +59,37 @@ class JobStore:
             raise TooLarge(f"a job holds at most {s.max_pairs_per_job} pairs; this one has {body.total_pairs}")
         for n, request in enumerate(body.requests):
             if len(request.documents) > s.max_documents_per_request:
-                raise TooLarge(f"requests[{n}] has {len(request.documents)} documents; "
-                               f"the limit is {s.max_documents_per_request}")
+                raise TooLarge(
+                    f"requests[{n}] has {len(request.documents)} documents; the limit is {s.max_documents_per_request}"
+                )
             if len(request.query) > s.max_query_chars or len(request.instruction or "") > s.max_query_chars:
                 raise TooLarge(f"requests[{n}]: query and instruction are limited to {s.max_query_chars} characters")
             for d, text in enumerate(request.texts()):
                 if len(text) > s.max_document_chars:
-                    raise TooLarge(f"requests[{n}].documents[{d}] has {len(text)} characters; "
-                                   f"the limit is {s.max_document_chars}")
+                    raise TooLarge(
+                        f"requests[{n}].documents[{d}] has {len(text)} characters; the limit is {s.max_document_chars}"
+                    )
             if request.top_n is not None and request.top_n > len(request.documents):
-                raise InvalidRequest(f"requests[{n}].top_n={request.top_n} exceeds its {len(request.documents)} documents")
+                raise InvalidRequest(
+                    f"requests[{n}].top_n={request.top_n} exceeds its {len(request.documents)} documents"
+                )
 
     async def submit(self, body: JobCreate) -> Job:
         self.check_limits(body)
         job_id = f"job_{uuid.uuid4().hex}"
         total = body.total_pairs
         chunks = chunk_count(total, self.settings.chunk_size)
-        record = {
-            "id": job_id, "status": JobStatus.queued.value, "priority": body.priority, "created_at": _now(),
-            "total": total, "completed": 0, "chunks_total": chunks, "chunks_done": 0,
-            "request_count": len(body.requests), "metadata": json.dumps(body.metadata),
+        record: dict[Any, Any] = {
+            "id": job_id,
+            "status": JobStatus.queued.value,
+            "priority": body.priority,
+            "created_at": _now(),
+            "total": total,
+            "completed": 0,
+            "chunks_total": chunks,
+            "chunks_done": 0,
+            "request_count": len(body.requests),
+            "metadata": json.dumps(body.metadata),
         }
         requests_meta = [
             {
@@ -99,20 +111,37 @@ class JobStore:
             await anyio.to_thread.run_sync(self._enqueue, job_id, body)
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
-            await self.redis.hset(keys.job_key(job_id), mapping={
-                "status": "failed", "error_code": "enqueue_failed", "error_message": "the queue was unreachable",
-                "finished_at": _now()})
+            await self.redis.hset(
+                keys.job_key(job_id),
+                mapping={
+                    "status": "failed",
+                    "error_code": "enqueue_failed",
+                    "error_message": "the queue was unreachable",
+                    "finished_at": _now(),
+                },
+            )
             raise Unavailable("the job queue is unreachable; retry later") from exc
-        logger.info("job %s queued: requests=%d pairs=%d chunks=%d priority=%d", job_id, len(body.requests), total,
-                    chunks, body.priority)
-        return await self.get(job_id)
+        logger.info(
+            "job %s queued: requests=%d pairs=%d chunks=%d priority=%d",
+            job_id,
+            len(body.requests),
+            total,
+            chunks,
+            body.priority,
+        )
+        return _job({k: str(v) for k, v in record.items()}, {})
 
     def _enqueue(self, job_id: str, body: JobCreate) -> None:
         priority = celery_priority(body.priority)
         with self.celery.producer_or_acquire() as producer:
             for chunk in split_into_chunks(job_id, body.requests, self.settings.chunk_size, body.priority):
-                self.celery.send_task(keys.TASK_SCORE_CHUNK, args=[chunk.model_dump()], queue=keys.QUEUE_BULK,
-                                      priority=priority, producer=producer)
+                self.celery.send_task(
+                    keys.TASK_SCORE_CHUNK,
+                    args=[chunk.model_dump()],
+                    queue=keys.QUEUE_BULK,
+                    priority=priority,
+                    producer=producer,
+                )
 
     async def _record(self, job_id: str) -> dict[str, str]:
         if not JOB_ID.match(job_id):
@@ -145,8 +174,11 @@ class JobStore:
         for meta in json.loads(raw_input)["requests"]:
             scores = flat[offset : offset + meta["n"]]
             offset += meta["n"]
-            data.append(RequestResults(custom_id=meta["custom_id"],
-                                       results=rank(scores, meta["top_n"], meta["texts"], meta["ids"])))
+            data.append(
+                RequestResults(
+                    custom_id=meta["custom_id"], results=rank(scores, meta["top_n"], meta["texts"], meta["ids"])
+                )
+            )
         return JobResults(id=job_id, data=data)
 
     async def cancel(self, job_id: str) -> Job:
@@ -167,10 +199,15 @@ class JobStore:
 def _job(r: dict[str, str], workers: dict[str, int]) -> Job:
     error = ErrorInfo(code=r["error_code"], message=r.get("error_message", "")) if r.get("error_code") else None
     return Job(
-        id=r["id"], status=JobStatus(r["status"]), priority=int(r["priority"]),
-        metadata=json.loads(r.get("metadata") or "null"), created_at=datetime.fromisoformat(r["created_at"]),
+        id=r["id"],
+        status=JobStatus(r["status"]),
+        priority=int(r["priority"]),
+        metadata=json.loads(r.get("metadata") or "null"),
+        created_at=datetime.fromisoformat(r["created_at"]),
         started_at=datetime.fromisoformat(r["started_at"]) if r.get("started_at") else None,
         finished_at=datetime.fromisoformat(r["finished_at"]) if r.get("finished_at") else None,
         progress=Progress(completed=int(r["completed"]), total=int(r["total"])),
-        request_count=int(r["request_count"]), error=error, workers=workers,
+        request_count=int(r["request_count"]),
+        error=error,
+        workers=workers,
     )

@@ -64,8 +64,11 @@ async def _invalid(_: Request, exc: Exception) -> JSONResponse:
 
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     logger.warning("redis unavailable: %r", exc)
-    return JSONResponse(error_body("unavailable", "the job store is unreachable; retry later"), status_code=503,
-                        headers={"Retry-After": "5"})
+    return JSONResponse(
+        error_body("unavailable", "the job store is unreachable; retry later"),
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

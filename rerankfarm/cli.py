@@ -29,8 +29,13 @@ def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = get_settings()
-    uvicorn.run("api.main:create_app", factory=True, host=args.host or settings.api_host,
-                port=args.port or settings.api_port, log_level=args.loglevel.lower())
+    uvicorn.run(
+        "api.main:create_app",
+        factory=True,
+        host=args.host or settings.api_host,
+        port=args.port or settings.api_port,
+        log_level=args.loglevel.lower(),
+    )
     return 0
 
 
@@ -111,8 +116,10 @@ def _wait_ready(client: httpx.Client, children: list[subprocess.Popen[bytes]], t
 
 
 def _show_results(job: dict[str, Any], results: dict[str, Any], example: dict[str, Any]) -> None:
-    print(f"\njob {job['id']} {job['status']}: {job['progress']['completed']}/{job['progress']['total']} pairs, "
-          f"scored by {', '.join(job['workers'])}")
+    print(
+        f"\njob {job['id']} {job['status']}: {job['progress']['completed']}/{job['progress']['total']} pairs, "
+        f"scored by {', '.join(job['workers'])}"
+    )
     for request, entry in zip(example["requests"], results["data"], strict=True):
         print(f"\n[{entry['custom_id']}] {request['query']}")
         for rank_, r in enumerate(entry["results"], 1):
@@ -193,14 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rerankfarm", description="Queue-based reranking farm (Qwen3-Reranker).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start everything and run the example bulk job (first run)",
-                        description="Start an embedded Redis (unless RERANK_REDIS_URL is set), the API and one "
-                        "worker per GPU (one CPU worker without GPUs), submit the example bulk job, show its "
-                        "progress and print the ranked results.")
+    up = sub.add_parser(
+        "up",
+        help="start everything and run the example bulk job (first run)",
+        description="Start an embedded Redis (unless RERANK_REDIS_URL is set), the API and one "
+        "worker per GPU (one CPU worker without GPUs), submit the example bulk job, show its "
+        "progress and print the ranked results.",
+    )
     up.add_argument("--port", type=int, default=None, help="API port (default RERANK_API_PORT, 8000)")
     up.add_argument("--model", default=None, help="model id or directory (default RERANK_MODEL)")
-    up.add_argument("--tiny-model", action="store_true", help="use a tiny random model (no download; scores are "
-                    "meaningless)")
+    up.add_argument(
+        "--tiny-model", action="store_true", help="use a tiny random model (no download; scores are meaningless)"
+    )
     up.add_argument("--serve", action="store_true", help="keep the farm running after the example job")
     up.add_argument("--ready-timeout", type=float, default=900, help="seconds to wait for the model to load")
     up.set_defaults(func=cmd_up)
@@ -211,9 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--loglevel", default="INFO")
     api.set_defaults(func=cmd_api)
 
-    worker = sub.add_parser("worker", help="run one worker per GPU (one CPU worker without GPUs)",
-                            description="Detects GPUs (CUDA_VISIBLE_DEVICES, else NVML) and starts one Celery worker "
-                            "process per GPU, pinned with CUDA_VISIBLE_DEVICES and named gpuN@host.")
+    worker = sub.add_parser(
+        "worker",
+        help="run one worker per GPU (one CPU worker without GPUs)",
+        description="Detects GPUs (CUDA_VISIBLE_DEVICES, else NVML) and starts one Celery worker "
+        "process per GPU, pinned with CUDA_VISIBLE_DEVICES and named gpuN@host.",
+    )
     worker.add_argument("--name", default=None, help="prefix for worker names (PREFIX-gpu0@host, PREFIX@host)")
     worker.add_argument("--cpu", action="store_true", help="one CPU worker even if GPUs are present")
     worker.add_argument("--concurrency", type=int, default=None, help="chunks in flight per worker")
@@ -224,8 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "loglevel", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(args, "loglevel", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result: int = args.func(args)
     return result

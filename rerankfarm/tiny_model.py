@@ -22,16 +22,26 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     if (path / "config.json").exists() and (path / "tokenizer.json").exists():
         return path
     words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "yes", "no"]
-    words += sorted({w for w in (PREFIX + SUFFIX + DEFAULT_INSTRUCTION).split()} | {f"w{i}" for i in range(VOCAB_WORDS)})
+    words += sorted(
+        {w for w in (PREFIX + SUFFIX + DEFAULT_INSTRUCTION).split()} | {f"w{i}" for i in range(VOCAB_WORDS)}
+    )
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
     )
     cfg = Qwen3Config(
-        vocab_size=len(hf_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True,
-        pad_token_id=hf_tok.pad_token_id, initializer_range=0.1,
+        vocab_size=len(hf_tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        pad_token_id=hf_tok.pad_token_id,
+        initializer_range=0.1,
     )
     torch.manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)

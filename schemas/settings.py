@@ -24,7 +24,9 @@ class Settings(BaseSettings):
         DEFAULT_MODEL, description="Hugging Face model id or local directory of a Qwen3-Reranker checkpoint."
     )
     engine: Literal["auto", "vllm", "transformers"] = Field(
-        "auto", description="`auto` picks vLLM when CUDA and vLLM are available, else transformers."
+        "auto",
+        description="Scoring engine. `auto` is transformers (on CUDA when available); "
+        "the vLLM engine is not in this release yet.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Device for the transformers engine; `auto` uses CUDA when available."

@@ -43,7 +43,8 @@ return 0
 _FAIL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'error_code', ARGV[1], 'error_message', ARGV[2], 'finished_at', ARGV[3])
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3],
+             'error_code', ARGV[1], 'error_message', ARGV[2])
   return 1
 end
 return 0
@@ -79,8 +80,12 @@ class WorkerJobStore:
     def record_chunk(self, job_id: str, chunk_index: int, scores: list[float], worker: str) -> str:
         """Store a chunk's scores; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
         result = self._record(
-            keys=[keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_workers_key(job_id),
-                  keys.job_input_key(job_id)],
+            keys=[
+                keys.job_key(job_id),
+                keys.job_scores_key(job_id),
+                keys.job_workers_key(job_id),
+                keys.job_input_key(job_id),
+            ],
             args=[chunk_index, json.dumps(scores), len(scores), worker, now_iso(), self.ttl],
         )
         return result.decode() if isinstance(result, bytes) else str(result)

@@ -52,14 +52,19 @@ class _Child:
     def spawn(self) -> None:
         self.process = subprocess.Popen(self.args, env=self.env)
         self.started = time.monotonic()
-        logger.info("started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%s)", self.name, self.process.pid,
-                    self.env.get("CUDA_VISIBLE_DEVICES", ""))
+        logger.info(
+            "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%s)",
+            self.name,
+            self.process.pid,
+            self.env.get("CUDA_VISIBLE_DEVICES", ""),
+        )
 
 
 def run(prefix: str | None = None, cpu: bool = False, concurrency: int | None = None, loglevel: str = "INFO") -> int:
     gpus = [] if cpu else detect_gpus()
     children = []
-    for gpu in gpus or [None]:
+    targets: list[str | None] = list(gpus) or [None]
+    for gpu in targets:
         name = worker_name(prefix, gpu)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if gpu is None else gpu)
         args = [sys.executable, "-m", "workers.main", "--name", name, "--loglevel", loglevel]
@@ -93,7 +98,7 @@ def run(prefix: str | None = None, cpu: bool = False, concurrency: int | None = 
                 code = EXIT_CONFIG
                 stop(signal.SIGTERM, None)
                 break
-            delay = min(2 ** c.restarts, 60) if time.monotonic() - c.started < 60 else 1
+            delay = min(2**c.restarts, 60) if time.monotonic() - c.started < 60 else 1
             logger.warning("worker %s exited with %s; restarting in %ds", c.name, rc, delay)
             time.sleep(delay)
             c.restarts += 1

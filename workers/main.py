@@ -56,11 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     from workers.celery_app import app
 
     concurrency = args.concurrency or settings.worker_concurrency
-    app.worker_main([
-        "worker", "--pool", "threads", "--concurrency", str(concurrency), "--hostname", f"{args.name}@%h",
-        "--queues", QUEUE_BULK, "--loglevel", args.loglevel, "--task-events", "--without-mingle",
-        "--without-gossip",
-    ])
+    app.worker_main(
+        [
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{args.name}@%h",
+            "--queues",
+            QUEUE_BULK,
+            "--loglevel",
+            args.loglevel,
+            "--task-events",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
     return 0
 
 

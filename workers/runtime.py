@@ -3,6 +3,7 @@ heartbeat that tells the API this worker is alive."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -41,8 +42,12 @@ def start(settings: Settings) -> Runtime:
         if _runtime is None:
             engine = load_engine(settings)
             client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-            _runtime = Runtime(settings, engine, Batcher(engine, settings.max_batch_tokens),
-                               WorkerJobStore(client, settings.result_ttl_s))
+            _runtime = Runtime(
+                settings,
+                engine,
+                Batcher(engine, settings.max_batch_tokens),
+                WorkerJobStore(client, settings.result_ttl_s),
+            )
         return _runtime
 
 
@@ -78,10 +83,8 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(2)
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.client.delete(keys.worker_key(self.hostname))
-        except redis.RedisError:
-            pass
 
     def _run(self) -> None:
         period = self.runtime.settings.worker_heartbeat_s

@@ -53,8 +53,9 @@ def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
         return "failed"
     outcome = store.record_chunk(job_id, c.index, scores, self.request.hostname or "unknown")
-    logger.info("job %s chunk %d: %d pairs in %.3fs (%s)", job_id, c.index, len(scores),
-                time.perf_counter() - started, outcome)
+    logger.info(
+        "job %s chunk %d: %d pairs in %.3fs (%s)", job_id, c.index, len(scores), time.perf_counter() - started, outcome
+    )
     if outcome == "finished":
         logger.info("job %s succeeded", job_id)
     return outcome

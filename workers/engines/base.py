@@ -35,20 +35,9 @@ class Engine(Protocol):
         ...
 
 
-def cuda_available() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
 def choose_engine(settings: Settings) -> str:
-    if settings.engine != "auto":
-        return settings.engine
-    if cuda_available() and importlib.util.find_spec("vllm") is not None:
-        return "vllm"
-    return "transformers"
+    """`auto` is transformers (on CUDA when present) until the vLLM engine lands."""
+    return "transformers" if settings.engine == "auto" else settings.engine
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -56,9 +45,7 @@ def load_engine(settings: Settings) -> Engine:
     kind = choose_engine(settings)
     logger.info("loading %s engine for model %s", kind, settings.model)
     if kind == "vllm":
-        raise EngineLoadError(
-            "the vLLM engine is not available in this release yet; set RERANK_ENGINE=transformers"
-        )
+        raise EngineLoadError("the vLLM engine is not available in this release yet; set RERANK_ENGINE=transformers")
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         raise EngineLoadError(
             "the transformers engine needs torch and transformers: install the worker extra, "

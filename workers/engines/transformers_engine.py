@@ -52,7 +52,7 @@ class TransformersEngine:
 
     @classmethod
     def load(cls, settings: Settings) -> TransformersEngine:
-        device = settings.device
+        device: str = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
@@ -71,9 +71,16 @@ class TransformersEngine:
                 "check that RERANK_MODEL names a model id or a directory with config.json and tokenizer files."
             ) from None
         tokenizer.truncation_side = "right"
-        model = model.to(device).eval()
+        max_length = settings.max_length
+        positions = getattr(model.config, "max_position_embeddings", None)
+        if positions and max_length > positions:
+            logger.warning(
+                "RERANK_MAX_LENGTH=%d exceeds the model's %d positions; using %d", max_length, positions, positions
+            )
+            max_length = positions
+        model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, tokenizer, settings.max_length, device)
+        return cls(model, tokenizer, max_length, device)
 
     def encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
         bodies = [format_body(p.query, p.document, p.instruction) for p in pairs]

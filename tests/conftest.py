@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny Qwen3 reranker built at test time, and an independent reference scorer."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from schemas.prompt import PREFIX, SUFFIX, format_body
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rerankfarm.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-reranker")
+
+
+class Reference:
+    """P(yes) for one pair alone, computed the model card's way with the full causal LM (no engine code)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.yes = self.tok.convert_tokens_to_ids("yes")
+        self.no = self.tok.convert_tokens_to_ids("no")
+
+    def score(self, query: str, document: str, instruction: str | None = None) -> float:
+        ids = self.tok(PREFIX + format_body(query, document, instruction) + SUFFIX, return_tensors="pt").input_ids
+        with self.torch.inference_mode():
+            logits = self.model(ids).logits[0, -1, [self.no, self.yes]].float()
+        return float(self.torch.softmax(logits, -1)[1])
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir: Path) -> Reference:
+    return Reference(tiny_model_dir)
+
+
+def random_text(rng: random.Random, low: int, high: int) -> str:
+    """Words the tiny tokenizer knows (w0..w499)."""
+    return " ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(low, high)))

@@ -1,0 +1,48 @@
+"""The commands a user types: `rerankfarm up` on a machine with no Redis configured, and a worker that cannot load
+its model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rerankfarm.embedded_redis import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def test_worker_with_a_missing_model_stops_with_advice(tmp_path, redis_url) -> None:
+    env = dict(
+        os.environ, RERANK_REDIS_URL=redis_url, RERANK_MODEL=str(tmp_path / "no-such-model"), CUDA_VISIBLE_DEVICES=""
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "rerankfarm.cli", "worker", "--name", "broken"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "cannot start" in run.stderr and "RERANK_MODEL" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_up_runs_the_example_job_on_an_embedded_redis(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", RERANK_WORKER_HEARTBEAT_S="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "rerankfarm.cli", "up", "--tiny-model", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "embedded redis-server" in run.stdout
+    assert "succeeded: 14/14 pairs" in run.stdout
+    for custom_id in ("capital-of-china", "gravity", "python-lists"):
+        assert f"[{custom_id}]" in run.stdout
+    assert run.stdout.count("  1. ") == 3

@@ -1,0 +1,116 @@
+"""A bulk job through the whole farm: HTTP -> Redis -> a real Celery worker process -> Redis -> HTTP."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.conftest import random_text
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _job_body(rng: random.Random) -> dict:
+    requests = []
+    for r in range(4):
+        docs: list = [random_text(rng, 1, 150) for _ in range(rng.randint(6, 13))]
+        if r == 2:
+            docs = [{"text": d, "id": f"doc-{i}"} for i, d in enumerate(docs)]
+        requests.append(
+            {
+                "custom_id": f"req-{r}",
+                "query": random_text(rng, 2, 9),
+                "documents": docs,
+                "instruction": "Find the passage about w7" if r == 1 else None,
+                "top_n": 4 if r == 3 else None,
+                "return_documents": r != 0,
+            }
+        )
+    return {"requests": requests, "priority": 7, "metadata": {"team": "search"}}
+
+
+def test_job_scores_equal_transformers_alone_for_every_pair(client, worker, reference) -> None:
+    body = _job_body(random.Random(11))
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["status"] == "queued" and r.headers["location"] == f"/v1/jobs/{job['id']}"
+    assert job["progress"] == {"completed": 0, "total": sum(len(q["documents"]) for q in body["requests"])}
+
+    done = wait_for(client, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"]["completed"] == done["progress"]["total"]
+    assert done["started_at"] and done["finished_at"] and done["metadata"] == {"team": "search"}
+    assert sum(done["workers"].values()) == done["progress"]["total"]
+
+    data = client.get(f"/v1/jobs/{job['id']}/results").json()["data"]
+    assert [d["custom_id"] for d in data] == [q["custom_id"] for q in body["requests"]]
+    for request, entry in zip(body["requests"], data, strict=True):
+        texts = [d if isinstance(d, str) else d["text"] for d in request["documents"]]
+        results = entry["results"]
+        assert len(results) == (request["top_n"] or len(texts))
+        scores = [x["relevance_score"] for x in results]
+        assert scores == sorted(scores, reverse=True)
+        for x in results:
+            expected = reference.score(request["query"], texts[x["index"]], request["instruction"])
+            assert x["relevance_score"] == pytest.approx(expected, abs=1e-3)
+            assert (x["document"] or {}).get("text") == (texts[x["index"]] if request["return_documents"] else None)
+        if request["top_n"]:  # the cut keeps the best ones
+            all_scores = [reference.score(request["query"], t, request["instruction"]) for t in texts]
+            assert min(scores) >= sorted(all_scores, reverse=True)[request["top_n"] - 1] - 1e-3
+    assert [x["id"] for x in data[2]["results"]] == [f"doc-{x['index']}" for x in data[2]["results"]]
+
+
+def test_results_are_409_until_the_job_succeeded(redis_url, tiny_model_dir) -> None:
+    from tests.integration.conftest import other_db
+
+    # A database no worker consumes: the job stays queued.
+    with TestClient(create_app(farm_settings(other_db(redis_url, 3), tiny_model_dir))) as c:
+        job = c.post("/v1/jobs", json={"requests": [{"query": "w1", "documents": ["w2"]}]}).json()
+        r = c.get(f"/v1/jobs/{job['id']}/results")
+        assert r.status_code == 409 and "queued" in r.json()["error"]["message"]
+
+
+def test_cancel_stops_scoring_the_rest(client, worker) -> None:
+    rng = random.Random(5)
+    body = {
+        "requests": [
+            {"query": random_text(rng, 2, 5), "documents": [random_text(rng, 50, 200) for _ in range(400)]}
+            for _ in range(5)
+        ]
+    }
+    job = client.post("/v1/jobs", json=body).json()
+    wait_for(client, job["id"], until=("running",), timeout=60)
+    cancelled = client.post(f"/v1/jobs/{job['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["finished_at"]
+    time.sleep(3)  # chunks already inside the engine may finish; nothing after them
+    later = client.get(f"/v1/jobs/{job['id']}").json()
+    assert later["status"] == "cancelled"
+    assert later["progress"]["completed"] < later["progress"]["total"] // 2
+    assert client.get(f"/v1/jobs/{job['id']}/results").status_code == 409
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"  # idempotent
+
+
+def test_two_workers_share_one_big_job(client, worker, redis_url, tiny_model_dir, log_dir) -> None:
+    second = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
+    try:
+        rng = random.Random(9)
+        body = {
+            "requests": [
+                {"query": random_text(rng, 2, 5), "documents": [random_text(rng, 20, 80) for _ in range(60)]}
+                for _ in range(5)
+            ]
+        }
+        job = client.post("/v1/jobs", json=body).json()
+        done = wait_for(client, job["id"])
+        assert done["status"] == "succeeded"
+        by_worker = done["workers"]
+        assert {h.split("@")[0] for h in by_worker} == {worker.node, second.node}, by_worker
+        assert all(n > 0 for n in by_worker.values()) and sum(by_worker.values()) == 300
+    finally:
+        second.stop()

@@ -1,0 +1,55 @@
+"""The worker's job store on a real Redis: a chunk delivered twice counts once; final states stay final."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import redis
+
+from schemas import keys
+from workers.job_store import WorkerJobStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def store(redis_url: str) -> WorkerJobStore:
+    return WorkerJobStore(redis.Redis.from_url(redis_url), result_ttl_s=600)
+
+
+def _job(store: WorkerJobStore, chunks: int, status: str = "queued") -> str:
+    job_id = f"job_{uuid.uuid4().hex}"
+    store.redis.hset(
+        keys.job_key(job_id),
+        mapping={"status": status, "chunks_total": chunks, "completed": 0, "chunks_done": 0, "total": chunks * 2},
+    )
+    return job_id
+
+
+def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
+    job_id = _job(store, chunks=2)
+    assert store.record_chunk(job_id, 0, [0.1, 0.2], "w1@h") == "recorded"
+    assert store.status(job_id) == "running"
+    assert store.record_chunk(job_id, 0, [0.1, 0.2], "w2@h") == "duplicate"
+    assert store.record_chunk(job_id, 1, [0.3, 0.4], "w2@h") == "finished"
+    record = store.redis.hgetall(keys.job_key(job_id))
+    assert record[b"status"] == b"succeeded" and record[b"completed"] == b"4" and record[b"finished_at"]
+    assert store.redis.hgetall(keys.job_workers_key(job_id)) == {b"w1@h": b"2", b"w2@h": b"2"}
+    assert 0 < store.redis.ttl(keys.job_scores_key(job_id)) <= 600
+
+
+def test_cancelled_job_stays_cancelled_and_is_skipped(store) -> None:
+    job_id = _job(store, chunks=1, status="cancelled")
+    assert store.should_skip(job_id)
+    assert store.record_chunk(job_id, 0, [0.5, 0.5], "w1@h") == "recorded"
+    assert store.status(job_id) == "cancelled"
+    assert not store.fail(job_id, "engine_error", "late failure")
+    assert store.should_skip(f"job_{uuid.uuid4().hex}")  # gone (expired): nothing to score
+
+
+def test_failed_job_keeps_its_first_error(store) -> None:
+    job_id = _job(store, chunks=3, status="running")
+    assert store.fail(job_id, "invalid_input", "chunk 1: bad")
+    assert not store.fail(job_id, "engine_error", "chunk 2: worse")
+    assert store.redis.hget(keys.job_key(job_id), "error_message") == b"chunk 1: bad"

@@ -1,0 +1,133 @@
+"""The batcher with a recording engine (pure logic) and with the real transformers engine (batch invariance)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from tests.conftest import random_text
+from workers.batcher import Batcher, Cancelled, plan_batches
+from workers.engines.base import Pair
+
+
+class RecordingEngine:
+    """Scores a prompt as its length / 1000 and records every batch; can be held to let submissions pile up."""
+
+    name = "recording"
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fail_on: int | None = None
+
+    def encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
+        return [[1] * len(p.document) for p in pairs]
+
+    def score(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        self.entered.set()
+        self.gate.wait(5)
+        self.batches.append([len(x) for x in batch])
+        if self.fail_on is not None and self.fail_on in [len(x) for x in batch]:
+            raise RuntimeError("engine exploded")
+        return [len(x) / 1000 for x in batch]
+
+
+def test_plan_batches_respects_padded_budget_and_sorts_by_length() -> None:
+    lengths = [10, 300, 20, 290, 5, 1000]
+    batches = plan_batches(lengths, max_batch_tokens=600)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 600
+    assert batches[0] == [5]  # longer than the budget: alone
+    assert [lengths[i] for i in batches[1]] == [300, 290]
+
+
+def test_submissions_from_several_chunks_share_engine_calls_and_get_their_own_scores() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, max_batch_tokens=10_000)
+    try:
+        first = batcher.submit([[1] * 3])  # taken alone while the engine is held
+        assert engine.entered.wait(5)
+        futures = [batcher.submit([[1] * n for n in (k + 1, k + 50)]) for k in range(5)]
+        engine.gate.set()
+        assert first.result(5) == [0.003]
+        for k, f in enumerate(futures):
+            assert f.result(5) == [(k + 1) / 1000, (k + 50) / 1000]
+        assert len(engine.batches) == 2
+        assert engine.batches[1] == sorted(engine.batches[1], reverse=True)
+        assert len(engine.batches[1]) == 10
+    finally:
+        batcher.stop()
+
+
+def test_higher_priority_runs_before_the_rest_of_a_round() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, max_batch_tokens=100)
+    try:
+        batcher.submit([[1] * 7])
+        assert engine.entered.wait(5)
+        low = batcher.submit([[1] * 50, [1] * 50, [1] * 50], priority=1)  # three batches at the budget
+        urgent = batcher.submit([[1] * 9], priority=9)
+        engine.gate.set()
+        urgent.result(5)
+        low.result(5)
+        assert engine.batches[1] == [9]
+    finally:
+        batcher.stop()
+
+
+def test_engine_failure_fails_only_the_submissions_in_that_batch() -> None:
+    engine = RecordingEngine()
+    engine.fail_on = 66
+    batcher = Batcher(engine, max_batch_tokens=70)
+    try:
+        bad = batcher.submit([[1] * 66])
+        with pytest.raises(RuntimeError, match="exploded"):
+            bad.result(5)
+        assert batcher.submit([[1] * 4]).result(5) == [0.004]
+    finally:
+        batcher.stop()
+
+
+def test_cancelled_submission_never_reaches_the_engine() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, max_batch_tokens=1000)
+    try:
+        batcher.submit([[1] * 2])
+        assert engine.entered.wait(5)
+        dropped = batcher.submit([[1] * 77], is_cancelled=lambda: True)
+        engine.gate.set()
+        with pytest.raises(Cancelled):
+            dropped.result(5)
+        assert all(77 not in b for b in engine.batches)
+    finally:
+        batcher.stop()
+
+
+def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(tiny_model_dir) -> None:
+    from schemas.settings import Settings
+    from workers.engines.base import load_engine
+
+    engine = load_engine(Settings(model=str(tiny_model_dir), max_length=512))
+    rng = random.Random(3)
+    target = Pair(random_text(rng, 3, 6), random_text(rng, 10, 20), "Find the passage")
+    alone = engine.score(engine.encode([target]))[0]
+    batcher = Batcher(engine, max_batch_tokens=4096)
+    try:
+        jobs = [[Pair(random_text(rng, 2, 8), random_text(rng, 1, 400)) for _ in range(7)] for _ in range(3)]
+        jobs[1].insert(3, target)
+        futures = [batcher.submit(engine.encode(pairs)) for pairs in jobs]
+        inside = futures[1].result(30)[3]
+    finally:
+        batcher.stop()
+    assert batcher.stats.batches < sum(len(j) for j in jobs)  # pairs really were batched together
+    assert inside == pytest.approx(alone, abs=1e-5)

@@ -1,0 +1,19 @@
+"""The README stays true: every setting is documented with its default, and the two commands are there."""
+
+from pathlib import Path
+
+from schemas.settings import Settings
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+
+
+def test_every_setting_is_documented_with_its_default() -> None:
+    for name, field in Settings.model_fields.items():
+        assert f"| `RERANK_{name.upper()}` | `{field.default}` |" in README, name
+
+
+def test_the_two_commands_are_in_the_readme() -> None:
+    assert "pip install -e '.[cpu]' && .venv/bin/rerankfarm up" in README
+    assert "pip install -e '.[cpu,dev]' && .venv/bin/pytest" in README
+    ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
+    assert "pip install -q -e '.[cpu,dev]' && .venv/bin/pytest" in ci
