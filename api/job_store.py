@@ -15,25 +15,29 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from schemas import keys
-from schemas.chunks import chunk_count, split_into_chunks
-from schemas.errors import InvalidRequest, JobNotFinished, JobNotFound, TooLarge, Unavailable
+from schemas.chunks import ChunkResult, chunk_count, split_into_chunks
+from schemas.errors import InvalidRequest, JobNotFinished, JobNotFound, TooLarge, Unavailable, WaitTimeout
 from schemas.jobs import ErrorInfo, Job, JobCreate, JobResults, JobStatus, Progress, RequestResults, rank
-from schemas.queueing import celery_priority
+from schemas.queueing import INTERACTIVE_PRIORITY, celery_priority
 from schemas.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 
-# KEYS: job. ARGV: now. Only a job that is not final yet can be cancelled.
-_CANCEL = """
+# KEYS: job, (unused x3), done. ARGV: now, done ttl. Only a job that is not final yet can be cancelled.
+_CANCEL = (
+    keys.NOTIFY_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
+  notify('cancelled')
   return 1
 end
 return 0
 """
+)
 
 
 def _now() -> str:
@@ -45,8 +49,9 @@ def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
 
 
 class JobStore:
-    def __init__(self, client: aioredis.Redis, celery: Celery, settings: Settings) -> None:
+    def __init__(self, client: aioredis.Redis, celery: Celery, settings: Settings, waiter: aioredis.Redis) -> None:
         self.redis = client
+        self.waiter = waiter
         self.celery = celery
         self.settings = settings
         self._cancel = client.register_script(_CANCEL)
@@ -74,14 +79,20 @@ class JobStore:
                     f"requests[{n}].top_n={request.top_n} exceeds its {len(request.documents)} documents"
                 )
 
-    async def submit(self, body: JobCreate) -> Job:
+    async def submit(self, body: JobCreate, interactive: bool = False, max_prompt_tokens: int | None = None) -> Job:
+        """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, and
+        push their final status to a list that `wait` blocks on."""
         self.check_limits(body)
         job_id = f"job_{uuid.uuid4().hex}"
         total = body.total_pairs
-        chunks = chunk_count(total, self.settings.chunk_size)
+        chunk_size = self.settings.interactive_chunk_size if interactive else self.settings.chunk_size
+        chunks = chunk_count(total, chunk_size)
         record: dict[Any, Any] = {
             "id": job_id,
             "status": JobStatus.queued.value,
+            "kind": "interactive" if interactive else "bulk",
+            "notify": int(interactive),
+            "tokens": 0,
             "priority": body.priority,
             "created_at": _now(),
             "total": total,
@@ -108,7 +119,7 @@ class JobStore:
             pipe.set(keys.job_input_key(job_id), json.dumps({"requests": requests_meta}), ex=ttl)
             await pipe.execute()
         try:
-            await anyio.to_thread.run_sync(self._enqueue, job_id, body)
+            await anyio.to_thread.run_sync(self._enqueue, job_id, body, interactive, chunk_size, max_prompt_tokens)
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
             await self.redis.hset(
@@ -131,14 +142,20 @@ class JobStore:
         )
         return _job({k: str(v) for k, v in record.items()}, {})
 
-    def _enqueue(self, job_id: str, body: JobCreate) -> None:
-        priority = celery_priority(body.priority)
+    def _enqueue(
+        self, job_id: str, body: JobCreate, interactive: bool, chunk_size: int, max_prompt_tokens: int | None
+    ) -> None:
+        # Celery on Redis: step 0 is served first; the interactive queue is consumed before the bulk queue.
+        priority = 0 if interactive else celery_priority(body.priority)
+        queue = keys.QUEUE_INTERACTIVE if interactive else keys.QUEUE_BULK
+        batch_priority = INTERACTIVE_PRIORITY if interactive else body.priority
+        chunks = split_into_chunks(job_id, body.requests, chunk_size, batch_priority, max_prompt_tokens)
         with self.celery.producer_or_acquire() as producer:
-            for chunk in split_into_chunks(job_id, body.requests, self.settings.chunk_size, body.priority):
+            for chunk in chunks:
                 self.celery.send_task(
                     keys.TASK_SCORE_CHUNK,
                     args=[chunk.model_dump()],
-                    queue=keys.QUEUE_BULK,
+                    queue=queue,
                     priority=priority,
                     producer=producer,
                 )
@@ -167,23 +184,34 @@ class JobStore:
         if raw_input is None or len(raw_scores) != int(r["chunks_total"]):
             raise JobNotFound(job_id)
         flat: list[float] = []
+        windows: list[list[int] | None] = []
         for index in range(int(r["chunks_total"])):
-            flat.extend(json.loads(raw_scores[str(index).encode()]))
+            chunk = ChunkResult.model_validate_json(raw_scores[str(index).encode()])
+            flat.extend(chunk.scores)
+            windows.extend(chunk.windows or [None] * len(chunk.scores))
         data = []
         offset = 0
         for meta in json.loads(raw_input)["requests"]:
-            scores = flat[offset : offset + meta["n"]]
-            offset += meta["n"]
-            data.append(
-                RequestResults(
-                    custom_id=meta["custom_id"], results=rank(scores, meta["top_n"], meta["texts"], meta["ids"])
-                )
-            )
+            end = offset + meta["n"]
+            ranked = rank(flat[offset:end], meta["top_n"], meta["texts"], meta["ids"], windows[offset:end])
+            data.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
+            offset = end
         return JobResults(id=job_id, data=data)
+
+    async def wait(self, job_id: str, timeout: float) -> Job:
+        """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`."""
+        popped = await self.waiter.blpop([keys.job_done_key(job_id)], timeout=timeout)
+        job = await self.get(job_id)
+        if popped is None and not job.status.final:
+            raise WaitTimeout(
+                f"job {job_id} did not finish within {timeout:g}s; it goes on: poll /v1/jobs/{job_id}",
+                job_id=job_id,
+            )
+        return job
 
     async def cancel(self, job_id: str) -> Job:
         await self._record(job_id)
-        if await self._cancel(keys=[keys.job_key(job_id)], args=[_now()]):
+        if await self._cancel(keys=keys.job_script_keys(job_id), args=[_now(), keys.DONE_TTL_S]):
             logger.info("job %s cancelled", job_id)
         return await self.get(job_id)
 
@@ -201,6 +229,8 @@ def _job(r: dict[str, str], workers: dict[str, int]) -> Job:
     return Job(
         id=r["id"],
         status=JobStatus(r["status"]),
+        kind=r.get("kind", "bulk"),
+        tokens=int(r.get("tokens", 0)),
         priority=int(r["priority"]),
         metadata=json.loads(r.get("metadata") or "null"),
         created_at=datetime.fromisoformat(r["created_at"]),

@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.job_store import JobStore
-from api.routes import health, jobs
+from api.routes import health, jobs, rerank
 from schemas.errors import RerankError
 from schemas.jobs import error_body
 from schemas.queueing import celery_config
@@ -28,14 +28,17 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     client = aioredis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
+    # Waits block a connection on BLPOP for up to the request's timeout: a client of their own, no socket timeout.
+    waiter = aioredis.from_url(settings.redis_url, health_check_interval=30)
     sender = Celery("rerankfarm-api")
     sender.conf.update(celery_config(settings))
-    app.state.store = JobStore(client, sender, settings)
+    app.state.store = JobStore(client, sender, settings, waiter)
     logger.info("api ready: redis=%s", settings.redacted_redis_url())
     try:
         yield
     finally:
         await client.aclose()
+        await waiter.aclose()
         sender.close()
 
 
@@ -53,7 +56,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
 
 async def _rerank_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankError)
-    return JSONResponse(error_body(exc.code, exc.message), status_code=exc.status)
+    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status_code=exc.status)
 
 
 async def _invalid(_: Request, exc: Exception) -> JSONResponse:
@@ -79,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings or get_settings()
+    app.include_router(rerank.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
     app.add_exception_handler(RerankError, _rerank_error)

@@ -13,6 +13,29 @@ from pydantic import BaseModel
 from schemas.jobs import RerankRequest
 
 
+class PairOptions(BaseModel):
+    """How a request's prompts are cut; the defaults are the model card's (cut the document's end to fit)."""
+
+    max_doc_tokens: int | None = None
+    max_prompt_tokens: int | None = None
+    truncate: bool = True
+    windows: bool = False
+    window_tokens: int | None = None
+    window_overlap: int = 64
+
+    @classmethod
+    def of(cls, request: RerankRequest, max_prompt_tokens: int | None = None) -> PairOptions | None:
+        options = cls(
+            max_doc_tokens=request.max_tokens_per_doc,
+            max_prompt_tokens=max_prompt_tokens,
+            truncate=request.truncate,
+            windows=request.long_documents == "windows",
+            window_tokens=request.window_tokens,
+            window_overlap=request.window_overlap,
+        )
+        return None if options == cls() else options
+
+
 class Segment(BaseModel):
     """Consecutive documents of one request inside a chunk."""
 
@@ -20,6 +43,16 @@ class Segment(BaseModel):
     query: str
     instruction: str | None
     documents: list[str]
+    options: PairOptions | None = None
+
+
+class ChunkResult(BaseModel):
+    """What a worker stores for a chunk: a score per pair, the winning window per pair (windows mode) and the
+    prompt tokens it scored."""
+
+    scores: list[float]
+    windows: list[list[int] | None] | None = None  # [index, count, start_token, end_token]
+    tokens: int = 0
 
 
 class Chunk(BaseModel):
@@ -33,16 +66,23 @@ class Chunk(BaseModel):
         return sum(len(s.documents) for s in self.segments)
 
 
-def split_into_chunks(job_id: str, requests: list[RerankRequest], chunk_size: int, priority: int) -> Iterator[Chunk]:
+def split_into_chunks(
+    job_id: str, requests: list[RerankRequest], chunk_size: int, priority: int, max_prompt_tokens: int | None = None
+) -> Iterator[Chunk]:
     segments: list[Segment] = []
     room = chunk_size
     index = 0
     for r, request in enumerate(requests):
         texts = request.texts()
+        options = PairOptions.of(request, max_prompt_tokens)
         start = 0
         while start < len(texts):
             take = texts[start : start + room]
-            segments.append(Segment(request=r, query=request.query, instruction=request.instruction, documents=take))
+            segments.append(
+                Segment(
+                    request=r, query=request.query, instruction=request.instruction, documents=take, options=options
+                )
+            )
             start += len(take)
             room -= len(take)
             if room == 0:

@@ -7,9 +7,10 @@ class RerankError(Exception):
     code = "internal_error"
     status = 500
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, **details: str) -> None:
         super().__init__(message)
         self.message = message
+        self.details = details  # extra fields of the error body, e.g. the job id of a timed-out request
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -36,6 +37,16 @@ class JobNotFound(RerankError):
 class JobNotFinished(RerankError):
     code = "job_not_finished"
     status = 409
+
+
+class WaitTimeout(RerankError):
+    code = "timeout"
+    status = 504
+
+
+class JobFailed(RerankError):
+    code = "job_failed"
+    status = 502
 
 
 class Unavailable(RerankError):

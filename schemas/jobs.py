@@ -24,7 +24,7 @@ class JobStatus(StrEnum):
 
 
 class DocumentIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # rerank clients may send more fields per document
 
     text: NonBlank
     id: str | None = Field(None, max_length=256, description="Your id for the document, echoed in the results.")
@@ -43,6 +43,23 @@ class RerankRequest(BaseModel):
     )
     top_n: int | None = Field(None, ge=1, description="Keep only the n best documents; all when omitted.")
     return_documents: bool = Field(False, description="Include each document's text in the results.")
+    long_documents: Literal["truncate", "windows"] = Field(
+        "truncate",
+        description="`truncate`: a prompt over the max length loses the end of its document. `windows`: a long "
+        "document is split into overlapping windows, scored by its best window, reported in `window`.",
+    )
+    window_tokens: int | None = Field(
+        None, ge=16, description="Document tokens per window (`windows` mode); default: as many as fit."
+    )
+    window_overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (`windows` mode).")
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="Cut each document to this many tokens first.")
+    truncate: bool = Field(True, description="False: a prompt over the max length fails the job instead of being cut.")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> RerankRequest:
+        if self.window_tokens is not None and self.window_overlap >= self.window_tokens:
+            raise ValueError("window_overlap must be smaller than window_tokens")
+        return self
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -92,6 +109,7 @@ class Job(BaseModel):
     id: str
     object: Literal["rerank.job"] = "rerank.job"
     status: JobStatus
+    kind: Literal["bulk", "interactive"] = "bulk"
     priority: int
     metadata: dict[str, str] | None = None
     created_at: datetime
@@ -99,6 +117,7 @@ class Job(BaseModel):
     finished_at: datetime | None = None
     progress: Progress
     request_count: int
+    tokens: int = Field(0, description="Prompt tokens scored so far.")
     error: ErrorInfo | None = None
     workers: dict[str, int] = Field(default_factory=dict, description="Pairs scored by each worker (hostname).")
 
@@ -107,11 +126,21 @@ class ResultDocument(BaseModel):
     text: str
 
 
+class WindowInfo(BaseModel):
+    """The window that gave a long document its score (`long_documents: "windows"`)."""
+
+    index: int = Field(description="Window number, from 0.")
+    count: int = Field(description="Windows the document was split into.")
+    start_token: int = Field(description="First document token of the window.")
+    end_token: int = Field(description="One past the last document token of the window.")
+
+
 class RankedResult(BaseModel):
     index: int = Field(description="Position of the document in the request's `documents`.")
     relevance_score: float = Field(description="P(yes) of the reranker, in [0, 1].")
     id: str | None = Field(None, description="The document's `id`, when it had one.")
     document: ResultDocument | None = None
+    window: WindowInfo | None = None
 
 
 class RequestResults(BaseModel):
@@ -126,19 +155,29 @@ class JobResults(BaseModel):
 
 
 def rank(
-    scores: list[float], top_n: int | None, texts: list[str] | None, ids: list[str | None] | None
+    scores: list[float],
+    top_n: int | None,
+    texts: list[str] | None,
+    ids: list[str | None] | None,
+    windows: list[list[int] | None] | None = None,
 ) -> list[RankedResult]:
-    """Results sorted by score (ties keep document order), cut to top_n."""
+    """Results sorted by score (ties keep document order), cut to top_n (0 or None: all)."""
     order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or None]
-    return [
-        RankedResult(
-            index=i,
-            relevance_score=scores[i],
-            id=ids[i] if ids else None,
-            document=ResultDocument(text=texts[i]) if texts is not None else None,
+    results = []
+    for i in order:
+        window = windows[i] if windows else None
+        results.append(
+            RankedResult(
+                index=i,
+                relevance_score=scores[i],
+                id=ids[i] if ids else None,
+                document=ResultDocument(text=texts[i]) if texts is not None else None,
+                window=WindowInfo(index=window[0], count=window[1], start_token=window[2], end_token=window[3])
+                if window
+                else None,
+            )
         )
-        for i in order
-    ]
+    return results
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:

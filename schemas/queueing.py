@@ -11,6 +11,10 @@ from schemas.settings import Settings
 PRIORITY_STEPS = list(range(10))
 
 
+# The batcher's level for interactive chunks: above every bulk priority (0..9).
+INTERACTIVE_PRIORITY = 10
+
+
 def celery_priority(job_priority: int) -> int:
     return 9 - job_priority
 
@@ -37,6 +41,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_default_queue": QUEUE_BULK,
         "task_routes": {TASK_SCORE_CHUNK: {"queue": QUEUE_BULK}},
+        "task_create_missing_queues": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }

@@ -78,6 +78,18 @@ class Settings(BaseSettings):
         200_000, ge=1, description="Max characters of one document; longer documents are refused (413-style 422)."
     )
     max_query_chars: int = Field(20_000, ge=1, description="Max characters of one query or instruction.")
+    interactive_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds /v1/rerank waits before answering 504 with the job id (the job goes on and can be "
+        "polled). A request's `timeout` overrides it.",
+    )
+    interactive_chunk_size: int = Field(
+        32,
+        ge=1,
+        description="Pairs per chunk of an interactive request: small, so one request spreads over all workers.",
+    )
+    max_documents_per_rerank: int = Field(1000, ge=1, description="Max documents in one interactive /v1/rerank call.")
     api_host: str = Field("127.0.0.1", description="Address `rerankfarm api` binds to.")
     api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")

@@ -1,11 +1,16 @@
 """Gathers the pairs of every chunk a worker holds in flight into engine calls under a padded-token budget.
 
 Celery hands the worker several chunks at once (threads pool, prefetch); each task thread tokenizes its chunk and
-`submit`s it here, then waits on a future. One engine thread takes everything pending at the most urgent priority
-as a round, sorts it by length (less padding), cuts it into batches whose padded size fits the budget, and runs
-them; scores go back to each chunk's future. A round is a snapshot, so pairs that arrive later wait at most one
-round at their priority, and a more urgent submission is taken before the round's next batch. The batcher knows
-nothing of Celery or Redis.
+`submit`s it here, then waits on a future. One engine thread forms every engine call:
+
+- it serves the most urgent priority that has work (interactive above bulk), except that after
+  `starvation_limit` calls in a row while less urgent work waits, it serves the next level once;
+- within a level, it looks at a window of the oldest pending pairs (`window_batches` budgets' worth), sorts them by
+  length so that a call holds pairs of similar length (less padding), and runs the call that holds the oldest
+  pair. Pairs of several chunks and jobs share calls, the oldest work is always served, and chunks finish roughly
+  in arrival order, which frees Celery slots for new (and interactive) chunks steadily.
+
+Scores go back to each chunk's future. The batcher knows nothing of Celery or Redis.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -37,10 +42,14 @@ class _Group:
     future: Future[list[float]] = field(default_factory=Future)
     scores: list[float | None] = field(default_factory=list)
     left: int = 0
+    checked: bool = False
 
     def __post_init__(self) -> None:
         self.scores = [None] * len(self.token_ids)
         self.left = len(self.token_ids)
+
+
+_Item = tuple[_Group, int]
 
 
 @dataclass
@@ -70,13 +79,17 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch_tokens: int) -> None:
+    def __init__(
+        self, engine: Engine, max_batch_tokens: int, window_batches: int = 4, starvation_limit: int = 8
+    ) -> None:
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens
+        self.window_tokens = max_batch_tokens * window_batches
+        self.starvation_limit = starvation_limit
         self.stats = BatchStats()
         self._lock = threading.Condition()
-        self._pending: dict[int, list[_Group]] = defaultdict(list)  # priority (higher first) -> submissions
-        self._rounds: dict[int, deque[list[tuple[_Group, int]]]] = defaultdict(deque)
+        self._pending: dict[int, deque[_Item]] = {}  # priority (higher first) -> pairs in arrival order
+        self._streak = 0  # calls in a row at the top level while a lower level waited
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="engine-batcher", daemon=True)
         self._thread.start()
@@ -84,8 +97,9 @@ class Batcher:
     def submit(
         self, token_ids: Sequence[Sequence[int]], priority: int = 0, is_cancelled: Callable[[], bool] | None = None
     ) -> Future[list[float]]:
-        """Queue prompts for scoring; the future gives their scores in order. `is_cancelled` is asked (from the engine
-        thread) when a round is formed: if it says True, the pairs are dropped and the future raises Cancelled."""
+        """Queue prompts for scoring; the future gives their scores in order. `is_cancelled` is asked once, from the
+        engine thread, before the first of these pairs is scored: if it says True, none are, and the future raises
+        Cancelled."""
         group = _Group(token_ids, priority, is_cancelled)
         if not token_ids:
             group.future.set_result([])
@@ -93,7 +107,7 @@ class Batcher:
         with self._lock:
             if self._stopped:
                 raise RuntimeError("batcher is stopped")
-            self._pending[priority].append(group)
+            self._pending.setdefault(priority, deque()).extend((group, i) for i in range(len(token_ids)))
             self._lock.notify()
         return group.future
 
@@ -103,23 +117,52 @@ class Batcher:
             self._lock.notify()
         self._thread.join(timeout)
 
-    def _next_batch(self) -> list[tuple[_Group, int]] | None:
-        """Under the lock: the next batch at the most urgent priority that has work, forming a round if needed."""
-        levels = [p for p in set(self._pending) | set(self._rounds) if self._pending.get(p) or self._rounds.get(p)]
+    def _level(self) -> int | None:
+        levels = sorted((p for p, q in self._pending.items() if q), reverse=True)
         if not levels:
             return None
-        level = max(levels)
-        if not self._rounds[level]:
-            groups = self._pending.pop(level)
-            items: list[tuple[_Group, int]] = []
-            for group in groups:
+        if len(levels) == 1:
+            self._streak = 0
+            return levels[0]
+        if self._streak >= self.starvation_limit:
+            self._streak = 0
+            return levels[1]
+        self._streak += 1
+        return levels[0]
+
+    def _window(self, queue: deque[_Item]) -> list[_Item]:
+        """Pop the oldest live pairs, up to the window's token size (at least one)."""
+        window: list[_Item] = []
+        tokens = 0
+        while queue:
+            group, i = queue[0]
+            if not group.checked:
+                group.checked = True
                 if group.is_cancelled is not None and _safe_call(group.is_cancelled):
                     group.future.set_exception(Cancelled())
-                    continue
-                items.extend((group, i) for i in range(len(group.token_ids)))
-            lengths = [len(g.token_ids[i]) for g, i in items]
-            self._rounds[level].extend([items[j] for j in b] for b in plan_batches(lengths, self.max_batch_tokens))
-        return self._rounds[level].popleft() if self._rounds[level] else self._next_batch()
+            if group.future.done():
+                queue.popleft()
+                continue
+            size = len(group.token_ids[i])
+            if window and tokens + size > self.window_tokens:
+                break
+            window.append(queue.popleft())
+            tokens += size
+        return window
+
+    def _next_batch(self) -> list[_Item] | None:
+        """Under the lock: the next engine call, or None when nothing is pending."""
+        while (level := self._level()) is not None:
+            queue = self._pending[level]
+            window = self._window(queue)
+            if not window:
+                continue
+            plans = plan_batches([len(g.token_ids[i]) for g, i in window], self.max_batch_tokens)
+            chosen = next(p for p in plans if 0 in p)  # the call that serves the oldest pair
+            picked = set(chosen)
+            queue.extendleft(reversed([item for j, item in enumerate(window) if j not in picked]))
+            return [window[j] for j in chosen]
+        return None
 
     def _run(self) -> None:
         while True:
@@ -132,17 +175,14 @@ class Batcher:
                     return
             self._score(batch)
 
-    def _score(self, batch: list[tuple[_Group, int]]) -> None:
-        live = [(g, i) for g, i in batch if not g.future.done()]
-        if not live:
-            return
-        prompts = [g.token_ids[i] for g, i in live]
+    def _score(self, batch: list[_Item]) -> None:
+        prompts = [g.token_ids[i] for g, i in batch]
         started = time.perf_counter()
         try:
             scores = self.engine.score(prompts)
         except Exception as exc:  # the engine's failure belongs to every submission in this batch
             logger.warning("engine call of %d pairs failed: %r", len(prompts), exc)
-            for g, _ in live:
+            for g, _ in batch:
                 if not g.future.done():
                     g.future.set_exception(exc)
             return
@@ -154,7 +194,7 @@ class Batcher:
         self.stats.real_tokens += sum(len(p) for p in prompts)
         self.stats.engine_s += elapsed
         logger.debug("scored batch: pairs=%d longest=%d engine_ms=%.1f", len(prompts), longest, elapsed * 1e3)
-        for (g, i), s in zip(live, scores, strict=True):
+        for (g, i), s in zip(batch, scores, strict=True):
             g.scores[i] = s
             g.left -= 1
             if g.left == 0 and not g.future.done():

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 
 import redis
 
 from schemas import keys
+from schemas.chunks import ChunkResult
 
-# KEYS: job, scores, workers, input. ARGV: chunk index, scores JSON, pairs in chunk, worker, now, ttl seconds.
-# HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job.
-_RECORD_CHUNK = """
+# KEYS: job, scores, workers, input, done. ARGV: chunk index, result JSON, pairs in chunk, worker, now, ttl seconds,
+# tokens, done ttl. HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job.
+_RECORD_CHUNK = (
+    keys.NOTIFY_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
 redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
 local done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 if status == 'queued' then
@@ -25,10 +28,12 @@ if status == 'queued' then
 end
 if status == 'running' and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
+  notify('succeeded')
   return 'finished'
 end
 return 'recorded'
 """
+)
 
 # KEYS: job. ARGV: now.
 _MARK_RUNNING = """
@@ -39,16 +44,20 @@ end
 return 0
 """
 
-# KEYS: job. ARGV: code, message, now. Only a job that is not final yet can fail.
-_FAIL = """
+# KEYS: job, (unused x3), done. ARGV: code, message, now, done ttl. Only a job that is not final yet can fail.
+_FAIL = (
+    keys.NOTIFY_LUA
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3],
              'error_code', ARGV[1], 'error_message', ARGV[2])
+  notify('failed')
   return 1
 end
 return 0
 """
+)
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -77,18 +86,23 @@ class WorkerJobStore:
     def mark_running(self, job_id: str) -> bool:
         return bool(self._running(keys=[keys.job_key(job_id)], args=[now_iso()]))
 
-    def record_chunk(self, job_id: str, chunk_index: int, scores: list[float], worker: str) -> str:
-        """Store a chunk's scores; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
-        result = self._record(
-            keys=[
-                keys.job_key(job_id),
-                keys.job_scores_key(job_id),
-                keys.job_workers_key(job_id),
-                keys.job_input_key(job_id),
+    def record_chunk(self, job_id: str, chunk_index: int, result: ChunkResult, worker: str) -> str:
+        """Store a chunk's result; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
+        outcome = self._record(
+            keys=keys.job_script_keys(job_id),
+            args=[
+                chunk_index,
+                result.model_dump_json(),
+                len(result.scores),
+                worker,
+                now_iso(),
+                self.ttl,
+                result.tokens,
+                keys.DONE_TTL_S,
             ],
-            args=[chunk_index, json.dumps(scores), len(scores), worker, now_iso(), self.ttl],
         )
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
     def fail(self, job_id: str, code: str, message: str) -> bool:
-        return bool(self._fail(keys=[keys.job_key(job_id)], args=[code, message[:2000], now_iso()]))
+        args: list[str | int] = [code, message[:2000], now_iso(), keys.DONE_TTL_S]
+        return bool(self._fail(keys=keys.job_script_keys(job_id), args=args))

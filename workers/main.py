@@ -14,7 +14,7 @@ import sys
 from celery import signals
 
 from schemas.errors import EngineLoadError
-from schemas.keys import QUEUE_BULK
+from schemas.keys import QUEUE_BULK, QUEUE_INTERACTIVE
 from schemas.settings import get_settings
 from workers import runtime
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             "--hostname",
             f"{args.name}@%h",
             "--queues",
-            QUEUE_BULK,
+            f"{QUEUE_INTERACTIVE},{QUEUE_BULK}",  # in this order: interactive chunks first
             "--loglevel",
             args.loglevel,
             "--task-events",

@@ -41,7 +41,7 @@ def start(settings: Settings) -> Runtime:
     with _lock:
         if _runtime is None:
             engine = load_engine(settings)
-            client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+            client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
             _runtime = Runtime(
                 settings,
                 engine,

@@ -1,4 +1,4 @@
-"""The one Celery task: score a chunk of a job. Thin: the work is in the batcher, the engine and the job store."""
+"""The one Celery task: score a chunk of a job. Thin: the work is in scoring, the batcher and the job store."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ from celery import Task
 
 from schemas.chunks import Chunk
 from schemas.keys import TASK_SCORE_CHUNK
-from workers import runtime
+from workers import runtime, scoring
 from workers.batcher import Cancelled
 from workers.celery_app import app
-from workers.engines.base import Pair
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +29,14 @@ def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     if store.mark_running(job_id):
         logger.info("job %s running", job_id)
     started = time.perf_counter()
-    pairs = [Pair(s.query, d, s.instruction) for s in c.segments for d in s.documents]
     try:
-        token_ids = rt.engine.encode(pairs)
+        prepared = scoring.prepare(rt.engine, c)
     except Exception as exc:  # input the tokenizer rejects will fail again: no retry
-        logger.exception("job %s chunk %d: tokenizer rejected input", job_id, c.index)
-        store.fail(job_id, "invalid_input", f"chunk {c.index}: the tokenizer rejected the input ({exc!r})")
+        logger.warning("job %s chunk %d: input rejected: %r", job_id, c.index, exc)
+        message = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
+        store.fail(job_id, "invalid_input", f"chunk {c.index}: {message}")
         return "failed"
-    future = rt.batcher.submit(token_ids, c.priority, is_cancelled=lambda: store.should_skip(job_id))
+    future = rt.batcher.submit(prepared.prompts, c.priority, is_cancelled=lambda: store.should_skip(job_id))
     try:
         # Bounded below the visibility timeout, so a stuck engine gives the chunk back instead of holding it.
         scores = future.result(timeout=rt.settings.visibility_timeout_s * 0.8)
@@ -52,9 +51,16 @@ def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         store.fail(job_id, "engine_error", f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}")
         logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
         return "failed"
-    outcome = store.record_chunk(job_id, c.index, scores, self.request.hostname or "unknown")
+    result = scoring.aggregate(prepared, scores)
+    outcome = store.record_chunk(job_id, c.index, result, self.request.hostname or "unknown")
     logger.info(
-        "job %s chunk %d: %d pairs in %.3fs (%s)", job_id, c.index, len(scores), time.perf_counter() - started, outcome
+        "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
+        job_id,
+        c.index,
+        prepared.pairs,
+        result.tokens,
+        time.perf_counter() - started,
+        outcome,
     )
     if outcome == "finished":
         logger.info("job %s succeeded", job_id)

@@ -133,3 +133,29 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def live_api(redis_url: str, tiny_model_dir: Path) -> Iterator[str]:
+    """The API served by uvicorn on a free port, for clients that speak real HTTP (SDKs, browsers)."""
+    import threading
+
+    import uvicorn
+
+    from rerankfarm.embedded_redis import free_port
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(farm_settings(redis_url, tiny_model_dir)), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from schemas import keys
+from schemas.chunks import ChunkResult
 from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration
@@ -29,12 +30,13 @@ def _job(store: WorkerJobStore, chunks: int, status: str = "queued") -> str:
 
 def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
     job_id = _job(store, chunks=2)
-    assert store.record_chunk(job_id, 0, [0.1, 0.2], "w1@h") == "recorded"
+    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w1@h") == "recorded"
     assert store.status(job_id) == "running"
-    assert store.record_chunk(job_id, 0, [0.1, 0.2], "w2@h") == "duplicate"
-    assert store.record_chunk(job_id, 1, [0.3, 0.4], "w2@h") == "finished"
+    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w2@h") == "duplicate"
+    assert store.record_chunk(job_id, 1, ChunkResult(scores=[0.3, 0.4], tokens=5), "w2@h") == "finished"
     record = store.redis.hgetall(keys.job_key(job_id))
     assert record[b"status"] == b"succeeded" and record[b"completed"] == b"4" and record[b"finished_at"]
+    assert record[b"tokens"] == b"12"
     assert store.redis.hgetall(keys.job_workers_key(job_id)) == {b"w1@h": b"2", b"w2@h": b"2"}
     assert 0 < store.redis.ttl(keys.job_scores_key(job_id)) <= 600
 
@@ -42,7 +44,7 @@ def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
 def test_cancelled_job_stays_cancelled_and_is_skipped(store) -> None:
     job_id = _job(store, chunks=1, status="cancelled")
     assert store.should_skip(job_id)
-    assert store.record_chunk(job_id, 0, [0.5, 0.5], "w1@h") == "recorded"
+    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "recorded"
     assert store.status(job_id) == "cancelled"
     assert not store.fail(job_id, "engine_error", "late failure")
     assert store.should_skip(f"job_{uuid.uuid4().hex}")  # gone (expired): nothing to score
@@ -53,3 +55,16 @@ def test_failed_job_keeps_its_first_error(store) -> None:
     assert store.fail(job_id, "invalid_input", "chunk 1: bad")
     assert not store.fail(job_id, "engine_error", "chunk 2: worse")
     assert store.redis.hget(keys.job_key(job_id), "error_message") == b"chunk 1: bad"
+
+
+def test_final_state_of_a_waited_on_job_is_pushed_once(store) -> None:
+    job_id = _job(store, chunks=1)
+    store.redis.hset(keys.job_key(job_id), "notify", 1)
+    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2]), "w1@h") == "finished"
+    store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2]), "w1@h")
+    assert store.redis.lrange(keys.job_done_key(job_id), 0, -1) == [b"succeeded"]
+    failed = _job(store, chunks=2)
+    store.redis.hset(keys.job_key(failed), "notify", 1)
+    store.fail(failed, "invalid_input", "bad")
+    assert store.redis.lrange(keys.job_done_key(failed), 0, -1) == [b"failed"]
+    assert 0 < store.redis.ttl(keys.job_done_key(failed)) <= keys.DONE_TTL_S

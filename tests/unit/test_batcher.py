@@ -131,3 +131,39 @@ def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(t
         batcher.stop()
     assert batcher.stats.batches < sum(len(j) for j in jobs)  # pairs really were batched together
     assert inside == pytest.approx(alone, abs=1e-5)
+
+
+def test_oldest_pair_is_always_served_so_chunks_finish_in_arrival_order() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, max_batch_tokens=100, window_batches=2)
+    try:
+        batcher.submit([[1] * 5])
+        assert engine.entered.wait(5)
+        old = batcher.submit([[1] * 10])  # short and old
+        newer = [batcher.submit([[1] * 90]) for _ in range(6)]  # long ones keep coming behind it
+        engine.gate.set()
+        old.result(5)
+        for f in newer:
+            f.result(5)
+        assert 10 in engine.batches[1]
+    finally:
+        batcher.stop()
+
+
+def test_lower_priority_is_not_starved() -> None:
+    engine = RecordingEngine()
+    engine.gate.clear()
+    batcher = Batcher(engine, max_batch_tokens=10, starvation_limit=2)
+    try:
+        batcher.submit([[1] * 1])
+        assert engine.entered.wait(5)
+        bulk = batcher.submit([[1] * 3], priority=0)
+        urgent = [batcher.submit([[1] * 7], priority=10) for _ in range(6)]
+        engine.gate.set()
+        bulk.result(5)
+        for f in urgent:
+            f.result(5)
+        assert engine.batches[1:4] == [[7], [7], [3]]
+    finally:
+        batcher.stop()

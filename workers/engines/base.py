@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from schemas.chunks import PairOptions
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 
@@ -19,6 +20,14 @@ class Pair(NamedTuple):
     instruction: str | None = None
 
 
+class Window(NamedTuple):
+    """One window of a long document: its prompt and the document tokens [start, end) it holds."""
+
+    token_ids: list[int]
+    start: int
+    end: int
+
+
 class Engine(Protocol):
     """What the batcher and the tasks need from an engine. Implementations are loaded once per worker process and
     called from one thread only (vLLM's LLM is not thread-safe)."""
@@ -26,8 +35,13 @@ class Engine(Protocol):
     name: str
     device: str
 
-    def encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
-        """Prompt token ids for each pair, already truncated to the engine's max length. Thread-safe."""
+    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
+        """Prompt token ids for each pair, cut to the max length (or InvalidInput when `options.truncate` is
+        false and a prompt is too long). Thread-safe."""
+        ...
+
+    def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
+        """Prompts for overlapping windows of a long document; one window (the `encode` prompt) when it fits."""
         ...
 
     def score(self, batch: Sequence[Sequence[int]]) -> list[float]:

@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from schemas.errors import EngineLoadError
+from schemas.chunks import PairOptions
+from schemas.errors import EngineLoadError, InvalidInput
 from schemas.prompt import PREFIX, SUFFIX, format_body
 from schemas.settings import Settings
-from workers.engines.base import Pair
+from workers.engines.base import Pair, Window
 
 logger = logging.getLogger(__name__)
 
@@ -82,10 +83,57 @@ class TransformersEngine:
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
         return cls(model, tokenizer, max_length, device)
 
-    def encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
-        bodies = [format_body(p.query, p.document, p.instruction) for p in pairs]
-        enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=self.body_budget)
+    def _budget(self, options: PairOptions) -> int:
+        if options.max_prompt_tokens is None:
+            return self.body_budget
+        budget = min(self.body_budget, options.max_prompt_tokens - len(self.prefix_ids) - len(self.suffix_ids))
+        if budget < 8:
+            raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
+        return budget
+
+    def _cut(self, text: str, tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= tokens else str(self.tokenizer.decode(ids[:tokens]))
+
+    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
+        options = options or PairOptions()
+        budget = self._budget(options)
+        docs = [p.document for p in pairs]
+        if options.max_doc_tokens is not None:
+            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
+        bodies = [format_body(p.query, d, p.instruction) for p, d in zip(pairs, docs, strict=True)]
+        if options.truncate:
+            enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
+        else:
+            enc = self.tokenizer(bodies, add_special_tokens=False)
+            longest = max(len(ids) for ids in enc["input_ids"])
+            if longest > budget:
+                total = longest + len(self.prefix_ids) + len(self.suffix_ids)
+                limit = budget + len(self.prefix_ids) + len(self.suffix_ids)
+                raise InvalidInput(f"a prompt has {total} tokens, over the limit of {limit}, and truncation is off")
         return [self.prefix_ids + ids + self.suffix_ids for ids in enc["input_ids"]]
+
+    def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
+        room = self._budget(options) - len(
+            self.tokenizer(format_body(pair.query, "", pair.instruction), add_special_tokens=False)["input_ids"]
+        )
+        if room < 8:
+            raise InvalidInput("the query and instruction leave no room for a document window")
+        size = min(options.window_tokens or room, room)
+        doc = self.tokenizer(pair.document, add_special_tokens=False)["input_ids"]
+        if len(doc) <= size:
+            return [Window(self.encode([pair], options.model_copy(update={"truncate": True}))[0], 0, len(doc))]
+        step = max(1, size - options.window_overlap)
+        windows = []
+        for start in range(0, len(doc), step):
+            piece = doc[start : start + size]
+            text = str(self.tokenizer.decode(piece))
+            body = format_body(pair.query, text, pair.instruction)
+            ids = self.tokenizer(body, add_special_tokens=False, truncation=True, max_length=self._budget(options))
+            windows.append(Window(self.prefix_ids + ids["input_ids"] + self.suffix_ids, start, start + len(piece)))
+            if start + size >= len(doc):
+                break
+        return windows
 
     @torch.inference_mode()
     def score(self, batch: Sequence[Sequence[int]]) -> list[float]:

@@ -1,0 +1,183 @@
+"""The interactive rerank call through the real farm: client-library shapes, priority over bulk work, timeouts,
+long documents."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import cohere
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.conftest import random_text
+from tests.integration.conftest import farm_settings, other_db, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _docs(rng: random.Random, n: int, low: int = 5, high: int = 60) -> list[str]:
+    return [random_text(rng, low, high) for _ in range(n)]
+
+
+def test_cohere_sdk_works_unchanged_and_scores_match_the_bulk_path(client, worker, live_api) -> None:
+    rng = random.Random(21)
+    query, docs = random_text(rng, 3, 6), _docs(rng, 9)
+    with httpx.Client(timeout=60) as http:
+        co = cohere.ClientV2(api_key="unused", base_url=live_api, httpx_client=http)
+        answer = co.rerank(model="rerank-v3.5", query=query, documents=docs, top_n=4)
+    assert len(answer.results) == 4
+    scores = [r.relevance_score for r in answer.results]
+    assert scores == sorted(scores, reverse=True)
+    assert answer.meta.billed_units.search_units == 1
+
+    bulk = client.post("/v1/jobs", json={"requests": [{"query": query, "documents": docs}]}).json()
+    assert wait_for(client, bulk["id"])["status"] == "succeeded"
+    bulk_scores = {
+        r["index"]: r["relevance_score"]
+        for r in client.get(f"/v1/jobs/{bulk['id']}/results").json()["data"][0]["results"]
+    }
+    for r in answer.results:
+        assert r.relevance_score == pytest.approx(bulk_scores[r.index], abs=1e-6)
+    assert [r.index for r in answer.results] == sorted(bulk_scores, key=lambda i: -bulk_scores[i])[:4]
+
+
+def test_jina_and_vllm_shaped_requests_get_their_shapes(client, worker, reference) -> None:
+    rng = random.Random(22)
+    query, docs = random_text(rng, 3, 6), _docs(rng, 5)
+    body = {
+        "model": "jina-reranker-v2-base-multilingual",
+        "query": query,
+        "top_n": 3,
+        "return_documents": True,
+        "documents": [{"text": d} for d in docs],
+    }
+    r = client.post("/v1/rerank", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["model"] and out["usage"]["total_tokens"] == out["usage"]["prompt_tokens"] > 0
+    assert [x["document"]["text"] for x in out["results"]] == [docs[x["index"]] for x in out["results"]]
+    for x in out["results"]:
+        assert x["relevance_score"] == pytest.approx(reference.score(query, docs[x["index"]]), abs=1e-3)
+
+    vllm = client.post(
+        "/rerank", json={"query": query, "documents": docs, "top_n": 0, "instruction": "Find w3", "priority": 4}
+    ).json()
+    assert len(vllm["results"]) == 5 and all("document" in x for x in vllm["results"])
+    for x in vllm["results"]:
+        assert x["relevance_score"] == pytest.approx(reference.score(query, docs[x["index"]], "Find w3"), abs=1e-3)
+    bare = client.post("/v2/rerank", json={"query": query, "documents": docs}).json()
+    assert all("document" not in x for x in bare["results"])  # Cohere v2: no documents unless asked
+    v2 = client.post("/v2/rerank", json={"query": query, "documents": docs, "return_documents": True}).json()
+    assert v2["meta"]["tokens"]["input_tokens"] == v2["usage"]["prompt_tokens"]
+    assert all(x["document"]["text"] for x in v2["results"])
+
+
+def test_interactive_request_behind_a_large_bulk_job_returns_before_it_ends(client, worker) -> None:
+    rng = random.Random(23)
+    bulk_body = {
+        "requests": [{"query": random_text(rng, 2, 5), "documents": _docs(rng, 300, 100, 300)} for _ in range(8)],
+        "priority": 9,
+    }
+    bulk = client.post("/v1/jobs", json=bulk_body).json()
+    wait_for(client, bulk["id"], until=("running",), timeout=60)
+    started = time.monotonic()
+    r = client.post("/v1/rerank", json={"query": "w1 w2", "documents": _docs(rng, 20)})
+    latency = time.monotonic() - started
+    assert r.status_code == 200
+    after = client.get(f"/v1/jobs/{bulk['id']}").json()
+    assert after["status"] == "running" and after["progress"]["completed"] < after["progress"]["total"]
+    print(
+        f"interactive latency behind a {after['progress']['total']}-pair bulk job: {latency:.2f}s, "
+        f"bulk progress then {after['progress']['completed']}"
+    )
+    client.post(f"/v1/jobs/{bulk['id']}/cancel")
+
+
+def test_timeout_answers_504_with_the_job_id_and_the_job_goes_on(redis_url, tiny_model_dir) -> None:
+    with TestClient(create_app(farm_settings(other_db(redis_url, 5), tiny_model_dir))) as lonely:
+        started = time.monotonic()
+        r = lonely.post("/v1/rerank", json={"query": "w1", "documents": ["w2", "w3"], "timeout": 0.5})
+        assert 0.5 <= time.monotonic() - started < 5
+        assert r.status_code == 504
+        error = r.json()["error"]
+        assert error["code"] == "timeout" and error["job_id"] in error["message"]
+        job = lonely.get(f"/v1/jobs/{error['job_id']}").json()
+        assert job["status"] == "queued" and job["kind"] == "interactive"
+
+
+def test_a_job_finishing_during_the_wait_wakes_the_waiter_at_once(redis_url, tiny_model_dir, worker) -> None:
+    # The answer comes from the done-list push, not from a polling interval: many calls in a row stay quick.
+    with TestClient(create_app(farm_settings(redis_url, tiny_model_dir))) as c:
+        timings = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert c.post("/v1/rerank", json={"query": "w1", "documents": ["w2 w3", "w4"]}).status_code == 200
+            timings.append(time.monotonic() - started)
+    assert min(timings) < 1.0, timings
+
+
+def test_long_document_windows_score_the_best_window(client, worker, reference) -> None:
+    words = [f"w{(i * 7) % 500}" for i in range(230)]
+    short = "w1 w2 w3"
+    body = {
+        "query": "w5 w6",
+        "documents": [" ".join(words), short],
+        "long_documents": "windows",
+        "window_tokens": 60,
+        "window_overlap": 10,
+    }
+    out = client.post("/v1/rerank", json=body).json()
+    by_index = {x["index"]: x for x in out["results"]}
+    window = by_index[0]["window"]
+    starts = list(range(0, 230, 50))[:5]  # step 50: [0,60) [50,110) [100,160) [150,210) [200,230)
+    expected = [reference.score("w5 w6", " ".join(words[s : s + 60])) for s in starts]
+    assert window["count"] == 5
+    assert window["index"] == max(range(5), key=lambda k: expected[k])
+    assert (window["start_token"], window["end_token"]) == (
+        starts[window["index"]],
+        min(starts[window["index"]] + 60, 230),
+    )
+    assert by_index[0]["relevance_score"] == pytest.approx(max(expected), abs=1e-3)
+    assert by_index[1]["window"] == {"index": 0, "count": 1, "start_token": 0, "end_token": 3}
+    assert by_index[1]["relevance_score"] == pytest.approx(reference.score("w5 w6", short), abs=1e-3)
+
+
+def test_truncation_options(client, worker, reference) -> None:
+    doc = " ".join(f"w{i}" for i in range(120))
+    cut = client.post("/v2/rerank", json={"query": "w9", "documents": [doc], "max_tokens_per_doc": 30}).json()
+    assert cut["results"][0]["relevance_score"] == pytest.approx(
+        reference.score("w9", " ".join(f"w{i}" for i in range(30))), abs=1e-3
+    )
+    assert cut["usage"]["prompt_tokens"] < 80
+    huge = " ".join(f"w{i % 500}" for i in range(9000))  # over the worker's 8192-token max length
+    r = client.post("/v1/rerank", json={"query": "w9", "documents": [huge], "truncation": False})
+    assert r.status_code == 422 and "truncation is off" in r.json()["error"]["message"]
+    r = client.post("/v1/rerank", json={"query": "w9", "documents": [huge], "truncate_prompt_tokens": 100})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 100
+
+
+def test_too_many_documents_is_413(client) -> None:
+    r = client.post("/v1/rerank", json={"query": "w1", "documents": ["w2"] * 1001})
+    assert r.status_code == 413 and "/v1/jobs" in r.json()["error"]["message"]
+
+
+def test_concurrent_interactive_calls_all_get_their_own_answers(client, worker, reference) -> None:
+    rng = random.Random(24)
+    calls = [(random_text(rng, 2, 4), _docs(rng, 6)) for _ in range(6)]
+    answers: dict[int, dict] = {}
+
+    def call(k: int) -> None:
+        answers[k] = client.post("/v1/rerank", json={"query": calls[k][0], "documents": calls[k][1]}).json()
+
+    threads = [threading.Thread(target=call, args=(k,)) for k in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for k, (query, docs) in enumerate(calls):
+        for x in answers[k]["results"]:
+            assert x["relevance_score"] == pytest.approx(reference.score(query, docs[x["index"]]), abs=1e-3)
