@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from importlib import resources
@@ -92,29 +91,6 @@ def _choose_model(args: argparse.Namespace) -> str:
     return str(build_tiny_model(TINY_MODEL_DIR))
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _wait_ready(client: httpx.Client, children: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    reason = ""
-    while time.monotonic() < deadline:
-        for child in children:
-            if child.poll() is not None:
-                raise SystemExit(f"rerankfarm up: a process exited early (code {child.returncode}); see its log above")
-        try:
-            r = client.get("/readyz")
-            if r.status_code == 200:
-                return
-            reason = r.json().get("reason", "")
-        except httpx.HTTPError as exc:
-            reason = exc.__class__.__name__
-        time.sleep(0.5)
-    raise SystemExit(f"rerankfarm up: the farm was not ready after {timeout:.0f}s ({reason})")
-
-
 def _show_results(job: dict[str, Any], results: dict[str, Any], example: dict[str, Any]) -> None:
     print(
         f"\njob {job['id']} {job['status']}: {job['progress']['completed']}/{job['progress']['total']} pairs, "
@@ -151,49 +127,48 @@ def run_example(client: httpx.Client) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from rerankfarm.embedded_redis import EmbeddedRedis
+    from rerankfarm.local_farm import LocalFarm
 
-    settings = get_settings()
-    env = dict(os.environ)
     model = _choose_model(args)
-    env["RERANK_MODEL"] = model
-    redis_server = None
+    port = args.port or get_settings().api_port
     if "RERANK_REDIS_URL" not in os.environ:
-        redis_server = EmbeddedRedis(appendonly=True).start()
-        env["RERANK_REDIS_URL"] = redis_server.url
-        print(f"embedded redis-server at {redis_server.url} (set RERANK_REDIS_URL to use your own)")
-    port = args.port or settings.api_port
-    if not _port_free(port):
-        raise SystemExit(f"rerankfarm up: port {port} is in use; pass --port or set RERANK_API_PORT")
-    exe = [sys.executable, "-m", "rerankfarm.cli"]
-    children = [
-        subprocess.Popen([*exe, "api", "--host", "127.0.0.1", "--port", str(port), "--loglevel", "WARNING"], env=env),
-        subprocess.Popen([*exe, "worker", "--loglevel", "WARNING"], env=env),
-    ]
+        print("starting an embedded redis-server (set RERANK_REDIS_URL to use your own)")
+    print(f"starting the API on http://127.0.0.1:{port} and the workers (model {model})...")
     code = 1
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            print(f"starting the API on http://127.0.0.1:{port} and the workers (model {model})...")
-            _wait_ready(client, children, args.ready_timeout)
-            print(f"ready: {', '.join(client.get('/readyz').json()['workers'])}")
-            code = run_example(client)
+        with LocalFarm(model, port).start(args.ready_timeout) as farm:
+            if farm.redis is not None:
+                print(f"embedded redis-server at {farm.redis.url}")
+            print(f"ready: {', '.join(farm.wait_ready(10))}")
+            with httpx.Client(base_url=farm.url, timeout=30) as client:
+                code = run_example(client)
             if args.serve and code == 0:
-                print(f"\nserving on http://127.0.0.1:{port} (docs at /docs); Ctrl-C stops")
+                print(f"\nserving on {farm.url} (docs at /docs); Ctrl-C stops")
                 signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:
         code = 130
-    finally:
-        for child in reversed(children):
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in reversed(children):
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if redis_server is not None:
-            redis_server.stop()
     return code
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rerankfarm import bench
+    from rerankfarm.embedded_redis import free_port
+
+    if args.model == "tiny":
+        from rerankfarm.tiny_model import build_tiny_model
+
+        args.model = str(build_tiny_model(TINY_MODEL_DIR))
+    bench.main(
+        model=args.model or get_settings().model,
+        engine=args.engine,
+        pairs=args.pairs,
+        jobs=args.jobs,
+        json_path=args.json,
+        port=args.port or free_port(),
+        latency_calls=args.latency_calls,
+        latency_docs=args.latency_docs,
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,6 +208,22 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=None, help="chunks in flight per worker")
     worker.add_argument("--loglevel", default="INFO")
     worker.set_defaults(func=cmd_worker)
+    bench = sub.add_parser(
+        "bench",
+        help="throughput of the raw engine vs the whole farm, and interactive latency",
+        description="Runs the reference workload (queries x 100 documents of 128..512 tokens) "
+        "straight through the engine, then through the farm (embedded Redis unless "
+        "RERANK_REDIS_URL is set), then measures interactive latency idle and under bulk load.",
+    )
+    bench.add_argument("--engine", default="auto", choices=["auto", "transformers", "vllm"])
+    bench.add_argument("--model", default=None, help="model id or directory; `tiny` builds the tiny random model")
+    bench.add_argument("--pairs", type=int, default=20_000, help="pairs in the workload (20,000 = the reference)")
+    bench.add_argument("--jobs", type=int, default=10, help="bulk jobs the workload is submitted as")
+    bench.add_argument("--latency-calls", type=int, default=50, help="interactive calls per latency phase")
+    bench.add_argument("--latency-docs", type=int, default=20, help="documents per interactive call")
+    bench.add_argument("--json", default=None, help="write the results here")
+    bench.add_argument("--port", type=int, default=None)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

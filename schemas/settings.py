@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         description="Token budget (padded tokens) of one engine call. Raise until the GPU is compute-bound; lower "
         "if the worker runs out of memory.",
     )
+    batch_window: int = Field(
+        8,
+        ge=1,
+        description="How many token budgets of the oldest pending pairs the batcher sorts by length to form one "
+        "engine call. Wider: less padding; narrower: chunks finish closer to arrival order.",
+    )
     chunk_size: int = Field(
         256,
         ge=1,

@@ -80,7 +80,7 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 class Batcher:
     def __init__(
-        self, engine: Engine, max_batch_tokens: int, window_batches: int = 4, starvation_limit: int = 8
+        self, engine: Engine, max_batch_tokens: int, window_batches: int = 8, starvation_limit: int = 8
     ) -> None:
         self.engine = engine
         self.max_batch_tokens = max_batch_tokens

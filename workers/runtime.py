@@ -45,7 +45,7 @@ def start(settings: Settings) -> Runtime:
             _runtime = Runtime(
                 settings,
                 engine,
-                Batcher(engine, settings.max_batch_tokens),
+                Batcher(engine, settings.max_batch_tokens, window_batches=settings.batch_window),
                 WorkerJobStore(client, settings.result_ttl_s),
             )
         return _runtime
@@ -90,7 +90,15 @@ class Heartbeat:
         period = self.runtime.settings.worker_heartbeat_s
         while not self._stop.is_set():
             stats = self.runtime.batcher.stats
-            info = {**self.info, "pairs_scored": stats.pairs, "batches": stats.batches, "at": time.time()}
+            info = {
+                **self.info,
+                "pairs_scored": stats.pairs,
+                "batches": stats.batches,
+                "padded_tokens": stats.padded_tokens,
+                "real_tokens": stats.real_tokens,
+                "engine_s": round(stats.engine_s, 3),
+                "at": time.time(),
+            }
             try:
                 self.client.set(keys.worker_key(self.hostname), json.dumps(info), ex=period * keys.WORKER_TTL_FACTOR)
             except redis.RedisError as exc:

@@ -1,0 +1,274 @@
+"""`rerankfarm bench`: the same workload (a) straight through the engine and (b) through the whole farm (jobs over
+HTTP, queued in Redis, scored by a worker, results fetched back), in one run on one machine; then the latency of
+interactive calls, idle and while bulk work runs. Prints a table and writes JSON.
+
+The workload follows ../shared/gpu/anchor_bench.py: Q queries x 100 documents, documents of 128..512 tokens, one
+query (so one shared prompt prefix) per 100 documents. Words are w0..w499, one token each with the tiny model's
+word-level tokenizer (a real tokenizer splits them differently: the token counts printed are measured, not assumed).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import random
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from schemas.settings import Settings, get_settings
+
+DOCS_PER_QUERY = 100
+
+
+def workload(pairs: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Requests of 100 documents each (the last one shorter), about `pairs` pairs in all."""
+    rng = random.Random(seed)
+    requests: list[dict[str, Any]] = []
+    left = pairs
+    while left > 0:
+        n = min(DOCS_PER_QUERY, left)
+        query = " ".join(f"w{rng.randrange(500)}" for _ in range(10))
+        docs = [" ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(128, 512))) for _ in range(n)]
+        requests.append({"custom_id": f"q{len(requests)}", "query": query, "documents": docs})
+        left -= n
+    return requests
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def run_raw(settings: Settings, requests: list[dict[str, Any]]) -> dict[str, Any]:
+    """The engine alone, the best a single process does with it: tokenize, length-sorted batches under the same
+    token budget as the farm."""
+    from workers.batcher import plan_batches
+    from workers.engines.base import Pair, load_engine
+
+    engine = load_engine(settings)
+    pairs = [Pair(r["query"], d) for r in requests for d in r["documents"]]
+    warm = engine.encode(pairs[:64])
+    engine.score(warm)
+    started = time.perf_counter()
+    prompts = engine.encode(pairs)
+    scores = [0.0] * len(prompts)
+    for batch in plan_batches([len(p) for p in prompts], settings.max_batch_tokens):
+        for i, s in zip(batch, engine.score([prompts[i] for i in batch]), strict=True):
+            scores[i] = s
+    seconds = time.perf_counter() - started
+    gpu_mem = _gpu_memory_gib()
+    del engine
+    gc.collect()
+    _free_cuda()
+    return {"seconds": seconds, "scores": scores, "tokens": sum(map(len, prompts)), "gpu_memory_gib": gpu_mem}
+
+
+def run_farm(url: str, requests: list[dict[str, Any]], jobs: int) -> dict[str, Any]:
+    """Submit the workload as `jobs` bulk jobs at once, wait for all, fetch every result."""
+    per_job = -(-len(requests) // jobs)
+    bodies = [{"requests": requests[i : i + per_job]} for i in range(0, len(requests), per_job)]
+    with httpx.Client(base_url=url, timeout=120) as client:
+        started = time.perf_counter()
+        submitted = []
+        for body in bodies:
+            r = client.post("/v1/jobs", json=body)
+            r.raise_for_status()
+            submitted.append((r.json()["id"], time.perf_counter()))
+        latencies: dict[str, float] = {}
+        tokens = 0
+        while len(latencies) < len(submitted):
+            for job_id, t0 in submitted:
+                if job_id in latencies:
+                    continue
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if job["status"] == "succeeded":
+                    latencies[job_id] = time.perf_counter() - t0
+                    tokens += job["tokens"]
+                elif job["status"] in ("failed", "cancelled"):
+                    raise RuntimeError(f"bench job {job_id} {job['status']}: {job.get('error')}")
+            time.sleep(0.25)  # polling faster steals CPU from the worker on small machines
+        scores: list[float] = []
+        for job_id, _ in submitted:
+            for entry in client.get(f"/v1/jobs/{job_id}/results").json()["data"]:
+                by_index = {x["index"]: x["relevance_score"] for x in entry["results"]}
+                scores.extend(by_index[i] for i in range(len(by_index)))
+        seconds = time.perf_counter() - started
+    return {"seconds": seconds, "scores": scores, "tokens": tokens, "job_latencies": list(latencies.values())}
+
+
+def interactive_latencies(url: str, calls: int, docs: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    out = []
+    with httpx.Client(base_url=url, timeout=120) as client:
+        for _ in range(calls):
+            body = {
+                "query": " ".join(f"w{rng.randrange(500)}" for _ in range(8)),
+                "documents": [
+                    " ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(32, 128))) for _ in range(docs)
+                ],
+            }
+            t0 = time.perf_counter()
+            client.post("/v1/rerank", json=body).raise_for_status()
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def run_latency(url: str, bulk_requests: list[dict[str, Any]], calls: int, docs: int) -> dict[str, Any]:
+    idle = interactive_latencies(url, calls, docs, seed=1)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        job = client.post("/v1/jobs", json={"requests": bulk_requests}).json()
+        loaded: list[float] = []
+        thread = threading.Thread(target=lambda: loaded.extend(interactive_latencies(url, calls, docs, seed=2)))
+        thread.start()
+        thread.join()
+        status = client.get(f"/v1/jobs/{job['id']}").json()
+        client.post(f"/v1/jobs/{job['id']}/cancel")
+    return {
+        "idle": idle,
+        "under_bulk": loaded,
+        "bulk_progress_after": status["progress"],
+        "bulk_status_after": status["status"],
+    }
+
+
+def _worker_stats(redis_url: str) -> dict[str, float]:
+    """The batcher counters of every worker, from their heartbeats."""
+    import redis
+
+    from schemas import keys
+
+    client = redis.Redis.from_url(redis_url)
+    totals = {"batches": 0.0, "padded_tokens": 0.0, "real_tokens": 0.0, "engine_s": 0.0}
+    for key in client.scan_iter(match=keys.WORKER_KEY_PATTERN):
+        info = json.loads(client.get(key) or "{}")
+        for name in totals:
+            totals[name] += info.get(name, 0)
+    client.close()
+    return totals
+
+
+def _gpu_memory_gib() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    except ImportError:
+        pass
+    return None
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def main(
+    model: str,
+    engine: str,
+    pairs: int,
+    jobs: int,
+    json_path: str | None,
+    port: int,
+    latency_calls: int,
+    latency_docs: int,
+) -> dict[str, Any]:
+    from rerankfarm.local_farm import LocalFarm
+
+    settings = get_settings().model_copy(update={"model": model, "engine": engine})
+    requests = workload(pairs)
+    n = sum(len(r["documents"]) for r in requests)
+    print(f"workload: {len(requests)} queries x <=100 documents = {n} pairs; engine={engine} model={model}")
+
+    raw = run_raw(settings, requests)
+    print(f"raw engine: {n / raw['seconds']:.1f} pairs/s")
+    with LocalFarm(model, port, extra_env={"RERANK_ENGINE": engine}, quiet=True) as farm:
+        workers = farm.wait_ready(60)
+        farm_run = run_farm(farm.url, requests, jobs)
+        print(f"farm: {n / farm_run['seconds']:.1f} pairs/s")
+        time.sleep(1.5 * get_settings().worker_heartbeat_s)  # let the heartbeat carry the batcher's final counts
+        batching = _worker_stats(farm.redis_url)
+        latency = run_latency(farm.url, workload(max(pairs // 2, 200), seed=7), latency_calls, latency_docs)
+
+    diff = max(abs(a - b) for a, b in zip(raw["scores"], farm_run["scores"], strict=True))
+    result = {
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "engine": engine,
+        "model": model,
+        "workers": workers,
+        "pairs": n,
+        "jobs": jobs,
+        "max_batch_tokens": settings.max_batch_tokens,
+        "chunk_size": settings.chunk_size,
+        "worker_concurrency": settings.worker_concurrency,
+        "raw_seconds": round(raw["seconds"], 2),
+        "farm_seconds": round(farm_run["seconds"], 2),
+        "raw_pairs_per_s": round(n / raw["seconds"], 1),
+        "farm_pairs_per_s": round(n / farm_run["seconds"], 1),
+        "ratio": round(raw["seconds"] / farm_run["seconds"], 3),
+        "raw_tokens_per_s": round(raw["tokens"] / raw["seconds"]),
+        "farm_tokens_per_s": round(farm_run["tokens"] / farm_run["seconds"]),
+        "max_abs_score_diff": diff,
+        "job_latency_p50_s": round(percentile(farm_run["job_latencies"], 50), 3),
+        "job_latency_p99_s": round(percentile(farm_run["job_latencies"], 99), 3),
+        "interactive_docs": latency_docs,
+        "interactive_calls": latency_calls,
+        "interactive_idle_p50_s": round(percentile(latency["idle"], 50), 3),
+        "interactive_idle_p99_s": round(percentile(latency["idle"], 99), 3),
+        "interactive_under_bulk_p50_s": round(percentile(latency["under_bulk"], 50), 3),
+        "interactive_under_bulk_p99_s": round(percentile(latency["under_bulk"], 99), 3),
+        "bulk_progress_after_interactive": latency["bulk_progress_after"],
+        "gpu_memory_gib": raw["gpu_memory_gib"],
+        "farm_batches": batching["batches"],
+        "farm_padding_overhead": round(batching["padded_tokens"] / max(batching["real_tokens"], 1) - 1, 3),
+        "farm_engine_busy": round(batching["engine_s"] / farm_run["seconds"], 3),
+    }
+    rows = [
+        ("pairs", f"{n}"),
+        ("raw engine pairs/s", f"{result['raw_pairs_per_s']}"),
+        ("farm pairs/s", f"{result['farm_pairs_per_s']}"),
+        ("farm / raw", f"{result['ratio']}"),
+        ("raw tokens/s", f"{result['raw_tokens_per_s']}"),
+        ("farm tokens/s", f"{result['farm_tokens_per_s']}"),
+        ("max |farm - raw| score", f"{diff:.2e}"),
+        ("job latency p50 / p99 (s)", f"{result['job_latency_p50_s']} / {result['job_latency_p99_s']}"),
+        (
+            f"interactive ({latency_docs} docs) idle p50 / p99 (s)",
+            f"{result['interactive_idle_p50_s']} / {result['interactive_idle_p99_s']}",
+        ),
+        (
+            f"interactive ({latency_docs} docs) under bulk p50 / p99 (s)",
+            f"{result['interactive_under_bulk_p50_s']} / {result['interactive_under_bulk_p99_s']}",
+        ),
+        (
+            "bulk job progress when the interactive calls ended",
+            f"{latency['bulk_progress_after']['completed']}/{latency['bulk_progress_after']['total']} "
+            f"({latency['bulk_status_after']})",
+        ),
+        ("GPU memory (raw engine, GiB)", f"{raw['gpu_memory_gib']}"),
+        ("farm: engine calls / padding overhead", f"{batching['batches']} / {result['farm_padding_overhead']:.1%}"),
+        ("farm: engine busy during the farm run", f"{result['farm_engine_busy']:.1%}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n| " + "metric".ljust(width) + " | value |\n| " + "-" * width + " | --- |")
+    for k, v in rows:
+        print(f"| {k.ljust(width)} | {v} |")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {json_path}")
+    return result

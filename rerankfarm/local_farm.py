@@ -1,0 +1,109 @@
+"""A whole farm on this machine: Redis (embedded unless RERANK_REDIS_URL is set), the API and the workers, as
+subprocesses. Used by `rerankfarm up` and `rerankfarm bench`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from types import TracebackType
+
+import httpx
+
+from rerankfarm.embedded_redis import EmbeddedRedis
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+class LocalFarm:
+    def __init__(
+        self,
+        model: str,
+        port: int,
+        worker_args: list[str] | None = None,
+        loglevel: str = "WARNING",
+        extra_env: dict[str, str] | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.model = model
+        self.port = port
+        self.worker_args = worker_args or []
+        self.loglevel = loglevel
+        self.env = dict(os.environ, RERANK_MODEL=model, **(extra_env or {}))
+        self.quiet = quiet
+        self.redis: EmbeddedRedis | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.url = f"http://127.0.0.1:{port}"
+
+    @property
+    def redis_url(self) -> str:
+        return self.env["RERANK_REDIS_URL"]
+
+    def start(self, ready_timeout: float = 900) -> LocalFarm:
+        if "RERANK_REDIS_URL" not in os.environ:
+            self.redis = EmbeddedRedis(appendonly=True).start()
+            self.env["RERANK_REDIS_URL"] = self.redis.url
+        if not port_free(self.port):
+            raise SystemExit(f"port {self.port} is in use; pass --port or set RERANK_API_PORT")
+        out = subprocess.DEVNULL if self.quiet else None
+        exe = [sys.executable, "-m", "rerankfarm.cli"]
+        api = [*exe, "api", "--host", "127.0.0.1", "--port", str(self.port), "--loglevel", self.loglevel]
+        worker = [*exe, "worker", "--loglevel", self.loglevel, *self.worker_args]
+        self.children = [
+            subprocess.Popen(api, env=self.env, stdout=out, stderr=out),
+            subprocess.Popen(worker, env=self.env, stdout=out, stderr=out),
+        ]
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        reason = ""
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while time.monotonic() < deadline:
+                for child in self.children:
+                    if child.poll() is not None:
+                        raise SystemExit(f"a farm process exited early (code {child.returncode}); see its log above")
+                try:
+                    r = client.get("/readyz")
+                    if r.status_code == 200:
+                        workers: list[str] = r.json()["workers"]
+                        return workers
+                    reason = r.json().get("reason", "")
+                except httpx.HTTPError as exc:
+                    reason = exc.__class__.__name__
+                time.sleep(0.3)
+        raise SystemExit(f"the farm was not ready after {timeout:.0f}s ({reason})")
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in reversed(self.children):
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        self.children = []
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalFarm:
+        return self if self.children else self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
