@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -15,11 +16,12 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from schemas import keys
-from schemas.chunks import ChunkResult, chunk_count, split_into_chunks
+from schemas.chunks import chunk_count, split_into_chunks
 from schemas.errors import InvalidRequest, JobNotFinished, JobNotFound, TooLarge, Unavailable, WaitTimeout
-from schemas.jobs import ErrorInfo, Job, JobCreate, JobResults, JobStatus, Progress, RequestResults, rank
+from schemas.jobs import Job, JobCreate, JobResults, JobStatus, assemble_results, job_from_record
 from schemas.queueing import INTERACTIVE_PRIORITY, celery_priority
 from schemas.settings import Settings
+from schemas.webhooks import UnsafeURL, WebhookEvent, resolve_checked
 
 logger = logging.getLogger(__name__)
 
@@ -27,12 +29,12 @@ JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 
 # KEYS: job, (unused x3), done. ARGV: now, done ttl. Only a job that is not final yet can be cancelled.
 _CANCEL = (
-    keys.NOTIFY_LUA
+    keys.FINAL_LUA
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
-  notify('cancelled')
+  finalize('cancelled')
   return 1
 end
 return 0
@@ -79,10 +81,20 @@ class JobStore:
                     f"requests[{n}].top_n={request.top_n} exceeds its {len(request.documents)} documents"
                 )
 
+    async def check_webhook(self, url: str) -> None:
+        if self.settings.webhook_secret is None:
+            raise InvalidRequest("this farm sends no webhooks: RERANK_WEBHOOK_SECRET is not set")
+        try:
+            await anyio.to_thread.run_sync(resolve_checked, url, self.settings.webhook_allowlist)
+        except UnsafeURL as exc:
+            raise InvalidRequest(f"webhook.url: {exc}") from None
+
     async def submit(self, body: JobCreate, interactive: bool = False, max_prompt_tokens: int | None = None) -> Job:
         """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, and
         push their final status to a list that `wait` blocks on."""
         self.check_limits(body)
+        if body.webhook is not None:
+            await self.check_webhook(body.webhook.url)
         job_id = f"job_{uuid.uuid4().hex}"
         total = body.total_pairs
         chunk_size = self.settings.interactive_chunk_size if interactive else self.settings.chunk_size
@@ -102,6 +114,9 @@ class JobStore:
             "request_count": len(body.requests),
             "metadata": json.dumps(body.metadata),
         }
+        if body.webhook is not None:
+            record["webhook_url"] = body.webhook.url
+            record["webhook_events"] = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
         requests_meta = [
             {
                 "custom_id": r.custom_id,
@@ -140,7 +155,7 @@ class JobStore:
             chunks,
             body.priority,
         )
-        return _job({k: str(v) for k, v in record.items()}, {})
+        return job_from_record({k: str(v) for k, v in record.items()}, {})
 
     def _enqueue(
         self, job_id: str, body: JobCreate, interactive: bool, chunk_size: int, max_prompt_tokens: int | None
@@ -171,7 +186,23 @@ class JobStore:
     async def get(self, job_id: str) -> Job:
         r = await self._record(job_id)
         workers = _decode(await self.redis.hgetall(keys.job_workers_key(job_id)))
-        return _job(r, {k: int(v) for k, v in workers.items()})
+        raw_attempts = await self.redis.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)
+        attempts = [a.decode() if isinstance(a, bytes) else a for a in raw_attempts]
+        return job_from_record(r, {k: int(v) for k, v in workers.items()}, attempts)
+
+    async def redeliver(self, job_id: str) -> Job:
+        """Schedule the job's last webhook event again (same webhook-id, so receivers can de-duplicate)."""
+        r = await self._record(job_id)
+        if not r.get("webhook_url"):
+            raise InvalidRequest(f"job {job_id} has no webhook")
+        if not r.get("webhook_event"):
+            raise JobNotFinished(f"job {job_id} is {r['status']}: its webhook event is sent when it ends")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(keys.job_key(job_id), mapping={"webhook_state": "pending", "webhook_attempt": 0})
+            pipe.zadd(keys.WEBHOOKS_DUE, {job_id: time.time()})
+            await pipe.execute()
+        logger.info("job %s: webhook %s scheduled for redelivery", job_id, r["webhook_event"])
+        return await self.get(job_id)
 
     async def results(self, job_id: str) -> JobResults:
         r = await self._record(job_id)
@@ -183,20 +214,7 @@ class JobStore:
         raw_scores = await self.redis.hgetall(keys.job_scores_key(job_id))
         if raw_input is None or len(raw_scores) != int(r["chunks_total"]):
             raise JobNotFound(job_id)
-        flat: list[float] = []
-        windows: list[list[int] | None] = []
-        for index in range(int(r["chunks_total"])):
-            chunk = ChunkResult.model_validate_json(raw_scores[str(index).encode()])
-            flat.extend(chunk.scores)
-            windows.extend(chunk.windows or [None] * len(chunk.scores))
-        data = []
-        offset = 0
-        for meta in json.loads(raw_input)["requests"]:
-            end = offset + meta["n"]
-            ranked = rank(flat[offset:end], meta["top_n"], meta["texts"], meta["ids"], windows[offset:end])
-            data.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
-            offset = end
-        return JobResults(id=job_id, data=data)
+        return assemble_results(job_id, int(r["chunks_total"]), raw_input, raw_scores)
 
     async def wait(self, job_id: str, timeout: float) -> Job:
         """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`."""
@@ -222,22 +240,3 @@ class JobStore:
             if value is not None:
                 found.append(json.loads(value))
         return found
-
-
-def _job(r: dict[str, str], workers: dict[str, int]) -> Job:
-    error = ErrorInfo(code=r["error_code"], message=r.get("error_message", "")) if r.get("error_code") else None
-    return Job(
-        id=r["id"],
-        status=JobStatus(r["status"]),
-        kind=r.get("kind", "bulk"),
-        tokens=int(r.get("tokens", 0)),
-        priority=int(r["priority"]),
-        metadata=json.loads(r.get("metadata") or "null"),
-        created_at=datetime.fromisoformat(r["created_at"]),
-        started_at=datetime.fromisoformat(r["started_at"]) if r.get("started_at") else None,
-        finished_at=datetime.fromisoformat(r["finished_at"]) if r.get("finished_at") else None,
-        progress=Progress(completed=int(r["completed"]), total=int(r["total"])),
-        request_count=int(r["request_count"]),
-        error=error,
-        workers=workers,
-    )

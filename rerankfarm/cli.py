@@ -44,6 +44,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return launcher.run(prefix=args.name, cpu=args.cpu, concurrency=args.concurrency, loglevel=args.loglevel)
 
 
+def cmd_webhooks(args: argparse.Namespace) -> int:
+    from workers import webhooks
+
+    return webhooks.main(["--concurrency", str(args.concurrency), "--loglevel", args.loglevel])
+
+
 def _model_loadable(model: str) -> str | None:
     """None when the model's config can be read (local directory, cache or Hub), else the reason."""
     if Path(model).is_dir():
@@ -196,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=None, help="port (default RERANK_API_PORT, 8000)")
     api.add_argument("--loglevel", default="INFO")
     api.set_defaults(func=cmd_api)
+
+    hooks = sub.add_parser(
+        "webhooks",
+        help="run the webhook delivery worker (no GPU, no model)",
+        description="Delivers job webhooks from the rerank.webhooks queue: signed (Standard Webhooks), retried on "
+        "RERANK_WEBHOOK_RETRY_DELAYS, SSRF-checked at each attempt.",
+    )
+    hooks.add_argument("--concurrency", type=int, default=8, help="deliveries in flight")
+    hooks.add_argument("--loglevel", default="INFO")
+    hooks.set_defaults(func=cmd_webhooks)
 
     worker = sub.add_parser(
         "worker",

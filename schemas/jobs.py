@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from schemas.webhooks import WebhookAttempt, WebhookSpec, WebhookStatus
 
 NonBlank = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
 
@@ -75,6 +79,7 @@ class JobCreate(BaseModel):
     requests: list[RerankRequest] = Field(min_length=1)
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) to 9 (highest); higher-priority chunks run first.")
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs, returned with the job.")
+    webhook: WebhookSpec | None = Field(None, description="Called (signed, retried) when the job ends.")
 
     @field_validator("metadata")
     @classmethod
@@ -120,6 +125,7 @@ class Job(BaseModel):
     tokens: int = Field(0, description="Prompt tokens scored so far.")
     error: ErrorInfo | None = None
     workers: dict[str, int] = Field(default_factory=dict, description="Pairs scored by each worker (hostname).")
+    webhook: WebhookStatus | None = None
 
 
 class ResultDocument(BaseModel):
@@ -178,6 +184,60 @@ def rank(
             )
         )
     return results
+
+
+def job_from_record(r: dict[str, str], workers: dict[str, int], attempts: list[str] | None = None) -> Job:
+    """The job as the API shows it, from its Redis hash (decoded), its per-worker pair counts and its webhook
+    attempts (JSON entries)."""
+    error = ErrorInfo(code=r["error_code"], message=r.get("error_message", "")) if r.get("error_code") else None
+    webhook = None
+    if r.get("webhook_url"):
+        webhook = WebhookStatus(
+            url=r["webhook_url"],
+            events=json.loads(r["webhook_events"]),
+            state=r.get("webhook_state"),
+            event=r.get("webhook_event"),
+            attempts=[WebhookAttempt.model_validate_json(a) for a in attempts or []],
+        )
+    return Job(
+        id=r["id"],
+        status=JobStatus(r["status"]),
+        kind="interactive" if r.get("kind") == "interactive" else "bulk",
+        tokens=int(r.get("tokens", 0)),
+        priority=int(r["priority"]),
+        metadata=json.loads(r.get("metadata") or "null"),
+        created_at=datetime.fromisoformat(r["created_at"]),
+        started_at=datetime.fromisoformat(r["started_at"]) if r.get("started_at") else None,
+        finished_at=datetime.fromisoformat(r["finished_at"]) if r.get("finished_at") else None,
+        progress=Progress(completed=int(r["completed"]), total=int(r["total"])),
+        request_count=int(r["request_count"]),
+        error=error,
+        workers=workers,
+        webhook=webhook,
+    )
+
+
+def assemble_results(
+    job_id: str, chunks_total: int, raw_input: bytes | str, raw_chunks: Mapping[Any, Any]
+) -> JobResults:
+    """Results from the job's input summary and its chunks' stored results (keys: chunk index, str or bytes)."""
+    from schemas.chunks import ChunkResult
+
+    by_index = {int(k): v for k, v in raw_chunks.items()}
+    flat: list[float] = []
+    windows: list[list[int] | None] = []
+    for index in range(chunks_total):
+        chunk = ChunkResult.model_validate_json(by_index[index])
+        flat.extend(chunk.scores)
+        windows.extend(chunk.windows or [None] * len(chunk.scores))
+    data = []
+    offset = 0
+    for meta in json.loads(raw_input)["requests"]:
+        end = offset + meta["n"]
+        ranked = rank(flat[offset:end], meta["top_n"], meta["texts"], meta["ids"], windows[offset:end])
+        data.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
+        offset = end
+    return JobResults(id=job_id, data=data)
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:

@@ -4,6 +4,9 @@ NAMESPACE = "rerank"
 
 QUEUE_BULK = "rerank.bulk"
 QUEUE_INTERACTIVE = "rerank.interactive"  # consumed before QUEUE_BULK
+QUEUE_WEBHOOKS = "rerank.webhooks"  # consumed by `rerankfarm webhooks`, never by a GPU worker
+TASK_DELIVER_WEBHOOK = "rerank.deliver_webhook"
+WEBHOOKS_DUE = f"{NAMESPACE}:webhooks:due"  # sorted set: job id -> unix time its next delivery attempt is due
 TASK_SCORE_CHUNK = "rerank.score_chunk"
 
 WORKER_KEY_PATTERN = f"{NAMESPACE}:worker:*"
@@ -43,24 +46,37 @@ def worker_key(hostname: str) -> str:
     return f"{NAMESPACE}:worker:{hostname}"
 
 
+def job_webhook_attempts_key(job_id: str) -> str:
+    """List: one JSON entry per webhook delivery attempt (time, status code, error)."""
+    return f"{NAMESPACE}:job:{job_id}:webhook"
+
+
 def job_script_keys(job_id: str) -> list[str]:
-    """The KEYS every job-state Lua script receives, in this order; NOTIFY_LUA expects the done-list fifth."""
+    """The KEYS every job-state Lua script receives, in this order (FINAL_LUA relies on it)."""
     return [
         job_key(job_id),
         job_scores_key(job_id),
         job_workers_key(job_id),
         job_input_key(job_id),
         job_done_key(job_id),
+        WEBHOOKS_DUE,
     ]
 
 
-# Lua prelude for the job-state scripts: pushes the final status to the job's done-list when someone waits on it
-# (the job's `notify` field). The script's last ARGV is the list's TTL in seconds.
-NOTIFY_LUA = """
-local function notify(status)
+# Lua prelude of the job-state scripts. finalize(status) runs in the same script that sets a final status, so
+# nothing is lost between the two: it pushes the status to the done-list when someone waits on the job (`notify`),
+# and schedules the webhook event when the job has a webhook that wants it. The script's last ARGV is the
+# done-list's TTL in seconds.
+FINAL_LUA = """
+local function finalize(status)
   if redis.call('HGET', KEYS[1], 'notify') == '1' then
     redis.call('RPUSH', KEYS[5], status)
     redis.call('EXPIRE', KEYS[5], tonumber(ARGV[#ARGV]))
+  end
+  local events = redis.call('HGET', KEYS[1], 'webhook_events')
+  if events and string.find(events, '"job.' .. status .. '"', 1, true) then
+    redis.call('HSET', KEYS[1], 'webhook_event', 'job.' .. status, 'webhook_state', 'pending', 'webhook_attempt', 0)
+    redis.call('ZADD', KEYS[6], redis.call('TIME')[1], redis.call('HGET', KEYS[1], 'id'))
   end
 end
 """

@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
@@ -96,10 +96,41 @@ class Settings(BaseSettings):
         description="Pairs per chunk of an interactive request: small, so one request spreads over all workers.",
     )
     max_documents_per_rerank: int = Field(1000, ge=1, description="Max documents in one interactive /v1/rerank call.")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret (`whsec_` + base64). Jobs that name a webhook are refused "
+        "while it is unset.",
+    )
+    webhook_retry_delays: str = Field(
+        "5,300,1800,7200,18000,36000,50400,72000,86400",
+        description="Seconds between delivery attempts after the first (comma-separated; +-10% jitter). The "
+        "default follows Standard Webhooks: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.",
+    )
+    webhook_timeout_s: float = Field(15.0, gt=0, description="Seconds one delivery attempt may take.")
+    webhook_allowlist: str = Field(
+        "",
+        description="Hosts or CIDRs (comma-separated) that webhooks may reach although they are not public "
+        "(in-cluster receivers, tests). Everything non-public is refused otherwise.",
+    )
+    webhook_inline_results_max_pairs: int = Field(
+        1000, ge=0, description="Results are inlined in the `job.succeeded` event for jobs up to this many pairs."
+    )
+    webhook_dispatch_interval_s: float = Field(
+        1.0, gt=0, description="How often the webhook worker looks for deliveries that are due."
+    )
+    webhook_lease_s: int = Field(
+        120, ge=5, description="A delivery taken by a webhook worker that died is taken again after this long."
+    )
+    public_url: str = Field(
+        "", description="Base URL of the API as callers reach it, for links in webhooks; RERANK_API_URL if empty."
+    )
     api_host: str = Field("127.0.0.1", description="Address `rerankfarm api` binds to.")
     api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")
     worker_heartbeat_s: int = Field(5, ge=1, description="Seconds between a worker's liveness heartbeats in Redis.")
+
+    def retry_delays(self) -> list[float]:
+        return [float(x) for x in self.webhook_retry_delays.split(",") if x.strip()]
 
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url)

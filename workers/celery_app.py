@@ -5,5 +5,5 @@ from celery import Celery
 from schemas.queueing import celery_config
 from schemas.settings import get_settings
 
-app = Celery("rerankfarm", include=["workers.tasks"])
+app = Celery("rerankfarm", include=["workers.tasks", "workers.webhooks"])
 app.conf.update(celery_config(get_settings()))

@@ -12,7 +12,7 @@ from schemas.chunks import ChunkResult
 # KEYS: job, scores, workers, input, done. ARGV: chunk index, result JSON, pairs in chunk, worker, now, ttl seconds,
 # tokens, done ttl. HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job.
 _RECORD_CHUNK = (
-    keys.NOTIFY_LUA
+    keys.FINAL_LUA
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
@@ -28,7 +28,7 @@ if status == 'queued' then
 end
 if status == 'running' and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
-  notify('succeeded')
+  finalize('succeeded')
   return 'finished'
 end
 return 'recorded'
@@ -46,13 +46,13 @@ return 0
 
 # KEYS: job, (unused x3), done. ARGV: code, message, now, done ttl. Only a job that is not final yet can fail.
 _FAIL = (
-    keys.NOTIFY_LUA
+    keys.FINAL_LUA
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3],
              'error_code', ARGV[1], 'error_message', ARGV[2])
-  notify('failed')
+  finalize('failed')
   return 1
 end
 return 0

@@ -33,3 +33,9 @@ async def get_results(job_id: str, store: StoreDep) -> JobResults:
 async def cancel_job(job_id: str, store: StoreDep) -> Job:
     """Cancel a job: chunks not yet scored are not scored. Cancelling a finished job changes nothing."""
     return await store.cancel(job_id)
+
+
+@router.post("/{job_id}/webhook/redeliver", status_code=202, responses={**_errors, 409: {"model": ErrorResponse}})
+async def redeliver_webhook(job_id: str, store: StoreDep) -> Job:
+    """Send the job's last webhook event again (same webhook-id); 409 while the job has not ended."""
+    return await store.redeliver(job_id)

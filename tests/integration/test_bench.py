@@ -17,9 +17,28 @@ def test_bench_compares_farm_and_raw_engine_and_writes_json(tmp_path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
     env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", RERANK_WORKER_HEARTBEAT_S="1")
     run = subprocess.run(
-        [sys.executable, "-m", "rerankfarm.cli", "bench", "--model", "tiny", "--pairs", "150", "--jobs", "2",
-         "--latency-calls", "2", "--latency-docs", "5", "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rerankfarm.cli",
+            "bench",
+            "--model",
+            "tiny",
+            "--pairs",
+            "150",
+            "--jobs",
+            "2",
+            "--latency-calls",
+            "2",
+            "--latency-docs",
+            "5",
+            "--json",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     result = json.loads(out.read_text())
