@@ -132,6 +132,8 @@ class JobStore:
             pipe.hset(keys.job_key(job_id), mapping=record)
             pipe.expire(keys.job_key(job_id), ttl)
             pipe.set(keys.job_input_key(job_id), json.dumps({"requests": requests_meta}), ex=ttl)
+            pipe.zadd(keys.RECENT_JOBS, {job_id: time.time()})
+            pipe.zremrangebyrank(keys.RECENT_JOBS, 0, -keys.RECENT_JOBS_KEPT - 1)
             await pipe.execute()
         try:
             await anyio.to_thread.run_sync(self._enqueue, job_id, body, interactive, chunk_size, max_prompt_tokens)
@@ -189,6 +191,19 @@ class JobStore:
         raw_attempts = await self.redis.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)
         attempts = [a.decode() if isinstance(a, bytes) else a for a in raw_attempts]
         return job_from_record(r, {k: int(v) for k, v in workers.items()}, attempts)
+
+    async def recent(self, limit: int) -> list[Job]:
+        """The newest jobs first; expired ones are dropped from the index as they are met."""
+        jobs = []
+        for raw_id in await self.redis.zrevrange(keys.RECENT_JOBS, 0, limit * 2):
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            try:
+                jobs.append(await self.get(job_id))
+            except JobNotFound:
+                await self.redis.zrem(keys.RECENT_JOBS, job_id)
+            if len(jobs) == limit:
+                break
+        return jobs
 
     async def redeliver(self, job_id: str) -> Job:
         """Schedule the job's last webhook event again (same webhook-id, so receivers can de-duplicate)."""

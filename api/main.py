@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.job_store import JobStore
-from api.routes import health, jobs, rerank
+from api.routes import health, info, jobs, playground, rerank
 from schemas.errors import RerankError
 from schemas.jobs import error_body
 from schemas.queueing import celery_config
@@ -85,6 +85,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(rerank.router)
     app.include_router(jobs.router)
     app.include_router(health.router)
+    app.include_router(info.router)
+    app.include_router(playground.router)
     app.add_exception_handler(RerankError, _rerank_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(RedisConnectionError, _redis_down)

@@ -128,6 +128,11 @@ class Job(BaseModel):
     webhook: WebhookStatus | None = None
 
 
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]
+
+
 class ResultDocument(BaseModel):
     text: str
 

@@ -6,6 +6,8 @@ QUEUE_BULK = "rerank.bulk"
 QUEUE_INTERACTIVE = "rerank.interactive"  # consumed before QUEUE_BULK
 QUEUE_WEBHOOKS = "rerank.webhooks"  # consumed by `rerankfarm webhooks`, never by a GPU worker
 TASK_DELIVER_WEBHOOK = "rerank.deliver_webhook"
+RECENT_JOBS = f"{NAMESPACE}:jobs:recent"  # sorted set: job id -> creation time (unix s); trimmed to RECENT_JOBS_KEPT
+RECENT_JOBS_KEPT = 1000
 WEBHOOKS_DUE = f"{NAMESPACE}:webhooks:due"  # sorted set: job id -> unix time its next delivery attempt is due
 TASK_SCORE_CHUNK = "rerank.score_chunk"
 

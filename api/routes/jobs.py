@@ -1,9 +1,9 @@
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from api.deps import StoreDep
-from schemas.jobs import ErrorResponse, Job, JobCreate, JobResults
+from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (404, 413, 422, 503)}
@@ -15,6 +15,12 @@ async def create_job(body: JobCreate, store: StoreDep, response: Response) -> Jo
     job = await store.submit(body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
+
+
+@router.get("", responses=_errors)
+async def list_jobs(store: StoreDep, limit: int = Query(20, ge=1, le=100)) -> JobList:
+    """The most recent jobs, newest first."""
+    return JobList(data=await store.recent(limit))
 
 
 @router.get("/{job_id}", responses=_errors)
