@@ -196,7 +196,7 @@ class JobStore:
         """The newest jobs first; expired ones are dropped from the index as they are met."""
         jobs = []
         for raw_id in await self.redis.zrevrange(keys.RECENT_JOBS, 0, limit * 2):
-            job_id = raw_id.decode() if isinstance(raw_id, bytes) else raw_id
+            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             try:
                 jobs.append(await self.get(job_id))
             except JobNotFound:
