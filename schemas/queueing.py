@@ -22,6 +22,10 @@ def celery_priority(job_priority: int) -> int:
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
+        # Sweep for messages of dead workers every 5 s (kombu's default is about every 100 s), so a chunk comes
+        # back within the visibility timeout + 5 s.
+        "unacked_restore_interval": 5,
+        "unacked_restore_throttle": 1,
         "queue_order_strategy": "priority",
         "priority_steps": PRIORITY_STEPS,
         "sep": ":",

@@ -70,9 +70,10 @@ class Settings(BaseSettings):
     )
     visibility_timeout_s: int = Field(
         300,
-        ge=30,
-        description="Seconds after which a chunk taken by a worker that died is handed to another worker. Must exceed "
-        "the longest time a chunk can spend reserved plus scored.",
+        ge=5,
+        description="Seconds after which a chunk taken by a worker that died is handed to another worker (plus up "
+        "to 5 s for the sweep). Must exceed the longest time a chunk can spend reserved plus scored, or a slow chunk "
+        "is scored twice (harmless: counted once, but wasted work).",
     )
     chunk_max_retries: int = Field(
         3, ge=0, description="Retries of a chunk whose engine call failed before its job is marked failed."

@@ -11,8 +11,11 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from schemas import keys
 from schemas.settings import Settings
@@ -41,7 +44,9 @@ def start(settings: Settings) -> Runtime:
     with _lock:
         if _runtime is None:
             engine = load_engine(settings)
-            client = redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
+            client = redis.Redis.from_url(
+                settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
+            )
             _runtime = Runtime(
                 settings,
                 engine,
@@ -49,6 +54,19 @@ def start(settings: Settings) -> Runtime:
                 WorkerJobStore(client, settings.result_ttl_s),
             )
         return _runtime
+
+
+def outage_retry(settings: Settings) -> dict[str, Any]:
+    """redis-py retries for the worker's job-store writes: a chunk scored while Redis restarts is written once it is
+    back (the writes are idempotent), for up to 80% of the visibility timeout; after that the task fails and its
+    unacked message is redelivered."""
+    budget = settings.visibility_timeout_s * 0.8
+    backoff = ExponentialBackoff(cap=2.0, base=0.05)  # 0.05, 0.1, 0.2 ... then 2 s per retry
+    retries, waited = 0, 0.0
+    while waited < budget:
+        retries += 1
+        waited += backoff.compute(retries)
+    return {"retry": Retry(backoff, retries=retries), "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
 
 
 def get() -> Runtime:

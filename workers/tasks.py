@@ -7,7 +7,9 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+import redis
 from celery import Task
+from celery.exceptions import Reject
 
 from schemas.chunks import Chunk
 from schemas.keys import TASK_SCORE_CHUNK
@@ -20,6 +22,16 @@ logger = logging.getLogger(__name__)
 
 @app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
 def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
+    try:
+        return _score_chunk(self, chunk)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        # Redis stayed away longer than the store's retries: give the message back rather than ack a lost chunk.
+        # If Redis is still down, the message stays unacked there and the sweep restores it.
+        logger.warning("chunk of job %s given back: Redis unavailable (%r)", chunk.get("job_id"), exc)
+        raise Reject(exc, requeue=True) from exc
+
+
+def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     rt = runtime.get()
     c = Chunk.model_validate(chunk)
     store, job_id = rt.store, c.job_id
