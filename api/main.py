@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.job_store import JobStore
 from api.routes import health, info, jobs, playground, rerank
@@ -65,6 +66,13 @@ async def _invalid(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status)
 
 
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Errors raised by the framework itself (unparsable body, unknown path, wrong method) in the farm's shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     logger.warning("redis unavailable: %r", exc)
     return JSONResponse(
@@ -89,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(playground.router)
     app.add_exception_handler(RerankError, _rerank_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     return app

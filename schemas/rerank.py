@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.jobs import DocumentIn, NonBlank, RankedResult, RerankRequest
 
@@ -28,8 +28,14 @@ class RerankCall(BaseModel):
     window_tokens: int | None = Field(None, ge=16)
     window_overlap: int = Field(64, ge=0)
     timeout: float | None = Field(
-        None, gt=0, le=600, description="Seconds to wait before answering 504 with the job id (the job goes on)."
+        None, ge=0.01, le=600, description="Seconds to wait before answering 504 with the job id (the job goes on)."
     )
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> RerankCall:
+        if self.window_tokens is not None and self.window_overlap >= self.window_tokens:
+            raise ValueError("window_overlap must be smaller than window_tokens")
+        return self
 
     def as_request(self, return_documents: bool) -> RerankRequest:
         return RerankRequest(

@@ -6,7 +6,7 @@ from api.deps import StoreDep
 from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (404, 413, 422, 503)}
+_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
 
 
 @router.post("", status_code=202, responses=_errors)

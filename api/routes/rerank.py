@@ -10,7 +10,7 @@ from schemas.jobs import ErrorResponse, JobCreate, JobStatus
 from schemas.rerank import RerankCall, RerankMeta, RerankResponse, RerankUsage, TokenCounts
 
 router = APIRouter(tags=["rerank"])
-_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (413, 422, 502, 503, 504)}
+_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 413, 422, 502, 503, 504)}
 
 
 async def _rerank(call: RerankCall, store: StoreDep, settings: SettingsDep, return_documents: bool) -> RerankResponse:

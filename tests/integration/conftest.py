@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -135,9 +136,9 @@ def wait_for(
         time.sleep(0.1)
 
 
-@pytest.fixture
-def live_api(redis_url: str, tiny_model_dir: Path) -> Iterator[str]:
-    """The API served by uvicorn on a free port, for clients that speak real HTTP (SDKs, browsers)."""
+@contextlib.contextmanager
+def serve(settings: Settings) -> Iterator[str]:
+    """The API served by uvicorn on a free port, for clients that speak real HTTP (SDKs, browsers, fuzzers)."""
     import threading
 
     import uvicorn
@@ -145,17 +146,21 @@ def live_api(redis_url: str, tiny_model_dir: Path) -> Iterator[str]:
     from rerankfarm.embedded_redis import free_port
 
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(farm_settings(redis_url, tiny_model_dir)), host="127.0.0.1", port=port, log_level="warning"
-        )
-    )
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def live_api(redis_url: str, tiny_model_dir: Path) -> Iterator[str]:
+    with serve(farm_settings(redis_url, tiny_model_dir)) as url:
+        yield url
