@@ -1,11 +1,16 @@
 """Dependencies: services are created in the lifespan, kept on app.state and read through these aliases."""
 
+import json
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from api.job_store import JobStore
+from schemas.auth import API_KEYS, hash_key
+from schemas.errors import Unauthorized
 from schemas.settings import Settings
+
+DEFAULT_TENANT = "default"  # the one tenant when authentication is off
 
 
 def get_store(request: Request) -> JobStore:
@@ -18,5 +23,22 @@ def get_app_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_tenant(request: Request) -> str:
+    """The caller's tenant, from `Authorization: Bearer <key>`; 401 without a valid key (unless auth is off)."""
+    settings: Settings = request.app.state.settings
+    if settings.auth == "off":
+        return DEFAULT_TENANT
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` (see `rerankfarm keys create`)")
+    store: JobStore = request.app.state.store
+    info = await store.redis.hget(API_KEYS, hash_key(token.strip()))
+    if info is None:
+        raise Unauthorized("invalid or revoked API key")
+    tenant: str = json.loads(info)["tenant"]
+    return tenant
+
+
 StoreDep = Annotated[JobStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -17,9 +17,17 @@ from celery import Celery
 
 from schemas import keys
 from schemas.chunks import chunk_count, split_into_chunks
-from schemas.errors import InvalidRequest, JobNotFinished, JobNotFound, TooLarge, Unavailable, WaitTimeout
+from schemas.errors import (
+    InvalidRequest,
+    JobNotFinished,
+    JobNotFound,
+    Overloaded,
+    TooLarge,
+    Unavailable,
+    WaitTimeout,
+)
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, assemble_results, job_from_record
-from schemas.queueing import INTERACTIVE_PRIORITY, celery_priority
+from schemas.queueing import INTERACTIVE_PRIORITY, bulk_queue_keys, celery_priority
 from schemas.settings import Settings
 from schemas.webhooks import UnsafeURL, WebhookEvent, resolve_checked
 
@@ -81,6 +89,44 @@ class JobStore:
                     f"requests[{n}].top_n={request.top_n} exceeds its {len(request.documents)} documents"
                 )
 
+    async def admit(self, tenant: str, chunks: int, interactive: bool) -> None:
+        """Push back (429 with Retry-After) before touching the queue: per-tenant rate limit, per-tenant jobs in
+        flight, and, for bulk work, the total queue depth."""
+        s = self.settings
+        now = time.time()
+        if s.rate_limit_per_minute:
+            key = keys.tenant_rate_key(tenant, int(now // 60))
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.incr(key)
+                pipe.expire(key, 120)
+                count, _ = await pipe.execute()
+            if count > s.rate_limit_per_minute:
+                raise Overloaded(
+                    f"rate limit: {s.rate_limit_per_minute} submissions per minute",
+                    headers={"Retry-After": str(60 - int(now) % 60)},
+                )
+        inflight_key = keys.tenant_inflight_key(tenant)
+        if await self.redis.scard(inflight_key) >= s.max_jobs_in_flight_per_tenant:
+            for raw in await self.redis.smembers(inflight_key):  # forget jobs that expired while in flight
+                if not await self.redis.exists(keys.job_key(raw.decode() if isinstance(raw, bytes) else raw)):
+                    await self.redis.srem(inflight_key, raw)
+            if await self.redis.scard(inflight_key) >= s.max_jobs_in_flight_per_tenant:
+                raise Overloaded(
+                    f"{s.max_jobs_in_flight_per_tenant} jobs are already queued or running for this "
+                    "tenant; wait for some to finish",
+                    headers={"Retry-After": "10"},
+                )
+        if not interactive:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in bulk_queue_keys():
+                    pipe.llen(name)
+                depth = sum(await pipe.execute())
+            if depth + chunks > s.max_queue_depth:
+                raise Overloaded(
+                    f"the queue holds {depth} chunks, near its limit of {s.max_queue_depth}; retry later",
+                    headers={"Retry-After": "30"},
+                )
+
     async def check_webhook(self, url: str) -> None:
         if self.settings.webhook_secret is None:
             raise InvalidRequest("this farm sends no webhooks: RERANK_WEBHOOK_SECRET is not set")
@@ -89,7 +135,9 @@ class JobStore:
         except UnsafeURL as exc:
             raise InvalidRequest(f"webhook.url: {exc}") from None
 
-    async def submit(self, body: JobCreate, interactive: bool = False, max_prompt_tokens: int | None = None) -> Job:
+    async def submit(
+        self, body: JobCreate, tenant: str, interactive: bool = False, max_prompt_tokens: int | None = None
+    ) -> Job:
         """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, and
         push their final status to a list that `wait` blocks on."""
         self.check_limits(body)
@@ -99,10 +147,12 @@ class JobStore:
         total = body.total_pairs
         chunk_size = self.settings.interactive_chunk_size if interactive else self.settings.chunk_size
         chunks = chunk_count(total, chunk_size)
+        await self.admit(tenant, chunks, interactive)
         record: dict[Any, Any] = {
             "id": job_id,
             "status": JobStatus.queued.value,
             "kind": "interactive" if interactive else "bulk",
+            "tenant": tenant,
             "notify": int(interactive),
             "tokens": 0,
             "priority": body.priority,
@@ -132,8 +182,9 @@ class JobStore:
             pipe.hset(keys.job_key(job_id), mapping=record)
             pipe.expire(keys.job_key(job_id), ttl)
             pipe.set(keys.job_input_key(job_id), json.dumps({"requests": requests_meta}), ex=ttl)
-            pipe.zadd(keys.RECENT_JOBS, {job_id: time.time()})
-            pipe.zremrangebyrank(keys.RECENT_JOBS, 0, -keys.RECENT_JOBS_KEPT - 1)
+            pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
+            pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
+            pipe.sadd(keys.tenant_inflight_key(tenant), job_id)
             await pipe.execute()
         try:
             await anyio.to_thread.run_sync(self._enqueue, job_id, body, interactive, chunk_size, max_prompt_tokens)
@@ -177,37 +228,39 @@ class JobStore:
                     producer=producer,
                 )
 
-    async def _record(self, job_id: str) -> dict[str, str]:
+    async def _record(self, job_id: str, tenant: str) -> dict[str, str]:
+        """The job's record; JobNotFound for unknown ids and for another tenant's jobs alike."""
         if not JOB_ID.match(job_id):
             raise JobNotFound(job_id)
         raw = await self.redis.hgetall(keys.job_key(job_id))
-        if not raw:
+        record = _decode(raw)
+        if not raw or record.get("tenant", "default") != tenant:
             raise JobNotFound(job_id)
-        return _decode(raw)
+        return record
 
-    async def get(self, job_id: str) -> Job:
-        r = await self._record(job_id)
+    async def get(self, job_id: str, tenant: str) -> Job:
+        r = await self._record(job_id, tenant)
         workers = _decode(await self.redis.hgetall(keys.job_workers_key(job_id)))
         raw_attempts = await self.redis.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)
         attempts = [a.decode() if isinstance(a, bytes) else a for a in raw_attempts]
         return job_from_record(r, {k: int(v) for k, v in workers.items()}, attempts)
 
-    async def recent(self, limit: int) -> list[Job]:
+    async def recent(self, limit: int, tenant: str) -> list[Job]:
         """The newest jobs first; expired ones are dropped from the index as they are met."""
         jobs = []
-        for raw_id in await self.redis.zrevrange(keys.RECENT_JOBS, 0, limit * 2):
+        for raw_id in await self.redis.zrevrange(keys.recent_jobs_key(tenant), 0, limit * 2):
             job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
             try:
-                jobs.append(await self.get(job_id))
+                jobs.append(await self.get(job_id, tenant))
             except JobNotFound:
-                await self.redis.zrem(keys.RECENT_JOBS, job_id)
+                await self.redis.zrem(keys.recent_jobs_key(tenant), job_id)
             if len(jobs) == limit:
                 break
         return jobs
 
-    async def redeliver(self, job_id: str) -> Job:
+    async def redeliver(self, job_id: str, tenant: str) -> Job:
         """Schedule the job's last webhook event again (same webhook-id, so receivers can de-duplicate)."""
-        r = await self._record(job_id)
+        r = await self._record(job_id, tenant)
         if not r.get("webhook_url"):
             raise InvalidRequest(f"job {job_id} has no webhook")
         if not r.get("webhook_event"):
@@ -217,10 +270,10 @@ class JobStore:
             pipe.zadd(keys.WEBHOOKS_DUE, {job_id: time.time()})
             await pipe.execute()
         logger.info("job %s: webhook %s scheduled for redelivery", job_id, r["webhook_event"])
-        return await self.get(job_id)
+        return await self.get(job_id, tenant)
 
-    async def results(self, job_id: str) -> JobResults:
-        r = await self._record(job_id)
+    async def results(self, job_id: str, tenant: str) -> JobResults:
+        r = await self._record(job_id, tenant)
         status = JobStatus(r["status"])
         if status is not JobStatus.succeeded:
             reason = f": {r['error_message']}" if r.get("error_message") else ""
@@ -231,10 +284,10 @@ class JobStore:
             raise JobNotFound(job_id)
         return assemble_results(job_id, int(r["chunks_total"]), raw_input, raw_scores)
 
-    async def wait(self, job_id: str, timeout: float) -> Job:
+    async def wait(self, job_id: str, tenant: str, timeout: float) -> Job:
         """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`."""
         popped = await self.waiter.blpop([keys.job_done_key(job_id)], timeout=timeout)
-        job = await self.get(job_id)
+        job = await self.get(job_id, tenant)
         if popped is None and not job.status.final:
             raise WaitTimeout(
                 f"job {job_id} did not finish within {timeout:g}s; it goes on: poll /v1/jobs/{job_id}",
@@ -242,11 +295,11 @@ class JobStore:
             )
         return job
 
-    async def cancel(self, job_id: str) -> Job:
-        await self._record(job_id)
+    async def cancel(self, job_id: str, tenant: str) -> Job:
+        await self._record(job_id, tenant)
         if await self._cancel(keys=keys.job_script_keys(job_id), args=[_now(), keys.DONE_TTL_S]):
             logger.info("job %s cancelled", job_id)
-        return await self.get(job_id)
+        return await self.get(job_id, tenant)
 
     async def live_workers(self) -> list[dict[str, Any]]:
         found = []

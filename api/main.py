@@ -8,14 +8,17 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from celery import Celery
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deps import get_tenant
 from api.job_store import JobStore
+from api.limits import BodySizeLimit
 from api.routes import health, info, jobs, playground, rerank
 from schemas.errors import RerankError
 from schemas.jobs import error_body
@@ -34,7 +37,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sender = Celery("rerankfarm-api")
     sender.conf.update(celery_config(settings))
     app.state.store = JobStore(client, sender, settings, waiter)
-    logger.info("api ready: redis=%s", settings.redacted_redis_url())
+    if settings.auth == "off":
+        logger.warning(
+            "AUTHENTICATION IS OFF (RERANK_AUTH=off): anyone who can reach this API can submit work and read "
+            "every job. Use it only on a trusted machine."
+        )
+    logger.info("api ready: redis=%s auth=%s", settings.redacted_redis_url(), settings.auth)
     try:
         yield
     finally:
@@ -57,7 +65,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
 
 async def _rerank_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankError)
-    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status_code=exc.status)
+    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status_code=exc.status, headers=exc.headers)
 
 
 async def _invalid(_: Request, exc: Exception) -> JSONResponse:
@@ -82,14 +90,37 @@ async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def protected_docs_router(app: FastAPI) -> APIRouter:
+    """/openapi.json and /docs for callers with a valid key only."""
+    router = APIRouter(include_in_schema=False, dependencies=[Depends(get_tenant)])
+
+    @router.get("/openapi.json")
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="rerank farm")
+
+    return router
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    public_docs = settings.docs_public or settings.auth == "off"
     app = FastAPI(
         title="rerank farm",
         version="0.1.0",
         summary="Bulk and interactive reranking with Qwen3-Reranker on GPU workers.",
         lifespan=lifespan,
+        docs_url="/docs" if public_docs else None,
+        openapi_url="/openapi.json" if public_docs else None,
+        redoc_url=None,
     )
-    app.state.settings = settings or get_settings()
+    app.state.settings = settings
+    if not public_docs:
+        app.include_router(protected_docs_router(app))
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(rerank.router)
     app.include_router(jobs.router)
     app.include_router(health.router)

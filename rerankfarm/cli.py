@@ -44,6 +44,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return launcher.run(prefix=args.name, cpu=args.cpu, concurrency=args.concurrency, loglevel=args.loglevel)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import redis
+
+    from schemas import auth
+
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    if args.action == "create":
+        try:
+            key, info = auth.create_key(client, args.tenant)
+        except ValueError as exc:
+            raise SystemExit(f"rerankfarm keys create: {exc}") from None
+        print(f"created {info['id']} for tenant {info['tenant']}. The key is shown once; store it now:\n{key}")
+    elif args.action == "list":
+        for info in auth.list_keys(client):
+            print(f"{info['id']}  tenant={info['tenant']}  prefix={info['prefix']}...  created={info['created_at']}")
+    elif not auth.revoke_key(client, args.key_id):
+        raise SystemExit(f"rerankfarm keys revoke: no key {args.key_id!r}")
+    else:
+        print(f"revoked {args.key_id}")
+    return 0
+
+
 def cmd_webhooks(args: argparse.Namespace) -> int:
     from workers import webhooks
 
@@ -140,6 +163,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     if "RERANK_REDIS_URL" not in os.environ:
         print("starting an embedded redis-server (set RERANK_REDIS_URL to use your own)")
     print(f"starting the API on http://127.0.0.1:{port} and the workers (model {model})...")
+    if "RERANK_AUTH" not in os.environ:
+        print("authentication is off for this local farm (set RERANK_AUTH=on and create keys for real use)")
     code = 1
     try:
         with LocalFarm(model, port).start(args.ready_timeout) as farm:
@@ -202,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=None, help="port (default RERANK_API_PORT, 8000)")
     api.add_argument("--loglevel", default="INFO")
     api.set_defaults(func=cmd_api)
+
+    keys_parser = sub.add_parser("keys", help="API keys: create, list, revoke (in RERANK_REDIS_URL)")
+    keys_sub = keys_parser.add_subparsers(dest="action", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a tenant; it is printed once, only its hash is kept")
+    create.add_argument("--tenant", required=True)
+    keys_sub.add_parser("list", help="list keys (id, tenant, prefix; never the key)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    keys_parser.set_defaults(func=cmd_keys)
 
     hooks = sub.add_parser(
         "webhooks",

@@ -36,6 +36,8 @@ class LocalFarm:
         self.worker_args = worker_args or []
         self.loglevel = loglevel
         self.env = dict(os.environ, RERANK_MODEL=model, **(extra_env or {}))
+        # A farm on this machine, for a first run or a benchmark: no API keys unless RERANK_AUTH says otherwise.
+        self.env.setdefault("RERANK_AUTH", "off")
         self.quiet = quiet
         self.redis: EmbeddedRedis | None = None
         self.children: list[subprocess.Popen[bytes]] = []

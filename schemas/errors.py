@@ -7,10 +7,14 @@ class RerankError(Exception):
     code = "internal_error"
     status = 500
 
-    def __init__(self, message: str, **details: str) -> None:
+    headers: dict[str, str] = {}  # noqa: RUF012  # read-only class default; instances set their own
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None, **details: str) -> None:
         super().__init__(message)
         self.message = message
         self.details = details  # extra fields of the error body, e.g. the job id of a timed-out request
+        if headers:
+            self.headers = headers
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
@@ -37,6 +41,19 @@ class JobNotFound(RerankError):
 class JobNotFinished(RerankError):
     code = "job_not_finished"
     status = 409
+
+
+class Unauthorized(RerankError):
+    code = "unauthorized"
+    status = 401
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012
+
+
+class Overloaded(RerankError):
+    """Past a limit that frees itself with time; the answer says when to retry."""
+
+    code = "overloaded"
+    status = 429
 
 
 class WaitTimeout(RerankError):

@@ -15,6 +15,11 @@ PRIORITY_STEPS = list(range(10))
 INTERACTIVE_PRIORITY = 10
 
 
+def bulk_queue_keys() -> list[str]:
+    """The Redis lists kombu keeps for the bulk queue, one per priority step (step 0 has no suffix)."""
+    return [QUEUE_BULK] + [f"{QUEUE_BULK}:{step}" for step in PRIORITY_STEPS[1:]]
+
+
 def celery_priority(job_priority: int) -> int:
     return 9 - job_priority
 

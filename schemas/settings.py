@@ -125,6 +125,25 @@ class Settings(BaseSettings):
     public_url: str = Field(
         "", description="Base URL of the API as callers reach it, for links in webhooks; RERANK_API_URL if empty."
     )
+    auth: Literal["on", "off"] = Field(
+        "on",
+        description="`on`: every job and rerank call needs `Authorization: Bearer <key>` (keys from `rerankfarm keys "
+        "create`), and a tenant sees only its own jobs. `off`: no keys, one shared tenant (local use; logged loudly).",
+    )
+    docs_public: bool = Field(True, description="Serve /docs and /openapi.json without a key even when auth is on.")
+    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
+    max_jobs_in_flight_per_tenant: int = Field(
+        100, ge=1, description="Queued or running jobs a tenant may have; more answer 429 with Retry-After."
+    )
+    max_queue_depth: int = Field(
+        50_000,
+        ge=1,
+        description="Bulk chunks waiting in the queue, all tenants together, above which new jobs "
+        "answer 429 with Retry-After (the queue is not touched).",
+    )
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="Job submissions and rerank calls per tenant per minute (0: no limit); 429 above."
+    )
     api_host: str = Field("127.0.0.1", description="Address `rerankfarm api` binds to.")
     api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")

@@ -2,46 +2,48 @@ from typing import Any
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import StoreDep
+from api.deps import StoreDep, TenantDep
 from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+_errors: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)
+}
 
 
 @router.post("", status_code=202, responses=_errors)
-async def create_job(body: JobCreate, store: StoreDep, response: Response) -> Job:
+async def create_job(body: JobCreate, store: StoreDep, tenant: TenantDep, response: Response) -> Job:
     """Submit a bulk rerank job: many queries, each with its documents. Answers at once with the queued job."""
-    job = await store.submit(body)
+    job = await store.submit(body, tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
 
 @router.get("", responses=_errors)
-async def list_jobs(store: StoreDep, limit: int = Query(20, ge=1, le=100)) -> JobList:
+async def list_jobs(store: StoreDep, tenant: TenantDep, limit: int = Query(20, ge=1, le=100)) -> JobList:
     """The most recent jobs, newest first."""
-    return JobList(data=await store.recent(limit))
+    return JobList(data=await store.recent(limit, tenant))
 
 
 @router.get("/{job_id}", responses=_errors)
-async def get_job(job_id: str, store: StoreDep) -> Job:
+async def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     """A job's status and progress in pairs."""
-    return await store.get(job_id)
+    return await store.get(job_id, tenant)
 
 
 @router.get("/{job_id}/results", responses={**_errors, 409: {"model": ErrorResponse}})
-async def get_results(job_id: str, store: StoreDep) -> JobResults:
+async def get_results(job_id: str, store: StoreDep, tenant: TenantDep) -> JobResults:
     """Ranked results, one entry per request in submission order; 409 until the job has succeeded."""
-    return await store.results(job_id)
+    return await store.results(job_id, tenant)
 
 
 @router.post("/{job_id}/cancel", responses=_errors)
-async def cancel_job(job_id: str, store: StoreDep) -> Job:
+async def cancel_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     """Cancel a job: chunks not yet scored are not scored. Cancelling a finished job changes nothing."""
-    return await store.cancel(job_id)
+    return await store.cancel(job_id, tenant)
 
 
 @router.post("/{job_id}/webhook/redeliver", status_code=202, responses={**_errors, 409: {"model": ErrorResponse}})
-async def redeliver_webhook(job_id: str, store: StoreDep) -> Job:
+async def redeliver_webhook(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     """Send the job's last webhook event again (same webhook-id); 409 while the job has not ended."""
-    return await store.redeliver(job_id)
+    return await store.redeliver(job_id, tenant)

@@ -114,7 +114,7 @@ def worker(redis_url: str, tiny_model_dir: Path, log_dir: Path) -> Iterator[Work
 
 
 def farm_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
-    return Settings(redis_url=redis_url, model=str(model_dir), **{"chunk_size": 5, **overrides})
+    return Settings(redis_url=redis_url, model=str(model_dir), **{"chunk_size": 5, "auth": "off", **overrides})
 
 
 @pytest.fixture
