@@ -15,7 +15,7 @@ import anyio
 import redis.asyncio as aioredis
 from celery import Celery
 
-from schemas import keys
+from schemas import keys, metrics
 from schemas.chunks import chunk_count, split_into_chunks
 from schemas.errors import (
     InvalidRequest,
@@ -101,6 +101,7 @@ class JobStore:
                 pipe.expire(key, 120)
                 count, _ = await pipe.execute()
             if count > s.rate_limit_per_minute:
+                metrics.REQUESTS_REFUSED.labels("rate_limit").inc()
                 raise Overloaded(
                     f"rate limit: {s.rate_limit_per_minute} submissions per minute",
                     headers={"Retry-After": str(60 - int(now) % 60)},
@@ -111,6 +112,7 @@ class JobStore:
                 if not await self.redis.exists(keys.job_key(raw.decode() if isinstance(raw, bytes) else raw)):
                     await self.redis.srem(inflight_key, raw)
             if await self.redis.scard(inflight_key) >= s.max_jobs_in_flight_per_tenant:
+                metrics.REQUESTS_REFUSED.labels("jobs_in_flight").inc()
                 raise Overloaded(
                     f"{s.max_jobs_in_flight_per_tenant} jobs are already queued or running for this "
                     "tenant; wait for some to finish",
@@ -122,6 +124,7 @@ class JobStore:
                     pipe.llen(name)
                 depth = sum(await pipe.execute())
             if depth + chunks > s.max_queue_depth:
+                metrics.REQUESTS_REFUSED.labels("queue_depth").inc()
                 raise Overloaded(
                     f"the queue holds {depth} chunks, near its limit of {s.max_queue_depth}; retry later",
                     headers={"Retry-After": "30"},
@@ -200,6 +203,7 @@ class JobStore:
                 },
             )
             raise Unavailable("the job queue is unreachable; retry later") from exc
+        metrics.JOBS_SUBMITTED.labels(record["kind"]).inc()
         logger.info(
             "job %s queued: requests=%d pairs=%d chunks=%d priority=%d",
             job_id,
@@ -298,8 +302,21 @@ class JobStore:
     async def cancel(self, job_id: str, tenant: str) -> Job:
         await self._record(job_id, tenant)
         if await self._cancel(keys=keys.job_script_keys(job_id), args=[_now(), keys.DONE_TTL_S]):
+            metrics.JOBS_FINISHED.labels("cancelled").inc()
             logger.info("job %s cancelled", job_id)
         return await self.get(job_id, tenant)
+
+    async def queue_depths(self) -> dict[str, int]:
+        names = [keys.QUEUE_INTERACTIVE, *bulk_queue_keys(), keys.QUEUE_WEBHOOKS]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.llen(name)
+            lengths = await pipe.execute()
+        depths: dict[str, int] = {}
+        for name, length in zip(names, lengths, strict=True):
+            queue = name.split(":")[0]  # priority steps of a queue add up
+            depths[queue] = depths.get(queue, 0) + int(length)
+        return depths
 
     async def live_workers(self) -> list[dict[str, Any]]:
         found = []

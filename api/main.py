@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.deps import get_tenant
 from api.job_store import JobStore
 from api.limits import BodySizeLimit
-from api.routes import health, info, jobs, playground, rerank
+from api.routes import health, info, jobs, metrics, playground, rerank
 from schemas.errors import RerankError
 from schemas.jobs import error_body
 from schemas.queueing import celery_config
@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(info.router)
     app.include_router(playground.router)
+    app.include_router(metrics.router)
     app.add_exception_handler(RerankError, _rerank_error)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
         "create`), and a tenant sees only its own jobs. `off`: no keys, one shared tenant (local use; logged loudly).",
     )
     docs_public: bool = Field(True, description="Serve /docs and /openapi.json without a key even when auth is on.")
+    metrics_public: bool = Field(True, description="Serve /metrics without a key even when auth is on.")
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
     max_jobs_in_flight_per_tenant: int = Field(
         100, ge=1, description="Queued or running jobs a tenant may have; more answer 429 with Retry-After."
@@ -144,6 +145,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         600, ge=0, description="Job submissions and rerank calls per tenant per minute (0: no limit); 429 above."
     )
+    worker_metrics_port: int = Field(
+        9400,
+        description="Workers serve /metrics on this port + their position (0 for the first GPU or the CPU); 0 "
+        "turns it off.",
+    )
+    webhook_metrics_port: int = Field(9390, description="The webhook worker serves /metrics here; 0 turns it off.")
     api_host: str = Field("127.0.0.1", description="Address `rerankfarm api` binds to.")
     api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from schemas import metrics
 from workers.engines.base import Engine
 
 logger = logging.getLogger(__name__)
@@ -193,6 +194,11 @@ class Batcher:
         self.stats.padded_tokens += longest * len(prompts)
         self.stats.real_tokens += sum(len(p) for p in prompts)
         self.stats.engine_s += elapsed
+        metrics.PAIRS_SCORED.inc(len(prompts))
+        metrics.TOKENS_SCORED.inc(sum(len(p) for p in prompts))
+        metrics.BATCH_PAIRS.observe(len(prompts))
+        metrics.BATCH_TOKENS.observe(longest * len(prompts))
+        metrics.ENGINE_SECONDS.observe(elapsed)
         logger.debug("scored batch: pairs=%d longest=%d engine_ms=%.1f", len(prompts), longest, elapsed * 1e3)
         for (g, i), s in zip(batch, scores, strict=True):
             g.scores[i] = s

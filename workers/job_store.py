@@ -103,6 +103,17 @@ class WorkerJobStore:
         )
         return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
 
+    def latency(self, job_id: str) -> tuple[str, float] | None:
+        """(kind, seconds from creation to finish) of a finished job."""
+        kind, created, finished = (
+            v.decode() if isinstance(v, bytes) else v
+            for v in self.redis.hmget(keys.job_key(job_id), "kind", "created_at", "finished_at")
+        )
+        if not (created and finished):
+            return None
+        seconds = (datetime.fromisoformat(finished) - datetime.fromisoformat(created)).total_seconds()
+        return kind or "bulk", seconds
+
     def fail(self, job_id: str, code: str, message: str) -> bool:
         args: list[str | int] = [code, message[:2000], now_iso(), keys.DONE_TTL_S]
         return bool(self._fail(keys=keys.job_script_keys(job_id), args=args))

@@ -64,12 +64,17 @@ def run(prefix: str | None = None, cpu: bool = False, concurrency: int | None = 
     gpus = [] if cpu else detect_gpus()
     children = []
     targets: list[str | None] = list(gpus) or [None]
-    for gpu in targets:
+    from schemas.settings import get_settings
+
+    metrics_port = get_settings().worker_metrics_port
+    for position, gpu in enumerate(targets):
         name = worker_name(prefix, gpu)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="" if gpu is None else gpu)
         args = [sys.executable, "-m", "workers.main", "--name", name, "--loglevel", loglevel]
         if concurrency:
             args += ["--concurrency", str(concurrency)]
+        if metrics_port:
+            args += ["--metrics-port", str(metrics_port + position)]
         children.append(_Child(name, env, args))
     logger.info("%d worker(s): %s", len(children), ", ".join(c.name for c in children))
 

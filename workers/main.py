@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="cpu", help="node name; the Celery hostname is NAME@host")
     parser.add_argument("--concurrency", type=int, default=None, help="chunks in flight (RERANK_WORKER_CONCURRENCY)")
     parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     except EngineLoadError as exc:
         print(f"rerankfarm worker {args.name}: cannot start: {exc.message}", file=sys.stderr)
         return 2
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(args.metrics_port)
+            logger.info("worker %s: metrics on :%d/metrics", args.name, args.metrics_port)
+        except OSError as exc:  # metrics must never keep a worker from scoring
+            logger.warning("worker %s: no /metrics on port %d: %s", args.name, args.metrics_port, exc)
     from workers.celery_app import app
 
     concurrency = args.concurrency or settings.worker_concurrency

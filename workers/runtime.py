@@ -17,7 +17,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from schemas import keys
+from schemas import keys, metrics
 from schemas.settings import Settings
 from workers.batcher import Batcher
 from workers.engines.base import Engine, load_engine
@@ -104,6 +104,23 @@ class Heartbeat:
         with contextlib.suppress(redis.RedisError):
             self.client.delete(keys.worker_key(self.hostname))
 
+    def _gpu_metrics(self) -> None:
+        """GPU memory and utilisation of this worker's GPU (NVML), when it has one."""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if not visible or not visible.split(",")[0].isdigit():
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(int(visible.split(",")[0]))
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            busy = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            metrics.GPU_MEMORY_USED.labels(self.hostname, visible).set(memory.used)
+            metrics.GPU_UTILIZATION.labels(self.hostname, visible).set(busy.gpu / 100)
+        except Exception as exc:  # no NVML library or driver: no GPU gauges
+            logger.debug("no GPU metrics: %r", exc)
+
     def _run(self) -> None:
         period = self.runtime.settings.worker_heartbeat_s
         while not self._stop.is_set():
@@ -117,6 +134,7 @@ class Heartbeat:
                 "engine_s": round(stats.engine_s, 3),
                 "at": time.time(),
             }
+            self._gpu_metrics()
             try:
                 self.client.set(keys.worker_key(self.hostname), json.dumps(info), ex=period * keys.WORKER_TTL_FACTOR)
             except redis.RedisError as exc:

@@ -11,6 +11,7 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 
+from schemas import metrics
 from schemas.chunks import Chunk
 from schemas.keys import TASK_SCORE_CHUNK
 from workers import runtime, scoring
@@ -46,7 +47,8 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     except Exception as exc:  # input the tokenizer rejects will fail again: no retry
         logger.warning("job %s chunk %d: input rejected: %r", job_id, c.index, exc)
         message = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
-        store.fail(job_id, "invalid_input", f"chunk {c.index}: {message}")
+        if store.fail(job_id, "invalid_input", f"chunk {c.index}: {message}"):
+            metrics.JOBS_FINISHED.labels("failed").inc()
         return "failed"
     future = rt.batcher.submit(prepared.prompts, c.priority, is_cancelled=lambda: store.should_skip(job_id))
     try:
@@ -60,7 +62,8 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         if retries < rt.settings.chunk_max_retries:
             logger.warning("job %s chunk %d: engine failed (%r), retry %d", job_id, c.index, exc, retries + 1)
             raise self.retry(exc=exc, countdown=min(2**retries, 30)) from exc
-        store.fail(job_id, "engine_error", f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}")
+        if store.fail(job_id, "engine_error", f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}"):
+            metrics.JOBS_FINISHED.labels("failed").inc()
         logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
         return "failed"
     result = scoring.aggregate(prepared, scores)
@@ -75,5 +78,9 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         outcome,
     )
     if outcome == "finished":
+        metrics.JOBS_FINISHED.labels("succeeded").inc()
+        latency = store.latency(job_id)
+        if latency is not None:
+            metrics.JOB_LATENCY.labels(latency[0]).observe(latency[1])
         logger.info("job %s succeeded", job_id)
     return outcome

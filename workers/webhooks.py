@@ -229,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     if settings.webhook_secret is None:
         logger.warning("RERANK_WEBHOOK_SECRET is not set: no webhook can be signed until it is")
     app._rerank_webhook_worker = True  # the dispatcher runs in webhook workers only
+    if settings.webhook_metrics_port:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(settings.webhook_metrics_port)
+        except OSError as exc:  # metrics must never keep webhooks from being delivered
+            logger.warning("webhooks: no /metrics on port %d: %s", settings.webhook_metrics_port, exc)
     app.worker_main(
         [
             "worker",

@@ -59,7 +59,7 @@ class WorkerProcess:
             RERANK_MODEL=str(model_dir),
             CUDA_VISIBLE_DEVICES="",
             RERANK_WORKER_HEARTBEAT_S="1",
-            **env,
+            **{"RERANK_WORKER_METRICS_PORT": "0", **env},
         )
         self.args = [
             sys.executable,

@@ -1,0 +1,20 @@
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import StoreDep, get_tenant
+from schemas import metrics
+
+router = APIRouter(include_in_schema=False)
+
+
+@router.get("/metrics")
+async def prometheus_metrics(request: Request, store: StoreDep) -> Response:
+    """Prometheus metrics of this API process, with queue depths and live workers read from Redis now."""
+    settings = request.app.state.settings
+    if not settings.metrics_public:
+        await get_tenant(request)
+    for queue, depth in (await store.queue_depths()).items():
+        metrics.QUEUE_DEPTH.labels(queue).set(depth)
+    metrics.WORKERS_ALIVE.set(len(await store.live_workers()))
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

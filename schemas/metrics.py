@@ -1,0 +1,35 @@
+"""Every Prometheus metric of the farm, in one place (prometheus-client). Each process exports its own: the API at
+/metrics, each worker on RERANK_WORKER_METRICS_PORT + its GPU's position (cpu: + 0), the webhook worker on
+RERANK_WEBHOOK_METRICS_PORT. Prometheus adds them up."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS_SUBMITTED = Counter("rerank_jobs_submitted_total", "Jobs accepted by the API.", ["kind"])
+JOBS_FINISHED = Counter("rerank_jobs_finished_total", "Jobs that reached a final state.", ["status"])
+REQUESTS_REFUSED = Counter("rerank_requests_refused_total", "Requests refused by a limit.", ["reason"])
+QUEUE_DEPTH = Gauge("rerank_queue_depth", "Messages waiting in a queue (read from Redis at scrape).", ["queue"])
+WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")
+
+PAIRS_SCORED = Counter("rerank_pairs_scored_total", "Pairs scored by this worker.")
+TOKENS_SCORED = Counter("rerank_tokens_scored_total", "Prompt tokens scored by this worker (without padding).")
+BATCH_PAIRS = Histogram("rerank_batch_pairs", "Pairs per engine call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+BATCH_TOKENS = Histogram(
+    "rerank_batch_padded_tokens",
+    "Padded tokens per engine call.",
+    buckets=(256, 1024, 4096, 8192, 16384, 32768, 65536, 131072),
+)
+ENGINE_SECONDS = Histogram(
+    "rerank_engine_seconds", "Time of one engine call.", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+)
+JOB_LATENCY = Histogram(
+    "rerank_job_latency_seconds",
+    "From submission to success, by kind.",
+    ["kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
+)
+GPU_MEMORY_USED = Gauge("rerank_gpu_memory_used_bytes", "GPU memory in use (NVML), per worker.", ["worker", "gpu"])
+GPU_UTILIZATION = Gauge("rerank_gpu_utilization_ratio", "GPU busy fraction (NVML), per worker.", ["worker", "gpu"])
+
+WEBHOOK_DELIVERIES = Counter("rerank_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"])

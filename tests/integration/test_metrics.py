@@ -1,0 +1,54 @@
+"""/metrics counters move when jobs run: the API's and a worker's."""
+
+from __future__ import annotations
+
+import contextlib
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from api.main import create_app
+from rerankfarm.embedded_redis import free_port
+from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_move_when_jobs_run(redis_url, tiny_model_dir, log_dir) -> None:
+    url = other_db(redis_url, 7)  # this worker alone scores the job
+    port = free_port()
+    worker = WorkerProcess(url, tiny_model_dir, log_dir, RERANK_WORKER_METRICS_PORT=str(port)).start()
+    stack = contextlib.ExitStack()
+    try:
+        client = stack.enter_context(TestClient(create_app(farm_settings(url, tiny_model_dir))))
+        before_api = _samples(client.get("/metrics").text)
+        before_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        job = client.post("/v1/jobs", json={"requests": [{"query": "w1", "documents": ["w2 w3"] * 40}]}).json()
+        assert wait_for(client, job["id"])["status"] == "succeeded"
+        after_api = _samples(client.get("/metrics").text)
+        key = ("rerank_jobs_submitted_total", (("kind", "bulk"),))
+        assert after_api[key] == before_api.get(key, 0) + 1
+        assert ("rerank_queue_depth", (("queue", "rerank.bulk"),)) in after_api
+        assert after_api[("rerank_workers_alive", ())] >= 1
+        after_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        pairs = ("rerank_pairs_scored_total", ())
+        assert after_worker[pairs] == before_worker.get(pairs, 0) + 40
+        finished = ("rerank_jobs_finished_total", (("status", "succeeded"),))
+        assert after_worker[finished] == before_worker.get(finished, 0) + 1
+        assert ("rerank_engine_seconds_count", ()) in after_worker and (
+            "rerank_batch_pairs_bucket",
+            (("le", "1.0"),),
+        ) in after_worker
+    finally:
+        stack.close()
+        worker.stop()
