@@ -44,6 +44,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return launcher.run(prefix=args.name, cpu=args.cpu, concurrency=args.concurrency, loglevel=args.loglevel)
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from rerankfarm import submit
+
+    return submit.run(args.input, args.output, args.url, args.api_key, args.priority, args.timeout)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     import redis
 
@@ -227,6 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, default=None, help="port (default RERANK_API_PORT, 8000)")
     api.add_argument("--loglevel", default="INFO")
     api.set_defaults(func=cmd_api)
+
+    submit = sub.add_parser(
+        "submit",
+        help="run a JSONL file of requests as one bulk job and write the results",
+        description="Each input line is a request ({custom_id, query, documents, ...}, or OpenAI "
+        "Batch style with the request in `body`); each output line is {id, custom_id, response: "
+        "{status_code, body: {results}}, error}. Shows progress while the job runs.",
+    )
+    submit.add_argument("input", help="JSONL file of requests")
+    submit.add_argument("-o", "--output", required=True, help="JSONL file for the results")
+    submit.add_argument("--url", default=None, help="the farm's API (default RERANK_API_URL, else the local API)")
+    submit.add_argument("--api-key", default=None, help="API key (default RERANK_API_KEY)")
+    submit.add_argument("--priority", type=int, default=None, help="0 (lowest) to 9 (highest)")
+    submit.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    submit.set_defaults(func=cmd_submit)
 
     keys_parser = sub.add_parser("keys", help="API keys: create, list, revoke (in RERANK_REDIS_URL)")
     keys_sub = keys_parser.add_subparsers(dest="action", required=True)

@@ -1,6 +1,7 @@
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Response
+from fastapi.responses import StreamingResponse
 
 from api.deps import StoreDep, TenantDep
 from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults
@@ -31,10 +32,23 @@ async def get_job(job_id: str, store: StoreDep, tenant: TenantDep) -> Job:
     return await store.get(job_id, tenant)
 
 
-@router.get("/{job_id}/results", responses={**_errors, 409: {"model": ErrorResponse}})
-async def get_results(job_id: str, store: StoreDep, tenant: TenantDep) -> JobResults:
+@router.get(
+    "/{job_id}/results",
+    response_model=JobResults,
+    responses={**_errors, 409: {"model": ErrorResponse}, 200: {"content": {"application/x-ndjson": {}}}},
+)
+async def get_results(
+    job_id: str,
+    store: StoreDep,
+    tenant: TenantDep,
+    format: Literal["json", "jsonl"] = Query("json", description="`jsonl`: one request's results per line."),
+) -> Response:
     """Ranked results, one entry per request in submission order; 409 until the job has succeeded."""
-    return await store.results(job_id, tenant)
+    results = await store.results(job_id, tenant)
+    if format == "jsonl":
+        lines = (entry.model_dump_json() + "\n" for entry in results.data)
+        return StreamingResponse(lines, media_type="application/x-ndjson")
+    return Response(results.model_dump_json(), media_type="application/json")
 
 
 @router.post("/{job_id}/cancel", responses=_errors)

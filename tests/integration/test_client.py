@@ -1,0 +1,112 @@
+"""The Python client (sync and async) and `rerankfarm submit` drive a running farm end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from rerankfarm import AsyncRerankFarm, RerankFarm, RerankFarmError, verify_webhook
+
+pytestmark = pytest.mark.integration
+
+REQUESTS = [
+    {"custom_id": "a", "query": "w1 w2", "documents": ["w1 w2 w3", "w9", "w4 w5"], "top_n": 2},
+    {"custom_id": "b", "query": "w7", "documents": ["w7 w8", "w6"]},
+]
+
+
+def test_sync_client_submits_waits_and_streams_results(live_api, worker, reference) -> None:
+    with RerankFarm(live_api) as farm:
+        job = farm.submit(REQUESTS, priority=7, metadata={"from": "test"})
+        done = farm.wait(job["id"], timeout=60, poll=0.1)
+        assert done["status"] == "succeeded" and done["metadata"] == {"from": "test"}
+        streamed = list(farm.iter_results(job["id"]))
+        assert [e["custom_id"] for e in streamed] == ["a", "b"]
+        assert streamed == farm.results(job["id"])["data"]
+        assert len(streamed[0]["results"]) == 2
+        for entry, request in zip(streamed, REQUESTS, strict=True):
+            for r in entry["results"]:
+                expected = reference.score(request["query"], request["documents"][r["index"]])
+                assert r["relevance_score"] == pytest.approx(expected, abs=1e-3)
+        answer = farm.rerank("w1", ["w1 w2", "w3"], top_n=1)
+        assert len(answer["results"]) == 1
+        with pytest.raises(RerankFarmError) as err:
+            farm.job("job_" + "0" * 32)
+        assert err.value.status == 404 and err.value.code == "job_not_found"
+
+
+def test_async_client(live_api, worker) -> None:
+    async def scenario() -> tuple[dict, list[dict], dict]:
+        async with AsyncRerankFarm(live_api) as farm:
+            job = await farm.submit(REQUESTS)
+            done = await farm.wait(job["id"], timeout=60, poll=0.1)
+            entries = [e async for e in farm.iter_results(job["id"])]
+            answer = await farm.rerank("w1", ["w1 w2", "w3"])
+            return done, entries, answer
+
+    done, entries, answer = asyncio.run(scenario())
+    assert done["status"] == "succeeded" and [e["custom_id"] for e in entries] == ["a", "b"]
+    assert [r["index"] for r in answer["results"]] in ([0, 1], [1, 0])
+
+
+def test_verify_webhook_accepts_signed_and_refuses_altered() -> None:
+    from datetime import UTC, datetime
+
+    from standardwebhooks import Webhook, WebhookVerificationError
+
+    secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+    body = json.dumps({"type": "job.succeeded", "data": {"id": "job_x"}})
+    now = datetime.now(UTC)
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(int(now.timestamp())),
+        "webhook-signature": Webhook(secret).sign("msg_1", now, body),
+    }
+    assert verify_webhook(secret, body, headers)["data"]["id"] == "job_x"
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(secret, body.replace("job_x", "job_y"), headers)
+
+
+def test_submit_cli_runs_a_jsonl_file(live_api, worker, tmp_path) -> None:
+    source = tmp_path / "in.jsonl"
+    lines = [
+        {"custom_id": "plain", "query": "w1", "documents": ["w1 w2", "w3"]},
+        {
+            "custom_id": "batch",
+            "method": "POST",
+            "url": "/v1/rerank",
+            "body": {"query": "w5", "documents": ["w5", "w6", "w7"], "top_n": 1},
+        },
+    ]
+    source.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, RERANK_API_URL=live_api)
+    run = subprocess.run(
+        [sys.executable, "-m", "rerankfarm.cli", "submit", str(source), "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["plain", "batch"]
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in results)
+    assert len(results[1]["response"]["body"]["results"]) == 1
+    assert "pairs" in run.stderr and "done: 2 requests, 5 pairs" in run.stderr
+
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"query": "w1", "documents": ["w2"]}\n{not json\n')
+    bad = subprocess.run(
+        [sys.executable, "-m", "rerankfarm.cli", "submit", str(broken), "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "broken.jsonl:2: not valid JSON" in bad.stderr
