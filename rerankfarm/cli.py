@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from importlib import resources
@@ -42,6 +43,35 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers import launcher
 
     return launcher.run(prefix=args.name, cpu=args.cpu, concurrency=args.concurrency, loglevel=args.loglevel)
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Flower on the farm's broker, behind basic auth. The credentials travel in Flower's environment variable,
+    never on a command line that `ps` shows."""
+    settings = get_settings()
+    env = dict(os.environ)
+    if settings.flower_password is not None:
+        env["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{settings.flower_password.get_secret_value()}"
+    elif settings.auth == "on" and not args.no_auth:
+        raise SystemExit(
+            "rerankfarm flower: set RERANK_FLOWER_PASSWORD (there is no default password), or pass "
+            "--no-auth on a trusted machine"
+        )
+    else:
+        print("rerankfarm flower: WARNING: no basic auth; anyone who reaches the port sees the farm", file=sys.stderr)
+    port = args.port or settings.flower_port
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "flower",
+        f"--port={port}",
+        f"--address={args.address}",
+        "--purge_offline_workers=60",
+    ]
+    return subprocess.call(cmd, env=env)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -248,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--priority", type=int, default=None, help="0 (lowest) to 9 (highest)")
     submit.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     submit.set_defaults(func=cmd_submit)
+
+    flower = sub.add_parser(
+        "flower",
+        help="Flower (queues, per-GPU workers) behind basic auth",
+        description="Starts Flower on RERANK_REDIS_URL with basic auth from RERANK_FLOWER_USER / "
+        "RERANK_FLOWER_PASSWORD. Workers send task events, so Flower sees every chunk.",
+    )
+    flower.add_argument("--port", type=int, default=None, help="default RERANK_FLOWER_PORT (5555)")
+    flower.add_argument("--address", default="127.0.0.1")
+    flower.add_argument("--no-auth", action="store_true", help="allow running without a password (trusted machines)")
+    flower.set_defaults(func=cmd_flower)
 
     keys_parser = sub.add_parser("keys", help="API keys: create, list, revoke (in RERANK_REDIS_URL)")
     keys_sub = keys_parser.add_subparsers(dest="action", required=True)

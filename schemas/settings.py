@@ -151,6 +151,12 @@ class Settings(BaseSettings):
         "turns it off.",
     )
     webhook_metrics_port: int = Field(9390, description="The webhook worker serves /metrics here; 0 turns it off.")
+    flower_user: str = Field("admin", description="Basic-auth user of `rerankfarm flower`.")
+    flower_password: SecretStr | None = Field(
+        None,
+        description="Basic-auth password of `rerankfarm flower`; required when RERANK_AUTH=on (no default password).",
+    )
+    flower_port: int = Field(5555, description="Port of `rerankfarm flower`.")
     api_host: str = Field("127.0.0.1", description="Address `rerankfarm api` binds to.")
     api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")
