@@ -198,7 +198,7 @@ def main(
 
     raw = run_raw(settings, requests)
     print(f"raw engine: {n / raw['seconds']:.1f} pairs/s")
-    with LocalFarm(model, port, extra_env={"RERANK_ENGINE": engine}, quiet=True) as farm:
+    with LocalFarm(model, port, extra_env={"RERANK_ENGINE": engine}) as farm:
         workers = farm.wait_ready(60)
         farm_run = run_farm(farm.url, requests, jobs)
         print(f"farm: {n / farm_run['seconds']:.1f} pairs/s")

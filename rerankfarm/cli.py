@@ -237,6 +237,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         with LocalFarm(model, port).start(args.ready_timeout) as farm:
             if farm.redis is not None:
                 print(f"embedded redis-server at {farm.redis.url}")
+            print(f"logs: {farm.log_dir}/{{api,worker,webhooks}}.log")
             print(f"ready: {', '.join(farm.wait_ready(10))}")
             with httpx.Client(base_url=farm.url, timeout=30) as client:
                 code = run_example(client)

@@ -8,7 +8,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -29,7 +31,6 @@ class LocalFarm:
         worker_args: list[str] | None = None,
         loglevel: str = "WARNING",
         extra_env: dict[str, str] | None = None,
-        quiet: bool = False,
     ) -> None:
         self.model = model
         self.port = port
@@ -38,9 +39,10 @@ class LocalFarm:
         self.env = dict(os.environ, RERANK_MODEL=model, **(extra_env or {}))
         # A farm on this machine, for a first run or a benchmark: no API keys unless RERANK_AUTH says otherwise.
         self.env.setdefault("RERANK_AUTH", "off")
-        self.quiet = quiet
         self.redis: EmbeddedRedis | None = None
         self.children: list[subprocess.Popen[bytes]] = []
+        self.log_dir = Path(tempfile.mkdtemp(prefix="rerankfarm-logs-"))
+        self.logs: list[Path] = []
         self.url = f"http://127.0.0.1:{port}"
 
     @property
@@ -53,14 +55,17 @@ class LocalFarm:
             self.env["RERANK_REDIS_URL"] = self.redis.url
         if not port_free(self.port):
             raise SystemExit(f"port {self.port} is in use; pass --port or set RERANK_API_PORT")
-        out = subprocess.DEVNULL if self.quiet else None
         exe = [sys.executable, "-m", "rerankfarm.cli"]
-        api = [*exe, "api", "--host", "127.0.0.1", "--port", str(self.port), "--loglevel", self.loglevel]
-        worker = [*exe, "worker", "--loglevel", self.loglevel, *self.worker_args]
-        self.children = [
-            subprocess.Popen(api, env=self.env, stdout=out, stderr=out),
-            subprocess.Popen(worker, env=self.env, stdout=out, stderr=out),
-        ]
+        commands = {
+            "api": [*exe, "api", "--host", "127.0.0.1", "--port", str(self.port), "--loglevel", self.loglevel],
+            "worker": [*exe, "worker", "--loglevel", self.loglevel, *self.worker_args],
+            "webhooks": [*exe, "webhooks", "--loglevel", self.loglevel],
+        }
+        for name, command in commands.items():
+            log = self.log_dir / f"{name}.log"
+            with log.open("ab") as out:  # the child keeps its own handle on the file
+                self.children.append(subprocess.Popen(command, env=self.env, stdout=out, stderr=subprocess.STDOUT))
+            self.logs.append(log)
         try:
             self.wait_ready(ready_timeout)
         except BaseException:
@@ -73,9 +78,10 @@ class LocalFarm:
         reason = ""
         with httpx.Client(base_url=self.url, timeout=10) as client:
             while time.monotonic() < deadline:
-                for child in self.children:
+                for child, log in zip(self.children, self.logs, strict=True):
                     if child.poll() is not None:
-                        raise SystemExit(f"a farm process exited early (code {child.returncode}); see its log above")
+                        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+                        raise SystemExit(f"{log.stem} exited early (code {child.returncode}); end of {log}:\n{tail}")
                 try:
                     r = client.get("/readyz")
                     if r.status_code == 200:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,7 @@ def test_up_runs_the_example_job_on_an_embedded_redis(tmp_path) -> None:
     for custom_id in ("capital-of-china", "gravity", "python-lists"):
         assert f"[{custom_id}]" in run.stdout
     assert run.stdout.count("  1. ") == 3
+    assert "Celery" not in run.stdout and "celery@" not in run.stdout  # process logs go to files, not the screen
+    logs = run.stdout.split("logs: ")[1].split("/{")[0]
+    webhooks_log = (Path(logs) / "webhooks.log").read_text()
+    assert "webhooks@" in webhooks_log and "rerank.webhooks" in webhooks_log  # the webhook worker ran too
