@@ -7,7 +7,6 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,7 +25,16 @@ from schemas.errors import (
     Unavailable,
     WaitTimeout,
 )
-from schemas.jobs import Job, JobCreate, JobResults, JobStatus, assemble_results, job_from_record
+from schemas.jobs import (
+    Job,
+    JobCreate,
+    JobResults,
+    JobStatus,
+    as_str,
+    assemble_results,
+    decode_record,
+    job_from_record,
+)
 from schemas.queueing import INTERACTIVE_PRIORITY, bulk_queue_keys, celery_priority
 from schemas.settings import Settings
 from schemas.webhooks import UnsafeURL, WebhookEvent, resolve_checked
@@ -52,10 +60,6 @@ return 0
 
 def _now() -> str:
     return datetime.now(UTC).isoformat()
-
-
-def _decode(raw: Mapping[Any, Any]) -> dict[str, str]:
-    return {k.decode(): v.decode() for k, v in raw.items()}
 
 
 class JobStore:
@@ -109,7 +113,7 @@ class JobStore:
         inflight_key = keys.tenant_inflight_key(tenant)
         if await self.redis.scard(inflight_key) >= s.max_jobs_in_flight_per_tenant:
             for raw in await self.redis.smembers(inflight_key):  # forget jobs that expired while in flight
-                if not await self.redis.exists(keys.job_key(raw.decode() if isinstance(raw, bytes) else raw)):
+                if not await self.redis.exists(keys.job_key(as_str(raw))):
                     await self.redis.srem(inflight_key, raw)
             if await self.redis.scard(inflight_key) >= s.max_jobs_in_flight_per_tenant:
                 metrics.REQUESTS_REFUSED.labels("jobs_in_flight").inc()
@@ -119,10 +123,7 @@ class JobStore:
                     headers={"Retry-After": "10"},
                 )
         if not interactive:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for name in bulk_queue_keys():
-                    pipe.llen(name)
-                depth = sum(await pipe.execute())
+            depth = (await self.queue_depths())[keys.QUEUE_BULK]
             if depth + chunks > s.max_queue_depth:
                 metrics.REQUESTS_REFUSED.labels("queue_depth").inc()
                 raise Overloaded(
@@ -237,23 +238,23 @@ class JobStore:
         if not JOB_ID.match(job_id):
             raise JobNotFound(job_id)
         raw = await self.redis.hgetall(keys.job_key(job_id))
-        record = _decode(raw)
+        record = decode_record(raw)
         if not raw or record.get("tenant", "default") != tenant:
             raise JobNotFound(job_id)
         return record
 
     async def get(self, job_id: str, tenant: str) -> Job:
         r = await self._record(job_id, tenant)
-        workers = _decode(await self.redis.hgetall(keys.job_workers_key(job_id)))
+        workers = decode_record(await self.redis.hgetall(keys.job_workers_key(job_id)))
         raw_attempts = await self.redis.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)
-        attempts = [a.decode() if isinstance(a, bytes) else a for a in raw_attempts]
+        attempts = [as_str(a) for a in raw_attempts]
         return job_from_record(r, {k: int(v) for k, v in workers.items()}, attempts)
 
     async def recent(self, limit: int, tenant: str) -> list[Job]:
         """The newest jobs first; expired ones are dropped from the index as they are met."""
         jobs = []
         for raw_id in await self.redis.zrevrange(keys.recent_jobs_key(tenant), 0, limit * 2):
-            job_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            job_id = as_str(raw_id)
             try:
                 jobs.append(await self.get(job_id, tenant))
             except JobNotFound:

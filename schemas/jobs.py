@@ -191,6 +191,16 @@ def rank(
     return results
 
 
+def as_str(value: object) -> str:
+    """A Redis reply as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_record(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A Redis hash as text keys and values, the form job_from_record reads."""
+    return {as_str(k): as_str(v) for k, v in raw.items()}
+
+
 def job_from_record(r: dict[str, str], workers: dict[str, int], attempts: list[str] | None = None) -> Job:
     """The job as the API shows it, from its Redis hash (decoded), its per-worker pair counts and its webhook
     attempts (JSON entries)."""

@@ -8,6 +8,7 @@ import redis
 
 from schemas import keys
 from schemas.chunks import ChunkResult
+from schemas.jobs import as_str
 
 # KEYS: job, scores, workers, input, done. ARGV: chunk index, result JSON, pairs in chunk, worker, now, ttl seconds,
 # tokens, done ttl. HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job.
@@ -76,7 +77,7 @@ class WorkerJobStore:
 
     def status(self, job_id: str) -> str | None:
         value = self.redis.hget(keys.job_key(job_id), "status")
-        return value.decode() if isinstance(value, bytes) else value
+        return None if value is None else as_str(value)
 
     def should_skip(self, job_id: str) -> bool:
         """True when the job is gone, cancelled, failed or already done: its remaining chunks need no scoring."""
@@ -101,12 +102,12 @@ class WorkerJobStore:
                 keys.DONE_TTL_S,
             ],
         )
-        return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+        return as_str(outcome)
 
     def latency(self, job_id: str) -> tuple[str, float] | None:
         """(kind, seconds from creation to finish) of a finished job."""
         kind, created, finished = (
-            v.decode() if isinstance(v, bytes) else v
+            None if v is None else as_str(v)
             for v in self.redis.hmget(keys.job_key(job_id), "kind", "created_at", "finished_at")
         )
         if not (created and finished):

@@ -29,7 +29,7 @@ from celery import signals
 from standardwebhooks import Webhook
 
 from schemas import keys
-from schemas.jobs import assemble_results, job_from_record
+from schemas.jobs import assemble_results, decode_record, job_from_record
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import UnresolvableHost, UnsafeURL, WebhookState, event_payload, resolve_checked
 from workers.celery_app import app
@@ -44,12 +44,6 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
 return due
 """
-
-
-def _decode(raw: dict[Any, Any]) -> dict[str, str]:
-    return {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
-    }
 
 
 def message_id(job_id: str, event: str) -> str:
@@ -83,7 +77,7 @@ def _pinned_request(url: str, host: str, address: str) -> tuple[str, dict[str, s
 
 def deliver(client: redis.Redis, settings: Settings, job_id: str) -> str:
     """One delivery attempt for the job's pending event; returns the webhook state afterwards."""
-    record = _decode(client.hgetall(keys.job_key(job_id)))
+    record = decode_record(client.hgetall(keys.job_key(job_id)))
     if not record or record.get("webhook_state") != WebhookState.pending or not record.get("webhook_url"):
         client.zrem(keys.WEBHOOKS_DUE, job_id)
         return record.get("webhook_state", "none") if record else "none"
