@@ -9,12 +9,13 @@ word-level tokenizer (a real tokenizer splits them differently: the token counts
 
 from __future__ import annotations
 
-import gc
 import json
+import multiprocessing
 import platform
 import random
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,27 +48,61 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def run_raw(settings: Settings, requests: list[dict[str, Any]]) -> dict[str, Any]:
-    """The engine alone, the best a single process does with it: tokenize, length-sorted batches under the same
-    token budget as the farm."""
-    from workers.batcher import plan_batches
-    from workers.engines.base import Pair, load_engine
+    """The engine alone, the best a single process does with it, in a child process (so that its memory, a GPU's
+    above all, is free again before the farm's worker loads): vLLM gets the whole workload in one `LLM.classify`
+    call, which keeps its scheduler full; transformers gets length-sorted batches under the farm's token budget."""
+    from workers.engines.factory import choose_engine
+    from workers.prompts import Pair, PromptBuilder
 
-    engine = load_engine(settings)
+    builder = PromptBuilder.from_pretrained(settings.model, settings.max_length)
     pairs = [Pair(r["query"], d) for r in requests for d in r["documents"]]
-    warm = engine.encode(pairs[:64])
-    engine.score(warm)
     started = time.perf_counter()
-    prompts = engine.encode(pairs)
-    scores = [0.0] * len(prompts)
-    for batch in plan_batches([len(p) for p in prompts], settings.max_batch_tokens):
-        for i, s in zip(batch, engine.score([prompts[i] for i in batch]), strict=True):
-            scores[i] = s
-    seconds = time.perf_counter() - started
-    gpu_mem = _gpu_memory_gib()
-    del engine
-    gc.collect()
-    _free_cuda()
-    return {"seconds": seconds, "scores": scores, "tokens": sum(map(len, prompts)), "gpu_memory_gib": gpu_mem}
+    prompts = builder.encode(pairs)
+    tokenize_s = time.perf_counter() - started
+    kind = choose_engine(settings)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        seconds, scores, gpu_mem = pool.submit(_raw_scores, settings, kind, builder.max_length, prompts).result()
+    return {
+        "seconds": seconds + tokenize_s,
+        "scores": scores,
+        "tokens": sum(map(len, prompts)),
+        "gpu_memory_gib": gpu_mem,
+    }
+
+
+def _raw_scores(
+    settings: Settings, kind: str, max_length: int, prompts: list[list[int]]
+) -> tuple[float, list[float], float | None]:
+    """In the child process: load the engine, warm it up, then time the whole workload."""
+    if kind == "vllm":
+        from vllm import LLM
+        from vllm.inputs import TokensPrompt
+
+        from workers.engines.vllm_engine import engine_kwargs, on_cpu_platform, prepare_environment
+
+        on_cpu = on_cpu_platform()
+        prepare_environment(settings, on_cpu)
+        llm = LLM(**engine_kwargs(settings, max_length, on_cpu))
+        requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        llm.classify(requests[:64], use_tqdm=False)
+        started = time.perf_counter()
+        outputs = llm.classify(requests, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        scores = [float(o.outputs.probs[-1]) for o in outputs]
+    else:
+        from workers.batcher import plan_batches
+        from workers.engines.transformers_engine import TransformersEngine
+
+        engine = TransformersEngine.load(settings)
+        engine.score(prompts[:64])
+        started = time.perf_counter()
+        scores = [0.0] * len(prompts)
+        for batch in plan_batches([len(p) for p in prompts], settings.max_batch_tokens):
+            for i, s in zip(batch, engine.score([prompts[i] for i in batch]), strict=True):
+                scores[i] = s
+        seconds = time.perf_counter() - started
+    return seconds, scores, _gpu_memory_gib()
 
 
 def run_farm(url: str, requests: list[dict[str, Any]], jobs: int) -> dict[str, Any]:
@@ -169,16 +204,6 @@ def _gpu_memory_gib() -> float | None:
     return None
 
 
-def _free_cuda() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 def main(
     model: str,
     engine: str,
@@ -190,8 +215,10 @@ def main(
     latency_docs: int,
 ) -> dict[str, Any]:
     from rerankfarm.local_farm import LocalFarm
+    from workers.engines.factory import choose_engine
 
     settings = get_settings().model_copy(update={"model": model, "engine": engine})
+    engine = choose_engine(settings)  # `auto` resolved, so the table and the JSON name the engine that ran
     requests = workload(pairs)
     n = sum(len(r["documents"]) for r in requests)
     print(f"workload: {len(requests)} queries x <=100 documents = {n} pairs; engine={engine} model={model}")

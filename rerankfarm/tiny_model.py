@@ -32,12 +32,12 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     )
     cfg = Qwen3Config(
         vocab_size=len(hf_tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=32,  # vLLM's CPU attention refuses head_dim 16
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         pad_token_id=hf_tok.pad_token_id,

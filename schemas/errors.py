@@ -77,6 +77,16 @@ class EngineLoadError(RerankError):
     code = "engine_load_failed"
     status = 503
 
+    @classmethod
+    def model_unloadable(cls, model: str, exc: BaseException) -> EngineLoadError:
+        first_line = (str(exc).splitlines() or [""])[0]
+        return cls(
+            f"could not load model {model!r} ({exc.__class__.__name__}: {first_line}). "
+            "If this machine cannot reach the Hugging Face Hub, download the model where it can "
+            "(`hf download Qwen/Qwen3-Reranker-0.6B --local-dir DIR`) and set RERANK_MODEL=DIR; "
+            "check that RERANK_MODEL names a model id or a directory with config.json and tokenizer files."
+        )
+
 
 class InvalidInput(RerankError):
     """Input the engine rejects; the job fails without retries."""

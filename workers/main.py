@@ -36,7 +36,7 @@ def _on_shutdown(**_: object) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
     if runtime._runtime is not None:
-        runtime._runtime.batcher.stop()
+        runtime._runtime.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
-"""Per-process worker state: the engine, the batcher and the job store, created once before consuming, plus the
-heartbeat that tells the API this worker is alive."""
+"""Per-process worker state: the prompt builder, the engine, the batcher and the job store, created once before
+consuming, plus the heartbeat that tells the API this worker is alive (and ends a worker whose engine died)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from redis.retry import Retry
 from schemas import keys, metrics
 from schemas.settings import Settings
 from workers.batcher import Batcher
-from workers.engines.base import Engine, load_engine
+from workers.engines.base import Engine
+from workers.engines.factory import load_engine
 from workers.job_store import WorkerJobStore, now_iso
+from workers.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +31,18 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
+    prompts: PromptBuilder
     engine: Engine
     batcher: Batcher
     store: WorkerJobStore
 
+    def close(self) -> None:
+        """Stop feeding the engine, then free it (vLLM: its engine core and memory)."""
+        self.batcher.stop()
+        self.engine.close()
 
+
+EXIT_ENGINE_DEAD = 3  # the launcher restarts a worker that exits with this (EXIT_CONFIG=2 stops everything)
 _runtime: Runtime | None = None
 _lock = threading.Lock()
 
@@ -43,14 +52,16 @@ def start(settings: Settings) -> Runtime:
     global _runtime
     with _lock:
         if _runtime is None:
-            engine = load_engine(settings)
+            prompts = PromptBuilder.from_pretrained(settings.model, settings.max_length)
+            engine = load_engine(settings, prompts.max_length)
             client = redis.Redis.from_url(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )
             _runtime = Runtime(
                 settings,
+                prompts,
                 engine,
-                Batcher(engine, settings.max_batch_tokens, window_batches=settings.batch_window),
+                Batcher(engine, window_batches=settings.batch_window),
                 WorkerJobStore(client, settings.result_ttl_s),
             )
         return _runtime
@@ -124,6 +135,14 @@ class Heartbeat:
     def _run(self) -> None:
         period = self.runtime.settings.worker_heartbeat_s
         while not self._stop.is_set():
+            problem = self.runtime.engine.health()
+            if problem is not None:
+                # A worker whose engine died cannot score: stop announcing it and exit, so that the launcher starts
+                # a fresh one and the chunks it held (unacked) go to live workers.
+                logger.error("engine unhealthy (%s): worker %s exits", problem, self.hostname)
+                with contextlib.suppress(redis.RedisError):
+                    self.client.delete(keys.worker_key(self.hostname))
+                os._exit(EXIT_ENGINE_DEAD)
             stats = self.runtime.batcher.stats
             info = {
                 **self.info,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from schemas.chunks import Chunk, ChunkResult
-from workers.engines.base import Engine, Pair
+from workers.prompts import Pair, PromptBuilder
 
 
 @dataclass
@@ -18,8 +18,8 @@ class Prepared:
     windowed: bool = False
 
 
-def prepare(engine: Engine, chunk: Chunk) -> Prepared:
-    """Tokenize every pair of the chunk (InvalidInput from the engine propagates: the input is at fault)."""
+def prepare(prompts: PromptBuilder, chunk: Chunk) -> Prepared:
+    """Tokenize every pair of the chunk (InvalidInput propagates: the input is at fault)."""
     out = Prepared()
     for segment in chunk.segments:
         pairs = [Pair(segment.query, d, segment.instruction) for d in segment.documents]
@@ -27,14 +27,14 @@ def prepare(engine: Engine, chunk: Chunk) -> Prepared:
         if options is not None and options.windows:
             out.windowed = True
             for pair in pairs:
-                windows = engine.windows(pair, options)
+                windows = prompts.windows(pair, options)
                 for k, w in enumerate(windows):
                     out.prompts.append(w.token_ids)
                     out.owners.append(out.pairs)
                     out.spans.append([k, len(windows), w.start, w.end])
                 out.pairs += 1
         else:
-            out.prompts.extend(engine.encode(pairs, options))
+            out.prompts.extend(prompts.encode(pairs, options))
             out.owners.extend(range(out.pairs, out.pairs + len(pairs)))
             out.spans.extend([None] * len(pairs))
             out.pairs += len(pairs)

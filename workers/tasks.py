@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
@@ -15,10 +16,12 @@ from schemas import metrics
 from schemas.chunks import Chunk
 from schemas.keys import TASK_SCORE_CHUNK
 from workers import runtime, scoring
-from workers.batcher import Cancelled
+from workers.batcher import Cancelled, Submission
 from workers.celery_app import app
 
 logger = logging.getLogger(__name__)
+
+CANCEL_POLL_S = 0.5  # how often a waiting task asks whether its job was cancelled (one HGET per chunk in flight)
 
 
 @app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
@@ -32,6 +35,23 @@ def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         raise Reject(exc, requeue=True) from exc
 
 
+def _wait(submission: Submission, is_cancelled: Callable[[], bool], timeout: float) -> list[float]:
+    """The submission's scores. Meanwhile this (task) thread asks Redis every CANCEL_POLL_S whether the job was
+    cancelled, and cancels the submission if so: the batcher's feeders only read a flag and never wait on Redis."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return submission.future.result(timeout=min(CANCEL_POLL_S, max(0.0, deadline - time.monotonic())))
+        except FutureTimeout:
+            if time.monotonic() >= deadline:
+                raise
+        try:
+            if is_cancelled():
+                submission.cancel()
+        except redis.RedisError as exc:  # a blip: score on, ask again next time
+            logger.warning("cancellation check failed: %r", exc)
+
+
 def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     rt = runtime.get()
     c = Chunk.model_validate(chunk)
@@ -43,17 +63,17 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         logger.info("job %s running", job_id)
     started = time.perf_counter()
     try:
-        prepared = scoring.prepare(rt.engine, c)
+        prepared = scoring.prepare(rt.prompts, c)
     except Exception as exc:  # input the tokenizer rejects will fail again: no retry
         logger.warning("job %s chunk %d: input rejected: %r", job_id, c.index, exc)
         message = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
         if store.fail(job_id, "invalid_input", f"chunk {c.index}: {message}"):
             metrics.JOBS_FINISHED.labels("failed").inc()
         return "failed"
-    future = rt.batcher.submit(prepared.prompts, c.priority, is_cancelled=lambda: store.should_skip(job_id))
+    submission = rt.batcher.submit(prepared.prompts, c.priority)
     try:
         # Bounded below the visibility timeout, so a stuck engine gives the chunk back instead of holding it.
-        scores = future.result(timeout=rt.settings.visibility_timeout_s * 0.8)
+        scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.visibility_timeout_s * 0.8)
     except Cancelled:
         logger.info("job %s chunk %d dropped: job is %s", job_id, c.index, store.status(job_id))
         return "cancelled"

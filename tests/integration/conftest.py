@@ -22,6 +22,7 @@ from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
 from schemas.settings import Settings
+from tests.conftest import VLLM_TEST_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -59,7 +60,7 @@ class WorkerProcess:
             RERANK_MODEL=str(model_dir),
             CUDA_VISIBLE_DEVICES="",
             RERANK_WORKER_HEARTBEAT_S="1",
-            **{"RERANK_WORKER_METRICS_PORT": "0", **env},
+            **{"RERANK_WORKER_METRICS_PORT": "0", **VLLM_TEST_ENV, **env},
         )
         self.args = [
             sys.executable,

@@ -9,13 +9,15 @@ import sys
 
 import pytest
 
+from tests.conftest import VLLM_TEST_ENV
+
 pytestmark = pytest.mark.integration
 
 
 def test_bench_compares_farm_and_raw_engine_and_writes_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
-    env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", RERANK_WORKER_HEARTBEAT_S="1")
+    env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", RERANK_WORKER_HEARTBEAT_S="1", **VLLM_TEST_ENV)
     run = subprocess.run(
         [
             sys.executable,
@@ -48,3 +50,4 @@ def test_bench_compares_farm_and_raw_engine_and_writes_json(tmp_path) -> None:
     assert result["max_abs_score_diff"] < 1e-4
     assert result["interactive_idle_p50_s"] > 0 and result["interactive_under_bulk_p99_s"] > 0
     assert "| farm / raw" in run.stdout
+    assert result["engine"] == "vllm"  # `auto` resolves to vLLM where it is installed

@@ -39,7 +39,7 @@ def test_up_runs_the_example_job_on_an_embedded_redis(tmp_path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,  # the default vLLM engine compiles its model first: about a minute on 2 cores
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "embedded redis-server" in run.stdout
@@ -49,5 +49,7 @@ def test_up_runs_the_example_job_on_an_embedded_redis(tmp_path) -> None:
     assert run.stdout.count("  1. ") == 3
     assert "Celery" not in run.stdout and "celery@" not in run.stdout  # process logs go to files, not the screen
     logs = run.stdout.split("logs: ")[1].split("/{")[0]
+    worker_log = (Path(logs) / "worker.log").read_text()
+    assert "vllm engine ready" in worker_log  # RERANK_ENGINE unset: vLLM, since the cpu extra installs it
     webhooks_log = (Path(logs) / "webhooks.log").read_text()
     assert "webhooks@" in webhooks_log and "rerank.webhooks" in webhooks_log  # the webhook worker ran too

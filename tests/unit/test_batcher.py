@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Sequence
 
 import pytest
 
 from tests.conftest import random_text
 from workers.batcher import Batcher, Cancelled, plan_batches
-from workers.engines.base import Pair
+from workers.engines.base import Feed
+from workers.prompts import Pair
 
 
 class RecordingEngine:
@@ -19,23 +21,41 @@ class RecordingEngine:
     name = "recording"
     device = "cpu"
 
-    def __init__(self) -> None:
+    def __init__(self, max_batch_tokens: int, padded: bool = True, calls_in_flight: int = 1) -> None:
+        self.feed = Feed(max_batch_tokens, padded, calls_in_flight)
         self.batches: list[list[int]] = []
+        self.priorities: list[int] = []
+        self.flags: list[Sequence[threading.Event] | None] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
+        self.inside = 0
+        self.most_inside = 0
         self.fail_on: int | None = None
+        self._lock = threading.Lock()
 
-    def encode(self, pairs: Sequence[Pair]) -> list[list[int]]:
-        return [[1] * len(p.document) for p in pairs]
-
-    def score(self, batch: Sequence[Sequence[int]]) -> list[float]:
+    def score(
+        self, batch: Sequence[Sequence[int]], priority: int = 0, abandoned: Sequence[threading.Event] | None = None
+    ) -> list[float]:
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+            self.batches.append([len(x) for x in batch])
+            self.priorities.append(priority)
+            self.flags.append(abandoned)
         self.entered.set()
         self.gate.wait(5)
-        self.batches.append([len(x) for x in batch])
+        with self._lock:
+            self.inside -= 1
         if self.fail_on is not None and self.fail_on in [len(x) for x in batch]:
             raise RuntimeError("engine exploded")
         return [len(x) / 1000 for x in batch]
+
+    def health(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        pass
 
 
 def test_plan_batches_respects_padded_budget_and_sorts_by_length() -> None:
@@ -49,17 +69,17 @@ def test_plan_batches_respects_padded_budget_and_sorts_by_length() -> None:
 
 
 def test_submissions_from_several_chunks_share_engine_calls_and_get_their_own_scores() -> None:
-    engine = RecordingEngine()
+    engine = RecordingEngine(10_000)
     engine.gate.clear()
-    batcher = Batcher(engine, max_batch_tokens=10_000)
+    batcher = Batcher(engine)
     try:
         first = batcher.submit([[1] * 3])  # taken alone while the engine is held
         assert engine.entered.wait(5)
         futures = [batcher.submit([[1] * n for n in (k + 1, k + 50)]) for k in range(5)]
         engine.gate.set()
-        assert first.result(5) == [0.003]
+        assert first.future.result(5) == [0.003]
         for k, f in enumerate(futures):
-            assert f.result(5) == [(k + 1) / 1000, (k + 50) / 1000]
+            assert f.future.result(5) == [(k + 1) / 1000, (k + 50) / 1000]
         assert len(engine.batches) == 2
         assert engine.batches[1] == sorted(engine.batches[1], reverse=True)
         assert len(engine.batches[1]) == 10
@@ -68,46 +88,48 @@ def test_submissions_from_several_chunks_share_engine_calls_and_get_their_own_sc
 
 
 def test_higher_priority_runs_before_the_rest_of_a_round() -> None:
-    engine = RecordingEngine()
+    engine = RecordingEngine(100)
     engine.gate.clear()
-    batcher = Batcher(engine, max_batch_tokens=100)
+    batcher = Batcher(engine)
     try:
         batcher.submit([[1] * 7])
         assert engine.entered.wait(5)
         low = batcher.submit([[1] * 50, [1] * 50, [1] * 50], priority=1)  # three batches at the budget
         urgent = batcher.submit([[1] * 9], priority=9)
         engine.gate.set()
-        urgent.result(5)
-        low.result(5)
+        urgent.future.result(5)
+        low.future.result(5)
         assert engine.batches[1] == [9]
     finally:
         batcher.stop()
 
 
 def test_engine_failure_fails_only_the_submissions_in_that_batch() -> None:
-    engine = RecordingEngine()
+    engine = RecordingEngine(70)
     engine.fail_on = 66
-    batcher = Batcher(engine, max_batch_tokens=70)
+    batcher = Batcher(engine)
     try:
         bad = batcher.submit([[1] * 66])
         with pytest.raises(RuntimeError, match="exploded"):
-            bad.result(5)
-        assert batcher.submit([[1] * 4]).result(5) == [0.004]
+            bad.future.result(5)
+        assert batcher.submit([[1] * 4]).future.result(5) == [0.004]
     finally:
         batcher.stop()
 
 
 def test_cancelled_submission_never_reaches_the_engine() -> None:
-    engine = RecordingEngine()
+    engine = RecordingEngine(1000)
     engine.gate.clear()
-    batcher = Batcher(engine, max_batch_tokens=1000)
+    batcher = Batcher(engine)
     try:
         batcher.submit([[1] * 2])
         assert engine.entered.wait(5)
-        dropped = batcher.submit([[1] * 77], is_cancelled=lambda: True)
-        engine.gate.set()
+        dropped = batcher.submit([[1] * 77])
+        dropped.cancel()  # what a task thread does when it learns its job was cancelled
         with pytest.raises(Cancelled):
-            dropped.result(5)
+            dropped.future.result(0)  # at once, not after the engine call in progress
+        engine.gate.set()
+        assert batcher.submit([[1] * 3]).future.result(5) == [0.003]
         assert all(77 not in b for b in engine.batches)
     finally:
         batcher.stop()
@@ -115,18 +137,20 @@ def test_cancelled_submission_never_reaches_the_engine() -> None:
 
 def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(tiny_model_dir) -> None:
     from schemas.settings import Settings
-    from workers.engines.base import load_engine
+    from workers.engines.transformers_engine import TransformersEngine
+    from workers.prompts import PromptBuilder
 
-    engine = load_engine(Settings(model=str(tiny_model_dir), max_length=512))
+    prompts = PromptBuilder.from_pretrained(str(tiny_model_dir), 512)
+    engine = TransformersEngine.load(Settings(model=str(tiny_model_dir), max_batch_tokens=4096))
     rng = random.Random(3)
     target = Pair(random_text(rng, 3, 6), random_text(rng, 10, 20), "Find the passage")
-    alone = engine.score(engine.encode([target]))[0]
-    batcher = Batcher(engine, max_batch_tokens=4096)
+    alone = engine.score(prompts.encode([target]))[0]
+    batcher = Batcher(engine)
     try:
         jobs = [[Pair(random_text(rng, 2, 8), random_text(rng, 1, 400)) for _ in range(7)] for _ in range(3)]
         jobs[1].insert(3, target)
-        futures = [batcher.submit(engine.encode(pairs)) for pairs in jobs]
-        inside = futures[1].result(30)[3]
+        futures = [batcher.submit(prompts.encode(pairs)) for pairs in jobs]
+        inside = futures[1].future.result(30)[3]
     finally:
         batcher.stop()
     assert batcher.stats.batches < sum(len(j) for j in jobs)  # pairs really were batched together
@@ -134,36 +158,74 @@ def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(t
 
 
 def test_oldest_pair_is_always_served_so_chunks_finish_in_arrival_order() -> None:
-    engine = RecordingEngine()
+    engine = RecordingEngine(100)
     engine.gate.clear()
-    batcher = Batcher(engine, max_batch_tokens=100, window_batches=2)
+    batcher = Batcher(engine, window_batches=2)
     try:
         batcher.submit([[1] * 5])
         assert engine.entered.wait(5)
         old = batcher.submit([[1] * 10])  # short and old
         newer = [batcher.submit([[1] * 90]) for _ in range(6)]  # long ones keep coming behind it
         engine.gate.set()
-        old.result(5)
+        old.future.result(5)
         for f in newer:
-            f.result(5)
+            f.future.result(5)
         assert 10 in engine.batches[1]
     finally:
         batcher.stop()
 
 
 def test_lower_priority_is_not_starved() -> None:
-    engine = RecordingEngine()
+    engine = RecordingEngine(10)
     engine.gate.clear()
-    batcher = Batcher(engine, max_batch_tokens=10, starvation_limit=2)
+    batcher = Batcher(engine, starvation_limit=2)
     try:
         batcher.submit([[1] * 1])
         assert engine.entered.wait(5)
         bulk = batcher.submit([[1] * 3], priority=0)
         urgent = [batcher.submit([[1] * 7], priority=10) for _ in range(6)]
         engine.gate.set()
-        bulk.result(5)
+        bulk.future.result(5)
         for f in urgent:
-            f.result(5)
+            f.future.result(5)
         assert engine.batches[1:4] == [[7], [7], [3]]
+    finally:
+        batcher.stop()
+
+
+def test_packed_engine_gets_the_oldest_pairs_in_order_with_its_next_call_already_waiting() -> None:
+    engine = RecordingEngine(100, padded=False, calls_in_flight=2)
+    engine.gate.clear()
+    batcher = Batcher(engine)
+    try:
+        batcher.submit([[1] * 100])
+        assert engine.entered.wait(5)
+        batcher.submit([[1] * 2])
+        deadline = time.monotonic() + 5
+        while engine.most_inside < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.most_inside == 2  # a second call entered the engine while the first was held
+        subs = [batcher.submit([[1] * n]) for n in (40, 50, 30, 20, 60)]
+        engine.gate.set()
+        for s in subs:
+            s.future.result(5)
+        # Packed cost is the sum of lengths: calls fill the budget in arrival order, no length sorting.
+        assert sorted(engine.batches[2:]) == [[30, 20], [40, 50], [60]]
+    finally:
+        batcher.stop()
+
+
+def test_each_call_carries_its_priority_and_the_cancel_flags_of_its_pairs() -> None:
+    engine = RecordingEngine(1000)
+    batcher = Batcher(engine)
+    try:
+        sub = batcher.submit([[1] * 5, [1] * 6], priority=10)
+        sub.future.result(5)
+        assert engine.priorities[-1] == 10
+        flags = engine.flags[-1]
+        assert flags is not None and all(f is sub.cancelled for f in flags)
+        assert not any(f.is_set() for f in flags)
+        sub.cancel()
+        assert all(f.is_set() for f in flags)  # what lets an engine that queues work abort it
     finally:
         batcher.stop()

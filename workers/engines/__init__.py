@@ -1,5 +1,2 @@
-"""Scoring engines. Each turns (query, document, instruction) into token ids and token ids into P(yes)."""
-
-from workers.engines.base import Engine, Pair, load_engine
-
-__all__ = ["Engine", "Pair", "load_engine"]
+"""Scoring engines: `base` (the protocol every engine meets), `factory` (which one a worker loads), and one module
+per engine. Importing this package loads no model and imports neither torch nor vLLM."""

@@ -1,70 +1,51 @@
-"""The engine interface and the choice of engine."""
+"""What every engine shares: prompts in as token ids (built by `workers.prompts`), P(yes) out, and how it wants to be
+fed. Engines know nothing of Celery, Redis or prompts; the batcher (`workers.batcher`) feeds them."""
 
 from __future__ import annotations
 
-import importlib.util
-import logging
+import threading
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol
-
-from schemas.chunks import PairOptions
-from schemas.errors import EngineLoadError
-from schemas.settings import Settings
-
-logger = logging.getLogger(__name__)
+from dataclasses import dataclass
+from typing import Protocol
 
 
-class Pair(NamedTuple):
-    query: str
-    document: str
-    instruction: str | None = None
+@dataclass(frozen=True)
+class Feed:
+    """How an engine wants its work: the batcher plans calls from this and nothing else."""
 
-
-class Window(NamedTuple):
-    """One window of a long document: its prompt and the document tokens [start, end) it holds."""
-
-    token_ids: list[int]
-    start: int
-    end: int
+    max_batch_tokens: int
+    """Token budget of one engine call."""
+    padded: bool
+    """True: a call costs longest prompt x prompts (the transformers engine pads its batch); False: the sum of the
+    prompts' lengths (vLLM packs tokens without padding)."""
+    calls_in_flight: int = 1
+    """Engine calls the batcher keeps going at once. 1: one blocking call at a time. 2 or more: the next call is
+    already queued inside the engine while one runs, so the engine never waits for Python to plan the next one."""
 
 
 class Engine(Protocol):
-    """What the batcher and the tasks need from an engine. Implementations are loaded once per worker process and
-    called from one thread only (vLLM's LLM is not thread-safe)."""
+    """Loaded once per worker process, before it consumes. `score` may be called from `feed.calls_in_flight`
+    threads at once; an engine that is not thread-safe says 1."""
 
     name: str
     device: str
+    feed: Feed
 
-    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
-        """Prompt token ids for each pair, cut to the max length (or InvalidInput when `options.truncate` is
-        false and a prompt is too long). Thread-safe."""
+    def score(
+        self,
+        batch: Sequence[Sequence[int]],
+        priority: int = 0,
+        abandoned: Sequence[threading.Event] | None = None,
+    ) -> list[float]:
+        """P(yes) for each prompt; the same value whatever else is in the batch. `priority`: higher is more urgent
+        (interactive above bulk), for engines that schedule several calls. `abandoned[i]` set means nobody wants
+        prompt i any more: an engine that can drop queued work does, and returns NaN for it."""
         ...
 
-    def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
-        """Prompts for overlapping windows of a long document; one window (the `encode` prompt) when it fits."""
+    def health(self) -> str | None:
+        """None while the engine can score; else why it cannot (its engine process died, say)."""
         ...
 
-    def score(self, batch: Sequence[Sequence[int]]) -> list[float]:
-        """P(yes) for each prompt; the same value whatever else is in the batch."""
+    def close(self) -> None:
+        """Free the engine (its processes, its memory); scoring after this fails."""
         ...
-
-
-def choose_engine(settings: Settings) -> str:
-    """`auto` is transformers (on CUDA when present) until the vLLM engine lands."""
-    return "transformers" if settings.engine == "auto" else settings.engine
-
-
-def load_engine(settings: Settings) -> Engine:
-    """Load the configured engine, or raise EngineLoadError with a message that says what to do."""
-    kind = choose_engine(settings)
-    logger.info("loading %s engine for model %s", kind, settings.model)
-    if kind == "vllm":
-        raise EngineLoadError("the vLLM engine is not available in this release yet; set RERANK_ENGINE=transformers")
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
-        raise EngineLoadError(
-            "the transformers engine needs torch and transformers: install the worker extra, "
-            "e.g. pip install 'rerankfarm[cpu]'"
-        )
-    from workers.engines.transformers_engine import TransformersEngine
-
-    return TransformersEngine.load(settings)

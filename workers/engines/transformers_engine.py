@@ -1,8 +1,7 @@
-"""Qwen3-Reranker on Hugging Face transformers: the CPU fallback and the reference for the vLLM engine.
+"""Qwen3-Reranker on Hugging Face transformers: the fallback engine (CPU or GPU) and the reference for vLLM.
 
-The rule is the model card's: prompt = PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>: ..." + SUFFIX, with
-the middle part tokenized on its own and cut from its end so the whole prompt fits `max_length`; the score is the
-softmax over the "no"/"yes" logits at the last position, keeping P(yes).
+The rule is the model card's: the score is the softmax over the "no"/"yes" logits at the last position of the
+prompt (built by `workers.prompts`), keeping P(yes).
 
 Batches are padded on the right and each row is read at its own last token. With a causal mask, pads after a row's
 last token cannot change it and positions start at 0 in every row, so a pair scores the same alone or in any batch.
@@ -12,17 +11,16 @@ Only the two rows of the LM head that matter are applied, instead of the full 15
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from schemas.chunks import PairOptions
-from schemas.errors import EngineLoadError, InvalidInput
-from schemas.prompt import PREFIX, SUFFIX, format_body
+from schemas.errors import EngineLoadError
 from schemas.settings import Settings
-from workers.engines.base import Pair, Window
+from workers.engines.base import Feed
 
 logger = logging.getLogger(__name__)
 
@@ -32,24 +30,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, device: str) -> None:
+    def __init__(
+        self, model: Any, yes_no_ids: tuple[int, int], pad_id: int, device: str, max_batch_tokens: int
+    ) -> None:
         self.model = model
-        self.tokenizer = tokenizer
         self.device = device
-        self.max_length = max_length
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in ("yes", "no") if t not in vocab]
-        if missing:
-            raise EngineLoadError(f"the tokenizer has no token for {missing}: this is not a Qwen3-Reranker checkpoint")
-        self.prefix_ids: list[int] = tokenizer.encode(PREFIX, add_special_tokens=False)
-        self.suffix_ids: list[int] = tokenizer.encode(SUFFIX, add_special_tokens=False)
-        self.body_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
-        if self.body_budget < 16:
-            raise EngineLoadError(f"RERANK_MAX_LENGTH={max_length} leaves no room for a query and a document")
+        # One blocking call at a time: a padded forward pass uses every core (or the whole GPU) by itself.
+        self.feed = Feed(max_batch_tokens=max_batch_tokens, padded=True, calls_in_flight=1)
         head = model.get_output_embeddings().weight
-        ids = [vocab["no"], vocab["yes"]]
-        self.head = head[ids].detach().clone()  # [2, hidden]: rows of "no" and "yes"
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.head = head[list(yes_no_ids)].detach().clone()  # [2, hidden]: rows of "no" and "yes"
+        self.pad_id = pad_id
+        self._closed = False
 
     @classmethod
     def load(cls, settings: Settings) -> TransformersEngine:
@@ -65,78 +56,34 @@ class TransformersEngine:
             tokenizer = AutoTokenizer.from_pretrained(settings.model)
             model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=_DTYPES[dtype_name])
         except (OSError, ValueError) as exc:
-            raise EngineLoadError(
-                f"could not load model {settings.model!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
-                "If this machine cannot reach the Hugging Face Hub, download the model where it can "
-                "(`hf download Qwen/Qwen3-Reranker-0.6B --local-dir DIR`) and set RERANK_MODEL=DIR; "
-                "check that RERANK_MODEL names a model id or a directory with config.json and tokenizer files."
-            ) from None
-        tokenizer.truncation_side = "right"
-        max_length = settings.max_length
-        positions = getattr(model.config, "max_position_embeddings", None)
-        if positions and max_length > positions:
-            logger.warning(
-                "RERANK_MAX_LENGTH=%d exceeds the model's %d positions; using %d", max_length, positions, positions
-            )
-            max_length = positions
+            raise EngineLoadError.model_unloadable(settings.model, exc) from None
+        vocab = tokenizer.get_vocab()
+        if "yes" not in vocab or "no" not in vocab:
+            raise EngineLoadError("the tokenizer has no yes/no tokens: this is not a Qwen3-Reranker checkpoint")
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, tokenizer, max_length, device)
+        return cls(model, (vocab["no"], vocab["yes"]), pad_id, device, settings.max_batch_tokens)
 
-    def _budget(self, options: PairOptions) -> int:
-        if options.max_prompt_tokens is None:
-            return self.body_budget
-        budget = min(self.body_budget, options.max_prompt_tokens - len(self.prefix_ids) - len(self.suffix_ids))
-        if budget < 8:
-            raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
-        return budget
+    def health(self) -> str | None:
+        return "closed" if self._closed else None
 
-    def _cut(self, text: str, tokens: int) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= tokens else str(self.tokenizer.decode(ids[:tokens]))
-
-    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
-        options = options or PairOptions()
-        budget = self._budget(options)
-        docs = [p.document for p in pairs]
-        if options.max_doc_tokens is not None:
-            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
-        bodies = [format_body(p.query, d, p.instruction) for p, d in zip(pairs, docs, strict=True)]
-        if options.truncate:
-            enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
-        else:
-            enc = self.tokenizer(bodies, add_special_tokens=False)
-            longest = max(len(ids) for ids in enc["input_ids"])
-            if longest > budget:
-                total = longest + len(self.prefix_ids) + len(self.suffix_ids)
-                limit = budget + len(self.prefix_ids) + len(self.suffix_ids)
-                raise InvalidInput(f"a prompt has {total} tokens, over the limit of {limit}, and truncation is off")
-        return [self.prefix_ids + ids + self.suffix_ids for ids in enc["input_ids"]]
-
-    def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
-        room = self._budget(options) - len(
-            self.tokenizer(format_body(pair.query, "", pair.instruction), add_special_tokens=False)["input_ids"]
-        )
-        if room < 8:
-            raise InvalidInput("the query and instruction leave no room for a document window")
-        size = min(options.window_tokens or room, room)
-        doc = self.tokenizer(pair.document, add_special_tokens=False)["input_ids"]
-        if len(doc) <= size:
-            return [Window(self.encode([pair], options.model_copy(update={"truncate": True}))[0], 0, len(doc))]
-        step = max(1, size - options.window_overlap)
-        windows = []
-        for start in range(0, len(doc), step):
-            piece = doc[start : start + size]
-            text = str(self.tokenizer.decode(piece))
-            body = format_body(pair.query, text, pair.instruction)
-            ids = self.tokenizer(body, add_special_tokens=False, truncation=True, max_length=self._budget(options))
-            windows.append(Window(self.prefix_ids + ids["input_ids"] + self.suffix_ids, start, start + len(piece)))
-            if start + size >= len(doc):
-                break
-        return windows
+    def close(self) -> None:
+        self._closed = True
+        self.model = None
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def score(self, batch: Sequence[Sequence[int]]) -> list[float]:
+    def score(
+        self,
+        batch: Sequence[Sequence[int]],
+        priority: int = 0,
+        abandoned: Sequence[threading.Event] | None = None,
+    ) -> list[float]:
+        """One padded forward pass; `priority` and `abandoned` do not apply to a single blocking call."""
+        if self.model is None:
+            raise RuntimeError("the transformers engine is closed")
         if not batch:
             return []
         lengths = torch.tensor([len(x) for x in batch])

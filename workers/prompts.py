@@ -1,0 +1,130 @@
+"""How a (query, document) pair becomes the token ids an engine scores: the one place prompts are built.
+
+The text is the model card's (`schemas.prompt`): PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>: ..." + SUFFIX.
+The middle part is tokenized on its own and cut from its end so the whole prompt fits the max length; PREFIX and
+SUFFIX are never cut, so every prompt ends with the assistant turn the yes/no logits are read after. Engines only
+see token ids, so the transformers and vLLM engines score exactly the same prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from schemas.chunks import PairOptions
+from schemas.errors import EngineLoadError, InvalidInput
+from schemas.prompt import PREFIX, SUFFIX, format_body
+
+logger = logging.getLogger(__name__)
+
+
+class Pair(NamedTuple):
+    query: str
+    document: str
+    instruction: str | None = None
+
+
+class Window(NamedTuple):
+    """One window of a long document: its prompt and the document tokens [start, end) it holds."""
+
+    token_ids: list[int]
+    start: int
+    end: int
+
+
+class PromptBuilder:
+    """Token ids of prompts for one tokenizer and max length. Thread-safe (fast tokenizers are)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        vocab = tokenizer.get_vocab()
+        missing = [t for t in ("yes", "no") if t not in vocab]
+        if missing:
+            raise EngineLoadError(f"the tokenizer has no token for {missing}: this is not a Qwen3-Reranker checkpoint")
+        self.yes_no_ids = (vocab["no"], vocab["yes"])
+        self.prefix_ids: list[int] = tokenizer.encode(PREFIX, add_special_tokens=False)
+        self.suffix_ids: list[int] = tokenizer.encode(SUFFIX, add_special_tokens=False)
+        self.body_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)
+        if self.body_budget < 16:
+            raise EngineLoadError(f"RERANK_MAX_LENGTH={max_length} leaves no room for a query and a document")
+
+    @classmethod
+    def from_pretrained(cls, model: str, max_length: int) -> PromptBuilder:
+        """The model's tokenizer, with `max_length` capped to the model's positions."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model)
+            config = AutoConfig.from_pretrained(model)
+        except (OSError, ValueError) as exc:
+            raise EngineLoadError.model_unloadable(model, exc) from None
+        tokenizer.truncation_side = "right"
+        positions = getattr(config, "max_position_embeddings", None)
+        if positions and max_length > positions:
+            logger.warning(
+                "RERANK_MAX_LENGTH=%d exceeds the model's %d positions; using %d", max_length, positions, positions
+            )
+            max_length = positions
+        return cls(tokenizer, max_length)
+
+    @property
+    def pad_id(self) -> int:
+        pad: int | None = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    def _budget(self, options: PairOptions) -> int:
+        if options.max_prompt_tokens is None:
+            return self.body_budget
+        budget = min(self.body_budget, options.max_prompt_tokens - len(self.prefix_ids) - len(self.suffix_ids))
+        if budget < 8:
+            raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
+        return budget
+
+    def _cut(self, text: str, tokens: int) -> str:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return text if len(ids) <= tokens else str(self.tokenizer.decode(ids[:tokens]))
+
+    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
+        """Prompt token ids for each pair, cut to the max length (or InvalidInput when `options.truncate` is false
+        and a prompt is too long)."""
+        options = options or PairOptions()
+        budget = self._budget(options)
+        docs = [p.document for p in pairs]
+        if options.max_doc_tokens is not None:
+            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
+        bodies = [format_body(p.query, d, p.instruction) for p, d in zip(pairs, docs, strict=True)]
+        if options.truncate:
+            enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
+        else:
+            enc = self.tokenizer(bodies, add_special_tokens=False)
+            longest = max(len(ids) for ids in enc["input_ids"])
+            if longest > budget:
+                total = longest + len(self.prefix_ids) + len(self.suffix_ids)
+                limit = budget + len(self.prefix_ids) + len(self.suffix_ids)
+                raise InvalidInput(f"a prompt has {total} tokens, over the limit of {limit}, and truncation is off")
+        return [self.prefix_ids + ids + self.suffix_ids for ids in enc["input_ids"]]
+
+    def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
+        """Prompts for overlapping windows of a long document; one window (the `encode` prompt) when it fits."""
+        room = self._budget(options) - len(
+            self.tokenizer(format_body(pair.query, "", pair.instruction), add_special_tokens=False)["input_ids"]
+        )
+        if room < 8:
+            raise InvalidInput("the query and instruction leave no room for a document window")
+        size = min(options.window_tokens or room, room)
+        doc = self.tokenizer(pair.document, add_special_tokens=False)["input_ids"]
+        if len(doc) <= size:
+            return [Window(self.encode([pair], options.model_copy(update={"truncate": True}))[0], 0, len(doc))]
+        step = max(1, size - options.window_overlap)
+        windows = []
+        for start in range(0, len(doc), step):
+            piece = doc[start : start + size]
+            text = str(self.tokenizer.decode(piece))
+            body = format_body(pair.query, text, pair.instruction)
+            ids = self.tokenizer(body, add_special_tokens=False, truncation=True, max_length=self._budget(options))
+            windows.append(Window(self.prefix_ids + ids["input_ids"] + self.suffix_ids, start, start + len(piece)))
+            if start + size >= len(doc):
+                break
+        return windows
