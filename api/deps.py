@@ -6,9 +6,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from api.job_store import JobStore
-from schemas.auth import API_KEYS, hash_key
 from schemas.errors import Unauthorized
 from schemas.settings import Settings
+from store.api_keys import API_KEYS, hash_key
 
 DEFAULT_TENANT = "default"  # the one tenant when authentication is off
 

@@ -7,7 +7,6 @@ import logging
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -25,41 +24,18 @@ from schemas.errors import (
     Unavailable,
     WaitTimeout,
 )
-from schemas.jobs import (
-    Job,
-    JobCreate,
-    JobResults,
-    JobStatus,
-    as_str,
-    assemble_results,
-    decode_record,
-    job_from_record,
-)
+from schemas.jobs import Job, JobCreate, JobResults, JobStatus
 from schemas.queueing import INTERACTIVE_PRIORITY, bulk_queue_keys, celery_priority
 from schemas.settings import Settings
-from schemas.webhooks import UnsafeURL, WebhookEvent, resolve_checked
+from schemas.webhooks import WebhookEvent
+from store import job_state
+from store.job_state import JobRecord, as_str, decode_hash, now_iso
+from store.results import assemble_results
+from webhooks.ssrf import UnsafeURL, resolve_checked
 
 logger = logging.getLogger(__name__)
 
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
-
-# KEYS: job, (unused x3), done. ARGV: now, done ttl. Only a job that is not final yet can be cancelled.
-_CANCEL = (
-    keys.FINAL_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1])
-  finalize('cancelled')
-  return 1
-end
-return 0
-"""
-)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
 
 
 class JobStore:
@@ -68,7 +44,7 @@ class JobStore:
         self.waiter = waiter
         self.celery = celery
         self.settings = settings
-        self._cancel = client.register_script(_CANCEL)
+        self.scripts = job_state.Scripts(client)
 
     def check_limits(self, body: JobCreate) -> None:
         s = self.settings
@@ -152,25 +128,21 @@ class JobStore:
         chunk_size = self.settings.interactive_chunk_size if interactive else self.settings.chunk_size
         chunks = chunk_count(total, chunk_size)
         await self.admit(tenant, chunks, interactive)
-        record: dict[Any, Any] = {
-            "id": job_id,
-            "status": JobStatus.queued.value,
-            "kind": "interactive" if interactive else "bulk",
-            "tenant": tenant,
-            "notify": int(interactive),
-            "tokens": 0,
-            "priority": body.priority,
-            "created_at": _now(),
-            "total": total,
-            "completed": 0,
-            "chunks_total": chunks,
-            "chunks_done": 0,
-            "request_count": len(body.requests),
-            "metadata": json.dumps(body.metadata),
-        }
+        record = JobRecord(
+            id=job_id,
+            tenant=tenant,
+            kind="interactive" if interactive else "bulk",
+            priority=body.priority,
+            created_at=now_iso(),
+            total=total,
+            chunks_total=chunks,
+            request_count=len(body.requests),
+            notify=int(interactive),
+            metadata=json.dumps(body.metadata),
+        )
         if body.webhook is not None:
-            record["webhook_url"] = body.webhook.url
-            record["webhook_events"] = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
+            record.webhook_url = body.webhook.url
+            record.webhook_events = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
         requests_meta = [
             {
                 "custom_id": r.custom_id,
@@ -183,7 +155,7 @@ class JobStore:
         ]
         ttl = self.settings.result_ttl_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job_key(job_id), mapping=record)
+            pipe.hset(keys.job_key(job_id), mapping=record.to_hash())
             pipe.expire(keys.job_key(job_id), ttl)
             pipe.set(keys.job_input_key(job_id), json.dumps({"requests": requests_meta}), ex=ttl)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
@@ -191,20 +163,18 @@ class JobStore:
             pipe.sadd(keys.tenant_inflight_key(tenant), job_id)
             await pipe.execute()
         try:
-            await anyio.to_thread.run_sync(self._enqueue, job_id, body, interactive, chunk_size, max_prompt_tokens)
+            await anyio.to_thread.run_sync(
+                self._enqueue, job_id, tenant, body, interactive, chunk_size, max_prompt_tokens
+            )
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
-            await self.redis.hset(
-                keys.job_key(job_id),
-                mapping={
-                    "status": "failed",
-                    "error_code": "enqueue_failed",
-                    "error_message": "the queue was unreachable",
-                    "finished_at": _now(),
-                },
-            )
+            # The one path to a final state: the job leaves its tenant's in-flight set, a waiter and a webhook
+            # hear of it. (Chunks sent before the failure find the job failed and are skipped.)
+            move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
+            if await self.scripts.run(move):
+                metrics.JOBS_FINISHED.labels("failed").inc()
             raise Unavailable("the job queue is unreachable; retry later") from exc
-        metrics.JOBS_SUBMITTED.labels(record["kind"]).inc()
+        metrics.JOBS_SUBMITTED.labels(record.kind).inc()
         logger.info(
             "job %s queued: requests=%d pairs=%d chunks=%d priority=%d",
             job_id,
@@ -213,16 +183,22 @@ class JobStore:
             chunks,
             body.priority,
         )
-        return job_from_record({k: str(v) for k, v in record.items()}, {})
+        return record.to_job()
 
     def _enqueue(
-        self, job_id: str, body: JobCreate, interactive: bool, chunk_size: int, max_prompt_tokens: int | None
+        self,
+        job_id: str,
+        tenant: str,
+        body: JobCreate,
+        interactive: bool,
+        chunk_size: int,
+        max_prompt_tokens: int | None,
     ) -> None:
         # Celery on Redis: step 0 is served first; the interactive queue is consumed before the bulk queue.
         priority = 0 if interactive else celery_priority(body.priority)
         queue = keys.QUEUE_INTERACTIVE if interactive else keys.QUEUE_BULK
         batch_priority = INTERACTIVE_PRIORITY if interactive else body.priority
-        chunks = split_into_chunks(job_id, body.requests, chunk_size, batch_priority, max_prompt_tokens)
+        chunks = split_into_chunks(job_id, body.requests, chunk_size, batch_priority, max_prompt_tokens, tenant)
         with self.celery.producer_or_acquire() as producer:
             for chunk in chunks:
                 self.celery.send_task(
@@ -233,22 +209,23 @@ class JobStore:
                     producer=producer,
                 )
 
-    async def _record(self, job_id: str, tenant: str) -> dict[str, str]:
+    async def _record(self, job_id: str, tenant: str) -> JobRecord:
         """The job's record; JobNotFound for unknown ids and for another tenant's jobs alike."""
         if not JOB_ID.match(job_id):
             raise JobNotFound(job_id)
         raw = await self.redis.hgetall(keys.job_key(job_id))
-        record = decode_record(raw)
-        if not raw or record.get("tenant", "default") != tenant:
+        if not raw:
+            raise JobNotFound(job_id)
+        record = JobRecord.from_hash(raw)
+        if record.tenant != tenant:
             raise JobNotFound(job_id)
         return record
 
     async def get(self, job_id: str, tenant: str) -> Job:
-        r = await self._record(job_id, tenant)
-        workers = decode_record(await self.redis.hgetall(keys.job_workers_key(job_id)))
+        record = await self._record(job_id, tenant)
+        workers = decode_hash(await self.redis.hgetall(keys.job_workers_key(job_id)))
         raw_attempts = await self.redis.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)
-        attempts = [as_str(a) for a in raw_attempts]
-        return job_from_record(r, {k: int(v) for k, v in workers.items()}, attempts)
+        return record.to_job({k: int(v) for k, v in workers.items()}, [as_str(a) for a in raw_attempts])
 
     async def recent(self, limit: int, tenant: str) -> list[Job]:
         """The newest jobs first; expired ones are dropped from the index as they are met."""
@@ -265,29 +242,28 @@ class JobStore:
 
     async def redeliver(self, job_id: str, tenant: str) -> Job:
         """Schedule the job's last webhook event again (same webhook-id, so receivers can de-duplicate)."""
-        r = await self._record(job_id, tenant)
-        if not r.get("webhook_url"):
+        record = await self._record(job_id, tenant)
+        if not record.webhook_url:
             raise InvalidRequest(f"job {job_id} has no webhook")
-        if not r.get("webhook_event"):
-            raise JobNotFinished(f"job {job_id} is {r['status']}: its webhook event is sent when it ends")
+        if not record.webhook_event:
+            raise JobNotFinished(f"job {job_id} is {record.status}: its webhook event is sent when it ends")
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(keys.job_key(job_id), mapping={"webhook_state": "pending", "webhook_attempt": 0})
             pipe.zadd(keys.WEBHOOKS_DUE, {job_id: time.time()})
             await pipe.execute()
-        logger.info("job %s: webhook %s scheduled for redelivery", job_id, r["webhook_event"])
+        logger.info("job %s: webhook %s scheduled for redelivery", job_id, record.webhook_event)
         return await self.get(job_id, tenant)
 
     async def results(self, job_id: str, tenant: str) -> JobResults:
-        r = await self._record(job_id, tenant)
-        status = JobStatus(r["status"])
-        if status is not JobStatus.succeeded:
-            reason = f": {r['error_message']}" if r.get("error_message") else ""
-            raise JobNotFinished(f"job {job_id} is {status.value}{reason}; results exist once it has succeeded")
+        record = await self._record(job_id, tenant)
+        if record.status != JobStatus.succeeded:
+            reason = f": {record.error_message}" if record.error_message else ""
+            raise JobNotFinished(f"job {job_id} is {record.status}{reason}; results exist once it has succeeded")
         raw_input = await self.redis.get(keys.job_input_key(job_id))
         raw_scores = await self.redis.hgetall(keys.job_scores_key(job_id))
-        if raw_input is None or len(raw_scores) != int(r["chunks_total"]):
+        if raw_input is None or len(raw_scores) != record.chunks_total:
             raise JobNotFound(job_id)
-        return assemble_results(job_id, int(r["chunks_total"]), raw_input, raw_scores)
+        return assemble_results(job_id, record.chunks_total, raw_input, raw_scores)
 
     async def wait(self, job_id: str, tenant: str, timeout: float) -> Job:
         """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`."""
@@ -302,7 +278,7 @@ class JobStore:
 
     async def cancel(self, job_id: str, tenant: str) -> Job:
         await self._record(job_id, tenant)
-        if await self._cancel(keys=keys.job_script_keys(job_id), args=[_now(), keys.DONE_TTL_S]):
+        if await self.scripts.run(job_state.cancel(job_id, tenant)):
             metrics.JOBS_FINISHED.labels("cancelled").inc()
             logger.info("job %s cancelled", job_id)
         return await self.get(job_id, tenant)

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -114,7 +113,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import redis
 
-    from schemas import auth
+    from store import api_keys as auth
 
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
@@ -135,9 +134,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_webhooks(args: argparse.Namespace) -> int:
-    from workers import webhooks
+    from webhooks import worker
 
-    return webhooks.main(["--concurrency", str(args.concurrency), "--loglevel", args.loglevel])
+    return worker.main(["--concurrency", str(args.concurrency), "--loglevel", args.loglevel])
 
 
 def _model_loadable(model: str) -> str | None:
@@ -201,24 +200,24 @@ def _show_results(job: dict[str, Any], results: dict[str, Any], example: dict[st
 
 
 def run_example(client: httpx.Client) -> int:
+    from rerankfarm.client import RerankFarm
+
     example = json.loads(resources.files("rerankfarm").joinpath("data/example_job.json").read_text("utf-8"))
-    r = client.post("/v1/jobs", json=example)
-    r.raise_for_status()
-    job = r.json()
+    farm = RerankFarm(http=client)
+    job = farm.submit(example["requests"], example.get("priority"), example.get("metadata"))
     print(f"submitted example job {job['id']}: {len(example['requests'])} queries, {job['progress']['total']} pairs")
-    while True:
-        job = client.get(f"/v1/jobs/{job['id']}").json()
+
+    def show(job: dict[str, Any]) -> None:
         done, total = job["progress"]["completed"], job["progress"]["total"]
         bar = "#" * int(30 * done / max(total, 1))
         print(f"\r  [{bar:<30}] {done}/{total} pairs  {job['status']:<10}", end="", flush=True)
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            break
-        time.sleep(0.3)
+
+    job = farm.wait(job["id"], poll=0.3, on_progress=show)
     print()
     if job["status"] != "succeeded":
         print(f"job {job['status']}: {job.get('error')}", file=sys.stderr)
         return 1
-    _show_results(job, client.get(f"/v1/jobs/{job['id']}/results").json(), example)
+    _show_results(job, farm.results(job["id"]), example)
     return 0
 
 

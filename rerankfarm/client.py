@@ -18,12 +18,14 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import httpx
 
-FINAL = ("succeeded", "failed", "cancelled")
+from schemas.jobs import JobStatus
+
+R = TypeVar("R")
 
 
 class RerankFarmError(Exception):
@@ -54,6 +56,14 @@ def _base_url(url: str | None) -> str:
     return (url or os.environ.get("RERANK_API_URL") or "http://127.0.0.1:8000").rstrip("/")
 
 
+class _Call(NamedTuple):
+    """One HTTP call of the farm's API, built once for both clients."""
+
+    method: str
+    path: str
+    json: Any = None
+
+
 def _job_body(
     requests: list[dict[str, Any]],
     priority: int | None,
@@ -70,6 +80,37 @@ def _job_body(
     return body
 
 
+class _Calls(Generic[R]):
+    """The calls both clients make. `_send` returns the answer (sync) or an awaitable of it (async), so each
+    method is written once and returns whichever its client gives."""
+
+    def _send(self, call: _Call) -> R:
+        raise NotImplementedError
+
+    def submit(
+        self,
+        requests: list[dict[str, Any]],
+        priority: int | None = None,
+        metadata: dict[str, str] | None = None,
+        webhook: dict[str, Any] | None = None,
+    ) -> R:
+        """Submit a bulk job; returns it, queued."""
+        return self._send(_Call("POST", "/v1/jobs", _job_body(requests, priority, metadata, webhook)))
+
+    def job(self, job_id: str) -> R:
+        return self._send(_Call("GET", f"/v1/jobs/{job_id}"))
+
+    def results(self, job_id: str) -> R:
+        return self._send(_Call("GET", f"/v1/jobs/{job_id}/results"))
+
+    def cancel(self, job_id: str) -> R:
+        return self._send(_Call("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def rerank(self, query: str, documents: list[str | dict[str, Any]], **options: Any) -> R:
+        """The interactive call: one query, its documents ranked in the answer."""
+        return self._send(_Call("POST", "/v1/rerank", {"query": query, "documents": documents, **options}))
+
+
 def verify_webhook(secret: str, body: bytes | str, headers: Mapping[str, str]) -> dict[str, Any]:
     """The event of a webhook delivery, after checking its Standard Webhooks signature (raises if it fails)."""
     from standardwebhooks import Webhook
@@ -78,7 +119,7 @@ def verify_webhook(secret: str, body: bytes | str, headers: Mapping[str, str]) -
     return event
 
 
-class RerankFarm:
+class RerankFarm(_Calls[dict[str, Any]]):
     def __init__(
         self,
         url: str | None = None,
@@ -88,24 +129,10 @@ class RerankFarm:
     ) -> None:
         self.http = http or httpx.Client(base_url=_base_url(url), headers=_headers(api_key), timeout=timeout)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.http.request(method, path, **kwargs)
+    def _send(self, call: _Call) -> dict[str, Any]:
+        response = self.http.request(call.method, call.path, json=call.json)
         _raise_for(response)
-        return response.json()
-
-    def submit(
-        self,
-        requests: list[dict[str, Any]],
-        priority: int | None = None,
-        metadata: dict[str, str] | None = None,
-        webhook: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Submit a bulk job; returns it, queued."""
-        result: dict[str, Any] = self._call("POST", "/v1/jobs", json=_job_body(requests, priority, metadata, webhook))
-        return result
-
-    def job(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}")
+        result: dict[str, Any] = response.json()
         return result
 
     def wait(
@@ -115,21 +142,18 @@ class RerankFarm:
         poll: float = 0.5,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
-        """Poll until the job is final and return it; TimeoutError after `timeout` seconds (the job goes on)."""
+        """Poll until the job is final and return it; TimeoutError after `timeout` seconds (the job goes on).
+        `on_progress` sees the job at every poll."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.job(job_id)
             if on_progress is not None:
                 on_progress(job)
-            if job["status"] in FINAL:
+            if JobStatus(job["status"]).final:
                 return job
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} is still {job['status']} after {timeout}s")
             time.sleep(poll)
-
-    def results(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/v1/jobs/{job_id}/results")
-        return result
 
     def iter_results(self, job_id: str) -> Iterator[dict[str, Any]]:
         """One request's results at a time, streamed (JSON Lines), in submission order."""
@@ -141,17 +165,6 @@ class RerankFarm:
                 if line:
                     yield json.loads(line)
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("POST", f"/v1/jobs/{job_id}/cancel")
-        return result
-
-    def rerank(self, query: str, documents: list[str | dict[str, Any]], **options: Any) -> dict[str, Any]:
-        """The interactive call: one query, its documents ranked in the answer."""
-        result: dict[str, Any] = self._call(
-            "POST", "/v1/rerank", json={"query": query, "documents": documents, **options}
-        )
-        return result
-
     def close(self) -> None:
         self.http.close()
 
@@ -162,7 +175,7 @@ class RerankFarm:
         self.close()
 
 
-class AsyncRerankFarm:
+class AsyncRerankFarm(_Calls[Awaitable[dict[str, Any]]]):
     def __init__(
         self,
         url: str | None = None,
@@ -172,30 +185,15 @@ class AsyncRerankFarm:
     ) -> None:
         self.http = http or httpx.AsyncClient(base_url=_base_url(url), headers=_headers(api_key), timeout=timeout)
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.http.request(method, path, **kwargs)
+    async def _send(self, call: _Call) -> dict[str, Any]:
+        response = await self.http.request(call.method, call.path, json=call.json)
         _raise_for(response)
-        return response.json()
-
-    async def submit(
-        self,
-        requests: list[dict[str, Any]],
-        priority: int | None = None,
-        metadata: dict[str, str] | None = None,
-        webhook: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            "POST", "/v1/jobs", json=_job_body(requests, priority, metadata, webhook)
-        )
-        return result
-
-    async def job(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}")
+        result: dict[str, Any] = response.json()
         return result
 
     async def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         async def until_final() -> dict[str, Any]:
-            while (job := await self.job(job_id))["status"] not in FINAL:
+            while not JobStatus((job := await self.job(job_id))["status"]).final:
                 await asyncio.sleep(poll)
             return job
 
@@ -203,10 +201,6 @@ class AsyncRerankFarm:
             return await asyncio.wait_for(until_final(), timeout)
         except TimeoutError:
             raise TimeoutError(f"job {job_id} did not finish within {timeout}s") from None
-
-    async def results(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("GET", f"/v1/jobs/{job_id}/results")
-        return result
 
     async def iter_results(self, job_id: str) -> AsyncIterator[dict[str, Any]]:
         async with self.http.stream("GET", f"/v1/jobs/{job_id}/results", params={"format": "jsonl"}) as response:
@@ -216,16 +210,6 @@ class AsyncRerankFarm:
             async for line in response.aiter_lines():
                 if line:
                     yield json.loads(line)
-
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call("POST", f"/v1/jobs/{job_id}/cancel")
-        return result
-
-    async def rerank(self, query: str, documents: list[str | dict[str, Any]], **options: Any) -> dict[str, Any]:
-        result: dict[str, Any] = await self._call(
-            "POST", "/v1/rerank", json={"query": query, "documents": documents, **options}
-        )
-        return result
 
     async def aclose(self) -> None:
         await self.http.aclose()

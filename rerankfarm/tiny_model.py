@@ -4,12 +4,22 @@ code path (same architecture family, same prompt, same yes/no rule)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from schemas.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 
 VOCAB_WORDS = 500
+HEAD_DIM = 32  # vLLM's CPU attention refuses 16; a model built by an older release is rebuilt
+
+
+def _head_dim(path: Path) -> int | None:
+    try:
+        value = json.loads((path / "config.json").read_text()).get("head_dim")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -19,7 +29,7 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     path = Path(directory)
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
+    if (path / "tokenizer.json").exists() and _head_dim(path) == HEAD_DIM:
         return path
     words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "yes", "no"]
     words += sorted(
@@ -37,7 +47,7 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=32,  # vLLM's CPU attention refuses head_dim 16
+        head_dim=HEAD_DIM,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
         pad_token_id=hf_tok.pad_token_id,

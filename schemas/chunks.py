@@ -57,6 +57,7 @@ class ChunkResult(BaseModel):
 
 class Chunk(BaseModel):
     job_id: str
+    tenant: str = "default"  # the job's tenant, for the job-state scripts (its in-flight set)
     index: int
     priority: int
     segments: list[Segment]
@@ -67,7 +68,12 @@ class Chunk(BaseModel):
 
 
 def split_into_chunks(
-    job_id: str, requests: list[RerankRequest], chunk_size: int, priority: int, max_prompt_tokens: int | None = None
+    job_id: str,
+    requests: list[RerankRequest],
+    chunk_size: int,
+    priority: int,
+    max_prompt_tokens: int | None = None,
+    tenant: str = "default",
 ) -> Iterator[Chunk]:
     segments: list[Segment] = []
     room = chunk_size
@@ -86,10 +92,10 @@ def split_into_chunks(
             start += len(take)
             room -= len(take)
             if room == 0:
-                yield Chunk(job_id=job_id, index=index, priority=priority, segments=segments)
+                yield Chunk(job_id=job_id, tenant=tenant, index=index, priority=priority, segments=segments)
                 index, segments, room = index + 1, [], chunk_size
     if segments:
-        yield Chunk(job_id=job_id, index=index, priority=priority, segments=segments)
+        yield Chunk(job_id=job_id, tenant=tenant, index=index, priority=priority, segments=segments)
 
 
 def chunk_count(total_pairs: int, chunk_size: int) -> int:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
-from schemas.webhooks import WebhookAttempt, WebhookSpec, WebhookStatus
+from schemas.webhooks import WebhookSpec, WebhookStatus
 
 NonBlank = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
 
@@ -165,104 +163,9 @@ class JobResults(BaseModel):
     data: list[RequestResults]
 
 
-def rank(
-    scores: list[float],
-    top_n: int | None,
-    texts: list[str] | None,
-    ids: list[str | None] | None,
-    windows: list[list[int] | None] | None = None,
-) -> list[RankedResult]:
-    """Results sorted by score (ties keep document order), cut to top_n (0 or None: all)."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or None]
-    results = []
-    for i in order:
-        window = windows[i] if windows else None
-        results.append(
-            RankedResult(
-                index=i,
-                relevance_score=scores[i],
-                id=ids[i] if ids else None,
-                document=ResultDocument(text=texts[i]) if texts is not None else None,
-                window=WindowInfo(index=window[0], count=window[1], start_token=window[2], end_token=window[3])
-                if window
-                else None,
-            )
-        )
-    return results
-
-
-def as_str(value: object) -> str:
-    """A Redis reply as text (clients may or may not decode responses)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def decode_record(raw: Mapping[Any, Any]) -> dict[str, str]:
-    """A Redis hash as text keys and values, the form job_from_record reads."""
-    return {as_str(k): as_str(v) for k, v in raw.items()}
-
-
-def job_from_record(r: dict[str, str], workers: dict[str, int], attempts: list[str] | None = None) -> Job:
-    """The job as the API shows it, from its Redis hash (decoded), its per-worker pair counts and its webhook
-    attempts (JSON entries)."""
-    error = ErrorInfo(code=r["error_code"], message=r.get("error_message", "")) if r.get("error_code") else None
-    webhook = None
-    if r.get("webhook_url"):
-        webhook = WebhookStatus(
-            url=r["webhook_url"],
-            events=json.loads(r["webhook_events"]),
-            state=r.get("webhook_state"),
-            event=r.get("webhook_event"),
-            attempts=[WebhookAttempt.model_validate_json(a) for a in attempts or []],
-        )
-    return Job(
-        id=r["id"],
-        status=JobStatus(r["status"]),
-        kind="interactive" if r.get("kind") == "interactive" else "bulk",
-        tokens=int(r.get("tokens", 0)),
-        priority=int(r["priority"]),
-        metadata=json.loads(r.get("metadata") or "null"),
-        created_at=datetime.fromisoformat(r["created_at"]),
-        started_at=datetime.fromisoformat(r["started_at"]) if r.get("started_at") else None,
-        finished_at=datetime.fromisoformat(r["finished_at"]) if r.get("finished_at") else None,
-        progress=Progress(completed=int(r["completed"]), total=int(r["total"])),
-        request_count=int(r["request_count"]),
-        error=error,
-        workers=workers,
-        webhook=webhook,
-    )
-
-
-def assemble_results(
-    job_id: str, chunks_total: int, raw_input: bytes | str, raw_chunks: Mapping[Any, Any]
-) -> JobResults:
-    """Results from the job's input summary and its chunks' stored results (keys: chunk index, str or bytes)."""
-    from schemas.chunks import ChunkResult
-
-    by_index = {int(k): v for k, v in raw_chunks.items()}
-    flat: list[float] = []
-    windows: list[list[int] | None] = []
-    for index in range(chunks_total):
-        chunk = ChunkResult.model_validate_json(by_index[index])
-        flat.extend(chunk.scores)
-        windows.extend(chunk.windows or [None] * len(chunk.scores))
-    data = []
-    offset = 0
-    for meta in json.loads(raw_input)["requests"]:
-        end = offset + meta["n"]
-        ranked = rank(flat[offset:end], meta["top_n"], meta["texts"], meta["ids"], windows[offset:end])
-        data.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
-        offset = end
-    return JobResults(id=job_id, data=data)
-
-
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, **extra}}
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-
-
 class ErrorResponse(BaseModel):
-    error: ErrorDetail
+    error: ErrorInfo

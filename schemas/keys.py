@@ -20,7 +20,7 @@ def recent_jobs_key(tenant: str) -> str:
 
 
 def tenant_inflight_key(tenant: str) -> str:
-    """Set: the tenant's queued or running job ids (FINAL_LUA removes a job when it ends)."""
+    """Set: the tenant's queued or running job ids (store.job_state's finalize removes a job when it ends)."""
     return f"{NAMESPACE}:tenant:{tenant}:inflight"
 
 
@@ -65,40 +65,3 @@ def worker_key(hostname: str) -> str:
 def job_webhook_attempts_key(job_id: str) -> str:
     """List: one JSON entry per webhook delivery attempt (time, status code, error)."""
     return f"{NAMESPACE}:job:{job_id}:webhook"
-
-
-def job_script_keys(job_id: str) -> list[str]:
-    """The KEYS every job-state Lua script receives, in this order (FINAL_LUA relies on it)."""
-    return [
-        job_key(job_id),
-        job_scores_key(job_id),
-        job_workers_key(job_id),
-        job_input_key(job_id),
-        job_done_key(job_id),
-        WEBHOOKS_DUE,
-    ]
-
-
-# Lua prelude of the job-state scripts. finalize(status) runs in the same script that sets a final status, so
-# nothing is lost between the two: it takes the job out of its tenant's in-flight set (a key built here from the
-# job's tenant, as tenant_inflight_key does: fine on one Redis, which is all kombu supports), pushes the status to
-# the done-list when someone waits on the job (`notify`), and schedules the webhook event when the job has a
-# webhook that wants it. The script's last ARGV is the
-# done-list's TTL in seconds.
-FINAL_LUA = """
-local function finalize(status)
-  local tenant = redis.call('HGET', KEYS[1], 'tenant')
-  if tenant then
-    redis.call('SREM', 'rerank:tenant:' .. tenant .. ':inflight', redis.call('HGET', KEYS[1], 'id'))
-  end
-  if redis.call('HGET', KEYS[1], 'notify') == '1' then
-    redis.call('RPUSH', KEYS[5], status)
-    redis.call('EXPIRE', KEYS[5], tonumber(ARGV[#ARGV]))
-  end
-  local events = redis.call('HGET', KEYS[1], 'webhook_events')
-  if events and string.find(events, '"job.' .. status .. '"', 1, true) then
-    redis.call('HSET', KEYS[1], 'webhook_event', 'job.' .. status, 'webhook_state', 'pending', 'webhook_attempt', 0)
-    redis.call('ZADD', KEYS[6], redis.call('TIME')[1], redis.call('HGET', KEYS[1], 'id'))
-  end
-end
-"""

@@ -4,6 +4,8 @@ RERANK_WEBHOOK_METRICS_PORT. Prometheus adds them up."""
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram
 
 JOBS_SUBMITTED = Counter("rerank_jobs_submitted_total", "Jobs accepted by the API.", ["kind"])
@@ -33,3 +35,16 @@ GPU_MEMORY_USED = Gauge("rerank_gpu_memory_used_bytes", "GPU memory in use (NVML
 GPU_UTILIZATION = Gauge("rerank_gpu_utilization_ratio", "GPU busy fraction (NVML), per worker.", ["worker", "gpu"])
 
 WEBHOOK_DELIVERIES = Counter("rerank_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"])
+
+logger = logging.getLogger(__name__)
+
+
+def serve(port: int, who: str) -> None:
+    """/metrics on `port` for this process; a port in use is logged, never fatal (metrics must not stop the work)."""
+    from prometheus_client import start_http_server
+
+    try:
+        start_http_server(port)
+        logger.info("%s: metrics on :%d/metrics", who, port)
+    except OSError as exc:
+        logger.warning("%s: no /metrics on port %d: %s", who, port, exc)

@@ -54,3 +54,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
+
+
+def worker_argv(hostname: str, queues: list[str], concurrency: int, loglevel: str, task_events: bool) -> list[str]:
+    """`celery worker` arguments of every farm worker, scoring or webhooks: the `threads` pool (prefork children are
+    daemonic and cannot start vLLM's engine process; `solo` holds acks until a task returns), queues consumed in
+    the order given, no mingle or gossip (the farm's workers share nothing through them)."""
+    argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency), "--hostname", hostname]
+    argv += ["--queues", ",".join(queues), "--loglevel", loglevel, "--without-mingle", "--without-gossip"]
+    return argv + (["--task-events"] if task_events else [])

@@ -67,7 +67,7 @@ class BatchStats:
     pairs: int = 0
     padded_tokens: int = 0
     real_tokens: int = 0
-    engine_s: float = 0.0
+    engine_s: float = 0.0  # wall time with at least one engine call in progress (calls in flight overlap)
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -98,6 +98,8 @@ class Batcher:
         self._pending: dict[int, deque[_Item]] = {}  # priority (higher first) -> pairs in arrival order
         self._streak = 0  # calls in a row at the top level while a lower level waited
         self._stopped = False
+        self._calls = 0  # engine calls in progress
+        self._busy_since = 0.0
         self._threads = [
             threading.Thread(target=self._run, name=f"engine-feeder-{n}", daemon=True)
             for n in range(self.feed.calls_in_flight)
@@ -181,8 +183,19 @@ class Batcher:
                     return
             self._score(*planned)
 
+    def _busy(self, delta: int) -> None:
+        """Under the lock: count a call in or out, adding to the engine's busy time when none is left."""
+        now = time.perf_counter()
+        if self._calls == 0 and delta > 0:
+            self._busy_since = now
+        self._calls += delta
+        if self._calls == 0:
+            self.stats.engine_s += now - self._busy_since
+
     def _score(self, priority: int, batch: list[_Item]) -> None:
         prompts = [s.token_ids[i] for s, i in batch]
+        with self._lock:
+            self._busy(+1)
         started = time.perf_counter()
         try:
             scores = self.engine.score(prompts, priority, [s.cancelled for s, _ in batch])
@@ -191,6 +204,9 @@ class Batcher:
             for s, _ in batch:
                 _settle(s.future, exception=exc)
             return
+        finally:
+            with self._lock:
+                self._busy(-1)
         elapsed = time.perf_counter() - started
         real = sum(len(p) for p in prompts)
         cost = max(len(p) for p in prompts) * len(prompts) if self.feed.padded else real
@@ -199,7 +215,6 @@ class Batcher:
             self.stats.pairs += len(prompts)
             self.stats.padded_tokens += cost
             self.stats.real_tokens += real
-            self.stats.engine_s += elapsed
         metrics.PAIRS_SCORED.inc(len(prompts))
         metrics.TOKENS_SCORED.inc(real)
         metrics.BATCH_PAIRS.observe(len(prompts))

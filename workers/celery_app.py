@@ -1,9 +1,10 @@
-"""The workers' Celery app. Importing it loads no model: the engine is loaded by `workers.main` before consuming."""
+"""The scoring workers' Celery app. Importing it loads no model (the engine is loaded by `workers.main` before
+consuming) and no webhook code (the webhook worker has its own app, `webhooks.worker`)."""
 
 from celery import Celery
 
 from schemas.queueing import celery_config
 from schemas.settings import get_settings
 
-app = Celery("rerankfarm", include=["workers.tasks", "workers.webhooks"])
+app = Celery("rerankfarm", include=["workers.tasks"])
 app.conf.update(celery_config(get_settings()))

@@ -1,79 +1,23 @@
-"""What a worker writes about jobs: state changes and each chunk's scores, atomically and idempotently."""
+"""What a worker writes about jobs: each chunk's scores and the job's moves, through `store.job_state`."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 import redis
 
 from schemas import keys
-from schemas.chunks import ChunkResult
-from schemas.jobs import as_str
-
-# KEYS: job, scores, workers, input, done. ARGV: chunk index, result JSON, pairs in chunk, worker, now, ttl seconds,
-# tokens, done ttl. HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job.
-_RECORD_CHUNK = (
-    keys.FINAL_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
-redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
-redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
-local done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
-for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[5])
-  status = 'running'
-end
-if status == 'running' and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
-  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
-  finalize('succeeded')
-  return 'finished'
-end
-return 'recorded'
-"""
-)
-
-# KEYS: job. ARGV: now.
-_MARK_RUNNING = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-  return 1
-end
-return 0
-"""
-
-# KEYS: job, (unused x3), done. ARGV: code, message, now, done ttl. Only a job that is not final yet can fail.
-_FAIL = (
-    keys.FINAL_LUA
-    + """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' or status == 'running' then
-  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[3],
-             'error_code', ARGV[1], 'error_message', ARGV[2])
-  finalize('failed')
-  return 1
-end
-return 0
-"""
-)
-
-FINAL = {"succeeded", "failed", "cancelled"}
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat()
+from schemas.chunks import Chunk, ChunkResult
+from schemas.jobs import JobStatus
+from store import job_state
+from store.job_state import as_str
 
 
 class WorkerJobStore:
     def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
         self.redis = client
         self.ttl = result_ttl_s
-        self._record = client.register_script(_RECORD_CHUNK)
-        self._running = client.register_script(_MARK_RUNNING)
-        self._fail = client.register_script(_FAIL)
+        self.scripts = job_state.Scripts(client)
 
     def status(self, job_id: str) -> str | None:
         value = self.redis.hget(keys.job_key(job_id), "status")
@@ -82,27 +26,27 @@ class WorkerJobStore:
     def should_skip(self, job_id: str) -> bool:
         """True when the job is gone, cancelled, failed or already done: its remaining chunks need no scoring."""
         status = self.status(job_id)
-        return status is None or status in FINAL
+        return status is None or JobStatus(status).final
 
     def mark_running(self, job_id: str) -> bool:
-        return bool(self._running(keys=[keys.job_key(job_id)], args=[now_iso()]))
+        return bool(self.scripts.run(job_state.mark_running(job_id)))
 
-    def record_chunk(self, job_id: str, chunk_index: int, result: ChunkResult, worker: str) -> str:
+    def record_chunk(self, chunk: Chunk, result: ChunkResult, worker: str) -> str:
         """Store a chunk's result; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
-        outcome = self._record(
-            keys=keys.job_script_keys(job_id),
-            args=[
-                chunk_index,
-                result.model_dump_json(),
-                len(result.scores),
-                worker,
-                now_iso(),
-                self.ttl,
-                result.tokens,
-                keys.DONE_TTL_S,
-            ],
+        move = job_state.record_chunk(
+            chunk.job_id,
+            chunk.tenant,
+            chunk.index,
+            result.model_dump_json(),
+            len(result.scores),
+            worker,
+            result.tokens,
+            self.ttl,
         )
-        return as_str(outcome)
+        return as_str(self.scripts.run(move))
+
+    def fail(self, chunk: Chunk, code: str, message: str) -> bool:
+        return bool(self.scripts.run(job_state.fail(chunk.job_id, chunk.tenant, code, message)))
 
     def latency(self, job_id: str) -> tuple[str, float] | None:
         """(kind, seconds from creation to finish) of a finished job."""
@@ -114,7 +58,3 @@ class WorkerJobStore:
             return None
         seconds = (datetime.fromisoformat(finished) - datetime.fromisoformat(created)).total_seconds()
         return kind or "bulk", seconds
-
-    def fail(self, job_id: str, code: str, message: str) -> bool:
-        args: list[str | int] = [code, message[:2000], now_iso(), keys.DONE_TTL_S]
-        return bool(self._fail(keys=keys.job_script_keys(job_id), args=args))

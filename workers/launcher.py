@@ -3,6 +3,7 @@ is no GPU. Crashed workers are restarted with a backoff; a worker that cannot lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -40,6 +41,13 @@ def worker_name(prefix: str | None, gpu: str | None) -> str:
     return f"{prefix}-{base}" if prefix else base
 
 
+def end_group(pid: int) -> None:
+    """SIGKILL what is left of a worker's process group once the worker has exited, so that no engine process it
+    started lives on holding memory (a GPU's above all) that the restarted worker needs."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 @dataclass
 class _Child:
     name: str
@@ -50,7 +58,9 @@ class _Child:
     started: float = field(default=0.0)
 
     def spawn(self) -> None:
-        self.process = subprocess.Popen(self.args, env=self.env)
+        # Its own process group: whatever the worker starts (vLLM's engine processes when RERANK_VLLM_IN_PROCESS
+        # is false) can be ended with it, even after the worker itself was killed.
+        self.process = subprocess.Popen(self.args, env=self.env, start_new_session=True)
         self.started = time.monotonic()
         logger.info(
             "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%s)",
@@ -98,6 +108,7 @@ def run(prefix: str | None = None, cpu: bool = False, concurrency: int | None = 
             rc = c.process.poll() if c.process else None
             if rc is None or stopping:
                 continue
+            end_group(c.process.pid)  # type: ignore[union-attr]  # rc is not None: the process exists
             if rc == EXIT_CONFIG:
                 logger.error("worker %s cannot start; stopping all workers", c.name)
                 code = EXIT_CONFIG
@@ -117,4 +128,5 @@ def run(prefix: str | None = None, cpu: bool = False, concurrency: int | None = 
         except subprocess.TimeoutExpired:
             c.process.kill()
             c.process.wait()
+        end_group(c.process.pid)
     return code

@@ -1,8 +1,7 @@
 """One worker process: load the engine, then consume chunks with Celery.
 
-Pool: `threads`. Prefork children are daemonic and vLLM must start its engine process (daemonic processes may not
-have children), and `solo` holds messages unacked until each task returns. With threads, several chunks are in
-flight at once (`--concurrency`), their pairs meet in the batcher, and one engine thread calls the model.
+Pool: `threads` (`schemas.queueing.worker_argv` says why). Several chunks are in flight at once (`--concurrency`),
+their pairs meet in the batcher, and the batcher's feeders call the engine.
 """
 
 from __future__ import annotations
@@ -13,8 +12,10 @@ import sys
 
 from celery import signals
 
+from schemas import metrics
 from schemas.errors import EngineLoadError
 from schemas.keys import QUEUE_BULK, QUEUE_INTERACTIVE
+from schemas.queueing import worker_argv
 from schemas.settings import get_settings
 from workers import runtime
 
@@ -55,34 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rerankfarm worker {args.name}: cannot start: {exc.message}", file=sys.stderr)
         return 2
     if args.metrics_port:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(args.metrics_port)
-            logger.info("worker %s: metrics on :%d/metrics", args.name, args.metrics_port)
-        except OSError as exc:  # metrics must never keep a worker from scoring
-            logger.warning("worker %s: no /metrics on port %d: %s", args.name, args.metrics_port, exc)
+        metrics.serve(args.metrics_port, f"worker {args.name}")
     from workers.celery_app import app
 
     concurrency = args.concurrency or settings.worker_concurrency
-    app.worker_main(
-        [
-            "worker",
-            "--pool",
-            "threads",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{args.name}@%h",
-            "--queues",
-            f"{QUEUE_INTERACTIVE},{QUEUE_BULK}",  # in this order: interactive chunks first
-            "--loglevel",
-            args.loglevel,
-            "--task-events",
-            "--without-mingle",
-            "--without-gossip",
-        ]
-    )
+    # Interactive chunks first: the order of the queues is the order they are consumed in.
+    queues = [QUEUE_INTERACTIVE, QUEUE_BULK]
+    app.worker_main(worker_argv(f"{args.name}@%h", queues, concurrency, args.loglevel, task_events=True))
     return 0
 
 

@@ -19,10 +19,11 @@ from redis.retry import Retry
 
 from schemas import keys, metrics
 from schemas.settings import Settings
+from store.job_state import now_iso
 from workers.batcher import Batcher
 from workers.engines.base import Engine
 from workers.engines.factory import load_engine
-from workers.job_store import WorkerJobStore, now_iso
+from workers.job_store import WorkerJobStore
 from workers.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ import random
 import signal
 import time
 
+import psutil
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -34,6 +35,15 @@ def _kill_worker(w: WorkerProcess) -> None:
     w.process.kill()
     w.process.wait()
     w.redis.delete(keys.worker_key(hostname))  # its heartbeat would linger until its TTL
+
+
+def _worker_pid(w: WorkerProcess) -> int:
+    [hostname] = w.alive_hostnames()
+    info = w.redis.get(keys.worker_key(hostname))
+    assert info is not None
+    import json
+
+    return int(json.loads(info)["pid"])
 
 
 def _assert_every_pair_scored_once(client: TestClient, job: dict, body: dict, redis_url: str) -> None:
@@ -120,3 +130,44 @@ def test_redis_restart_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -
     finally:
         worker.stop()
         server.stop()
+
+
+@pytest.mark.parametrize("in_process", ["true", "false"])
+def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
+    in_process, redis_url, tiny_model_dir, log_dir
+) -> None:
+    """SIGKILL of the worker process alone (its launcher lives on and starts a new one), mid-job: the job completes
+    with every pair scored once, and nothing the killed worker started outlives it (vLLM's engine core, when it
+    runs in a process of its own, would hold the model's memory)."""
+    rng = random.Random(43)
+    body = {
+        "requests": [
+            {"query": random_text(rng, 2, 5), "documents": [random_text(rng, 100, 250) for _ in range(80)]}
+            for _ in range(3)
+        ]
+    }
+    worker = WorkerProcess(
+        redis_url, tiny_model_dir, log_dir, RERANK_VLLM_IN_PROCESS=in_process, **FAST_REDELIVERY
+    ).start()
+    try:
+        with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=10))) as client:
+            pid = _worker_pid(worker)
+            tree = psutil.Process(pid).children(recursive=True)
+            engine_processes = [
+                p for p in tree if "VLLM" in " ".join(p.cmdline()) or "spawn_main" in " ".join(p.cmdline())
+            ]
+            if in_process == "false":
+                assert engine_processes, "expected vLLM's engine core in a process of its own"
+            else:
+                assert not engine_processes, [p.cmdline() for p in engine_processes]
+            job = client.post("/v1/jobs", json=body).json()
+            wait_for(client, job["id"], until=("running",), timeout=60)
+            os.kill(pid, signal.SIGKILL)
+            _, alive = psutil.wait_procs(tree, timeout=20)
+            assert not alive, [p.cmdline() for p in alive]
+            done = wait_for(client, job["id"], timeout=180)
+            assert done["status"] == "succeeded", done
+            _assert_every_pair_scored_once(client, job, body, redis_url)
+            assert _worker_pid(worker) != pid  # the launcher started a fresh worker, which finished the job
+    finally:
+        worker.stop()

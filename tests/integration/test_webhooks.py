@@ -19,7 +19,7 @@ from api.main import create_app
 from schemas import keys
 from schemas.settings import Settings
 from tests.integration.conftest import farm_settings, wait_for
-from workers.webhooks import deliver
+from webhooks.worker import deliver
 
 pytestmark = pytest.mark.integration
 

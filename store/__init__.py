@@ -1,0 +1,3 @@
+"""The farm's state in Redis, read and written by the API, the workers and the webhook worker alike: a job's record
+and its moves (`job_state`), results assembled from the stored chunks (`results`), API keys (`api_keys`). Key names
+live in `schemas.keys`; the shapes that go over HTTP in `schemas`."""

@@ -1,0 +1,244 @@
+"""A job's state: its record in Redis, every move between states, and the Lua scripts that make each move atomic.
+
+This is the one place that knows the job hash. The API's and the workers' job stores read and write jobs through it.
+
+    queued ──first chunk taken──▶ running ──last chunk recorded──▶ succeeded
+       │                             │
+       └──────── cancel, fail ───────┴──▶ cancelled | failed
+
+Every move into a final state goes through `FINISH` or `RECORD_CHUNK`, whose shared prelude `finalize` runs in the
+same script: it takes the job out of its tenant's in-flight set, pushes the status to the done-list when someone
+waits on the job (an interactive call), and schedules the webhook event the job asked for. Nothing can set a final
+state without those three following.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from schemas import keys
+from schemas.jobs import ErrorInfo, Job, JobStatus, Progress
+from schemas.webhooks import WebhookAttempt, WebhookStatus
+
+
+def now_iso() -> str:
+    """The time stamps of job records: ISO 8601, UTC."""
+    return datetime.now(UTC).isoformat()
+
+
+def as_str(value: object) -> str:
+    """A Redis reply as text (clients may or may not decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {as_str(k): as_str(v) for k, v in raw.items()}
+
+
+@dataclass
+class JobRecord:
+    """The job hash `rerank:job:{id}`, typed. Webhook fields are written by the webhook worker as it delivers."""
+
+    id: str
+    priority: int
+    created_at: str
+    total: int  # pairs
+    chunks_total: int
+    request_count: int
+    tenant: str = "default"
+    kind: str = "bulk"  # or "interactive"
+    status: str = JobStatus.queued.value
+    notify: int = 0  # 1: push the final status to the done-list (someone waits on it)
+    metadata: str = "null"  # JSON
+    completed: int = 0  # pairs scored
+    chunks_done: int = 0
+    tokens: int = 0
+    started_at: str = ""
+    finished_at: str = ""
+    error_code: str = ""
+    error_message: str = ""
+    webhook_url: str = ""
+    webhook_events: str = ""  # JSON list of the events the job's webhook wants
+    webhook_event: str = ""  # the event being (or last) delivered
+    webhook_state: str = ""
+    webhook_attempt: int = 0
+
+    def to_hash(self) -> dict[Any, Any]:
+        """The fields to HSET (empty ones are left out: a missing field reads as its default)."""
+        return {k: v for k, v in asdict(self).items() if v != ""}
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[Any, Any]) -> JobRecord:
+        values = decode_hash(raw)
+        known: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name in values:
+                known[f.name] = int(values[f.name]) if f.type == "int" else values[f.name]
+        return cls(**known)
+
+    @property
+    def final(self) -> bool:
+        return JobStatus(self.status).final
+
+    def to_job(self, workers: Mapping[str, int] | None = None, attempts: Sequence[str] = ()) -> Job:
+        """The job as the API shows it, with its per-worker pair counts and its webhook attempts (JSON entries)."""
+        webhook = None
+        if self.webhook_url:
+            webhook = WebhookStatus(
+                url=self.webhook_url,
+                events=json.loads(self.webhook_events or "[]"),
+                state=self.webhook_state or None,
+                event=self.webhook_event or None,
+                attempts=[WebhookAttempt.model_validate_json(a) for a in attempts],
+            )
+        return Job(
+            id=self.id,
+            status=JobStatus(self.status),
+            kind="interactive" if self.kind == "interactive" else "bulk",
+            tokens=self.tokens,
+            priority=self.priority,
+            metadata=json.loads(self.metadata or "null"),
+            created_at=datetime.fromisoformat(self.created_at),
+            started_at=datetime.fromisoformat(self.started_at) if self.started_at else None,
+            finished_at=datetime.fromisoformat(self.finished_at) if self.finished_at else None,
+            progress=Progress(completed=self.completed, total=self.total),
+            request_count=self.request_count,
+            error=ErrorInfo(code=self.error_code, message=self.error_message) if self.error_code else None,
+            workers=dict(workers or {}),
+            webhook=webhook,
+        )
+
+
+# The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, webhooks due
+# set, the tenant's in-flight set.
+def script_keys(job_id: str, tenant: str) -> list[str]:
+    return [
+        keys.job_key(job_id),
+        keys.job_scores_key(job_id),
+        keys.job_workers_key(job_id),
+        keys.job_input_key(job_id),
+        keys.job_done_key(job_id),
+        keys.WEBHOOKS_DUE,
+        keys.tenant_inflight_key(tenant),
+    ]
+
+
+# The prelude of every script that may set a final state. finalize(status): out of the tenant's in-flight set,
+# the status to the done-list when someone waits (`notify`), the webhook event scheduled when the job's webhook
+# wants it. The script's last ARGV is the done-list's TTL in seconds.
+_FINALIZE = """
+local function finalize(status)
+  redis.call('SREM', KEYS[7], redis.call('HGET', KEYS[1], 'id'))
+  if redis.call('HGET', KEYS[1], 'notify') == '1' then
+    redis.call('RPUSH', KEYS[5], status)
+    redis.call('EXPIRE', KEYS[5], tonumber(ARGV[#ARGV]))
+  end
+  local events = redis.call('HGET', KEYS[1], 'webhook_events')
+  if events and string.find(events, '"job.' .. status .. '"', 1, true) then
+    redis.call('HSET', KEYS[1], 'webhook_event', 'job.' .. status, 'webhook_state', 'pending', 'webhook_attempt', 0)
+    redis.call('ZADD', KEYS[6], redis.call('TIME')[1], redis.call('HGET', KEYS[1], 'id'))
+  end
+end
+"""
+
+# ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, done-list ttl.
+# HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job. Returns
+# 'finished', 'recorded', 'duplicate' (already counted), or 'missing' (the job expired).
+RECORD_CHUNK = (
+    _FINALIZE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
+redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
+local done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[5])
+  status = 'running'
+end
+if status == 'running' and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
+  redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
+  finalize('succeeded')
+  return 'finished'
+end
+return 'recorded'
+"""
+)
+
+# ARGV: now. Returns 1 when the job moved from queued to running.
+MARK_RUNNING = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+  return 1
+end
+return 0
+"""
+
+# ARGV: final status ('failed' or 'cancelled'), error code, error message, now, done-list ttl. Only a job that is
+# not final yet moves; returns 1 when it did.
+FINISH = (
+    _FINALIZE
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' or status == 'running' then
+  redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[4])
+  if ARGV[2] ~= '' then
+    redis.call('HSET', KEYS[1], 'error_code', ARGV[2], 'error_message', ARGV[3])
+  end
+  finalize(ARGV[1])
+  return 1
+end
+return 0
+"""
+)
+
+
+class Move(NamedTuple):
+    """One state move: which script, with which KEYS and ARGV."""
+
+    script: str
+    keys: list[str]
+    args: list[str | int]
+
+
+def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: int, worker: str, tokens: int,
+                 ttl_s: int) -> Move:  # fmt: skip
+    args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, keys.DONE_TTL_S]
+    return Move(RECORD_CHUNK, script_keys(job_id, tenant), args)
+
+
+def mark_running(job_id: str) -> Move:
+    return Move(MARK_RUNNING, [keys.job_key(job_id)], [now_iso()])
+
+
+def fail(job_id: str, tenant: str, code: str, message: str) -> Move:
+    args: list[str | int] = [JobStatus.failed.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
+    return Move(FINISH, script_keys(job_id, tenant), args)
+
+
+def cancel(job_id: str, tenant: str) -> Move:
+    args: list[str | int] = [JobStatus.cancelled.value, "", "", now_iso(), keys.DONE_TTL_S]
+    return Move(FINISH, script_keys(job_id, tenant), args)
+
+
+@dataclass
+class Scripts:
+    """The job-state scripts registered on one Redis client, sync or asyncio: `run` returns the reply, or an
+    awaitable of it for an asyncio client."""
+
+    client: Any
+    _registered: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for lua in (RECORD_CHUNK, MARK_RUNNING, FINISH):
+            self._registered[lua] = self.client.register_script(lua)
+
+    def run(self, move: Move) -> Any:
+        return self._registered[move.script](keys=move.keys, args=move.args)

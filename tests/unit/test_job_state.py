@@ -1,0 +1,162 @@
+"""Every move of a job's state, on fakeredis (with Lua): the scripts of `store.job_state`, and the API store's
+submit when enqueueing fails. Pure logic, so a change to them is checked in seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import fakeredis
+import pytest
+
+from schemas import keys
+from schemas.chunks import ChunkResult
+from schemas.jobs import JobCreate, JobStatus
+from schemas.settings import Settings
+from store import job_state
+from store.job_state import JobRecord
+
+
+def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme", chunks: int = 2, **extra: Any):
+    record = JobRecord(
+        id=job_id,
+        tenant=tenant,
+        kind="bulk",
+        priority=5,
+        created_at=job_state.now_iso(),
+        total=chunks * 2,
+        chunks_total=chunks,
+        request_count=1,
+        **extra,
+    )
+    r.hset(keys.job_key(job_id), mapping=record.to_hash())
+    r.sadd(keys.tenant_inflight_key(tenant), job_id)
+    return record
+
+
+def record(r: fakeredis.FakeRedis, scripts: job_state.Scripts, index: int, job_id: str = "job_1") -> str:
+    result = ChunkResult(scores=[0.5, 0.25], tokens=10)
+    move = job_state.record_chunk(job_id, "acme", index, result.model_dump_json(), 2, "w@h", 10, 3600)
+    return scripts.run(move).decode()
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def scripts(r) -> job_state.Scripts:
+    return job_state.Scripts(r)
+
+
+def stored(r: fakeredis.FakeRedis, job_id: str = "job_1") -> JobRecord:
+    return JobRecord.from_hash(r.hgetall(keys.job_key(job_id)))
+
+
+def test_record_round_trips_through_the_hash(r) -> None:
+    written = new_job(r, metadata=json.dumps({"team": "search"}), webhook_url="https://h.example/x")
+    assert stored(r) == written
+    job = stored(r).to_job({"w@h": 4})
+    assert job.status is JobStatus.queued and job.metadata == {"team": "search"} and job.workers == {"w@h": 4}
+    assert job.progress.total == 4 and job.error is None
+
+
+def test_chunks_move_a_job_from_queued_to_running_to_succeeded_counting_each_once(r, scripts) -> None:
+    new_job(r)
+    assert record(r, scripts, 0) == "recorded"
+    assert stored(r).status == "running" and stored(r).started_at
+    assert record(r, scripts, 0) == "duplicate"  # a redelivered chunk counts once
+    assert stored(r).completed == 2 and stored(r).chunks_done == 1
+    assert record(r, scripts, 1) == "finished"
+    done = stored(r)
+    assert done.status == "succeeded" and done.completed == 4 and done.tokens == 20 and done.finished_at
+    assert r.hgetall(keys.job_workers_key("job_1")) == {b"w@h": b"4"}
+    assert not r.sismember(keys.tenant_inflight_key("acme"), "job_1")  # the tenant's slot is free again
+    assert record(r, scripts, 1) == "duplicate"
+    assert record(r, scripts, 0, job_id="job_gone") == "missing"
+
+
+def test_mark_running_moves_only_a_queued_job(r, scripts) -> None:
+    new_job(r)
+    assert scripts.run(job_state.mark_running("job_1")) == 1
+    assert scripts.run(job_state.mark_running("job_1")) == 0
+    assert stored(r).status == "running"
+
+
+@pytest.mark.parametrize("move", ["fail", "cancel"])
+def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(r, scripts, move) -> None:
+    events = json.dumps(["job.failed", "job.cancelled"])
+    new_job(r, notify=1, webhook_url="https://h.example/x", webhook_events=events)
+    m = job_state.fail("job_1", "acme", "engine_error", "boom") if move == "fail" else job_state.cancel("job_1", "acme")
+    assert scripts.run(m) == 1
+    status = "failed" if move == "fail" else "cancelled"
+    done = stored(r)
+    assert done.status == status and done.finished_at
+    assert (done.error_code, done.error_message) == (("engine_error", "boom") if move == "fail" else ("", ""))
+    assert not r.sismember(keys.tenant_inflight_key("acme"), "job_1")
+    assert r.lrange(keys.job_done_key("job_1"), 0, -1) == [status.encode()]
+    assert 0 < r.ttl(keys.job_done_key("job_1")) <= keys.DONE_TTL_S
+    assert (done.webhook_event, done.webhook_state) == (f"job.{status}", "pending")
+    assert r.zscore(keys.WEBHOOKS_DUE, "job_1") is not None
+    assert scripts.run(m) == 0  # a final job does not move again
+    assert r.llen(keys.job_done_key("job_1")) == 1
+
+
+def test_no_done_list_without_a_waiter_and_no_webhook_for_an_event_not_asked(r, scripts) -> None:
+    new_job(r, webhook_url="https://h.example/x", webhook_events=json.dumps(["job.succeeded"]))
+    assert scripts.run(job_state.cancel("job_1", "acme")) == 1
+    assert r.llen(keys.job_done_key("job_1")) == 0
+    assert stored(r).webhook_state == "" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is None
+
+
+def test_a_succeeded_job_cannot_be_cancelled_or_failed(r, scripts) -> None:
+    new_job(r, chunks=1)
+    assert record(r, scripts, 0) == "finished"
+    assert scripts.run(job_state.cancel("job_1", "acme")) == 0
+    assert scripts.run(job_state.fail("job_1", "acme", "x", "y")) == 0
+    assert stored(r).status == "succeeded"
+
+
+class _UnreachableQueue:
+    """A Celery app whose broker refuses every message: enqueueing fails after the job was admitted."""
+
+    def producer_or_acquire(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext(None)
+
+    def send_task(self, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker unreachable")
+
+
+def test_enqueue_failure_ends_the_job_through_the_one_final_path() -> None:
+    """The job fails through FINISH: its tenant's in-flight slot is freed (not held for the result TTL), a waiter is
+    woken and the webhook scheduled, and the caller gets 503."""
+    from api.job_store import JobStore
+    from schemas.errors import Unavailable
+
+    async def scenario() -> tuple[str, JobRecord, fakeredis.aioredis.FakeRedis]:
+        server = fakeredis.FakeServer()
+        client = fakeredis.aioredis.FakeRedis(server=server)
+        settings = Settings(auth="off", rate_limit_per_minute=0)
+        store = JobStore(client, _UnreachableQueue(), settings, client)  # type: ignore[arg-type]
+        body = JobCreate.model_validate({"requests": [{"query": "q", "documents": ["a", "b"]}]})
+        with pytest.raises(Unavailable):
+            await store.submit(body, "acme", interactive=True)
+        [job_id] = [k.decode().split(":")[2] for k in await client.keys("rerank:job:*") if k.count(b":") == 2]
+        return job_id, JobRecord.from_hash(await client.hgetall(keys.job_key(job_id))), client
+
+    job_id, rec, client = asyncio.run(scenario())
+    assert rec.status == "failed" and rec.error_code == "enqueue_failed" and rec.finished_at
+
+    async def after() -> tuple[int, list[bytes]]:
+        return (
+            await client.scard(keys.tenant_inflight_key("acme")),
+            await client.lrange(keys.job_done_key(job_id), 0, -1),
+        )
+
+    inflight, done = asyncio.run(after())
+    assert inflight == 0  # before the fix: 1, for a day
+    assert done == [b"failed"]  # the interactive waiter hears of it at once
