@@ -8,7 +8,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -70,7 +69,9 @@ def cmd_flower(args: argparse.Namespace) -> int:
         f"--address={args.address}",
         "--purge_offline_workers=60",
     ]
-    return subprocess.call(cmd, env=env)
+    # Flower replaces this process: a signal sent to `rerankfarm flower` reaches Flower itself (a child would be
+    # orphaned when its parent is stopped), and nothing is left behind.
+    os.execve(sys.executable, cmd, env)
 
 
 def compose_gpus(gpus: list[str]) -> str:
@@ -221,9 +222,16 @@ def run_example(client: httpx.Client) -> int:
     return 0
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that the processes a command started (a local farm) are stopped on the way
+    out instead of being orphaned."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from rerankfarm.local_farm import LocalFarm
 
+    stop_on_sigterm()
     model = _choose_model(args)
     port = args.port or get_settings().api_port
     if "RERANK_REDIS_URL" not in os.environ:
@@ -241,8 +249,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             with httpx.Client(base_url=farm.url, timeout=30) as client:
                 code = run_example(client)
             if args.serve and code == 0:
-                print(f"\nserving on {farm.url} (docs at /docs); Ctrl-C stops")
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+                print(f"\nserving on {farm.url} (docs at /docs); Ctrl-C stops", flush=True)
+                while True:
+                    signal.pause()
     except KeyboardInterrupt:
         code = 130
     return code
@@ -252,6 +261,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from rerankfarm import bench
     from rerankfarm.embedded_redis import free_port
 
+    stop_on_sigterm()
     if args.model == "tiny":
         from rerankfarm.tiny_model import build_tiny_model
 

@@ -4,13 +4,18 @@ its model."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
 
 from rerankfarm.embedded_redis import free_port
+from tests.conftest import VLLM_TEST_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +58,37 @@ def test_up_runs_the_example_job_on_an_embedded_redis(tmp_path) -> None:
     assert "vllm engine ready" in worker_log  # RERANK_ENGINE unset: vLLM, since the cpu extra installs it
     webhooks_log = (Path(logs) / "webhooks.log").read_text()
     assert "webhooks@" in webhooks_log and "rerank.webhooks" in webhooks_log  # the webhook worker ran too
+
+
+def test_stopping_up_stops_everything_it_started(tmp_path) -> None:
+    """SIGTERM to `rerankfarm up --serve` (as a service manager sends it) leaves no API, worker, engine, webhook
+    worker or Redis behind."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", RERANK_WORKER_HEARTBEAT_S="1", **VLLM_TEST_ENV)
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "rerankfarm.cli", "up", "--tiny-model", "--serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while "serving on" not in log.read_text(errors="replace"):
+            assert up.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+        tree = psutil.Process(up.pid).children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in tree)
+        # redis-server, the API, the worker launcher and its worker, the webhook worker (Celery renames its own).
+        assert "redis-server" in names and "cpu@" in names and "webhooks" in names and len(tree) >= 5, names
+        up.send_signal(signal.SIGTERM)
+        up.wait(90)
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

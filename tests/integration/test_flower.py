@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from rerankfarm.embedded_redis import free_port
@@ -58,6 +59,15 @@ def test_flower_shows_workers_and_queues_behind_basic_auth(redis_url, worker, cl
         queues = httpx.get(f"{base}/api/queues/length", auth=auth, timeout=30).json()
         names = {q["name"] for q in queues["active_queues"]}
         assert {"rerank.bulk", "rerank.interactive"} <= names, queues
-    finally:
+        # Stopping `rerankfarm flower` stops Flower: it is the same process (no child to orphan), and nothing of it
+        # is left listening.
+        tree = [psutil.Process(flower.pid), *psutil.Process(flower.pid).children(recursive=True)]
+        assert "flower" in " ".join(tree[0].cmdline())
         flower.send_signal(signal.SIGTERM)
         flower.wait(30)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        if flower.poll() is None:
+            flower.kill()
+            flower.wait(30)
