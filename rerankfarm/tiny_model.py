@@ -8,10 +8,25 @@ import json
 import os
 from pathlib import Path
 
-from schemas.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
+from schemas.prompt import PREFIX, SUFFIX, format_body
 
 VOCAB_WORDS = 500
 HEAD_DIM = 32  # vLLM's CPU attention refuses 16; a model built by an older release is rebuilt
+
+
+def _prompt_words() -> list[str]:
+    """The words of the prompt template, as the tokenizer splits them (special tokens stand alone)."""
+    text = PREFIX + format_body("", "") + SUFFIX
+    for special in ("<|im_start|>", "<|im_end|>"):
+        text = text.replace(special, f" {special} ")
+    return text.split()
+
+
+def _vocab(path: Path) -> str:
+    try:
+        return (path / "tokenizer.json").read_text()
+    except OSError:
+        return ""
 
 
 def _head_dim(path: Path) -> int | None:
@@ -29,16 +44,20 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
     path = Path(directory)
-    if (path / "tokenizer.json").exists() and _head_dim(path) == HEAD_DIM:
+    if (path / "tokenizer.json").exists() and _head_dim(path) == HEAD_DIM and '"assistant"' in _vocab(path):
         return path
     words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "yes", "no"]
     words += sorted(
-        {w for w in (PREFIX + SUFFIX + DEFAULT_INSTRUCTION).split()} | {f"w{i}" for i in range(VOCAB_WORDS)}
+        {w for w in _prompt_words()} | {f"w{i}" for i in range(VOCAB_WORDS)}
     )
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", pad_token="<|endoftext|>", eos_token="<|im_end|>"
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],  # as in Qwen's tokenizer: split off the word after it
     )
     cfg = Qwen3Config(
         vocab_size=len(hf_tok),

@@ -107,3 +107,13 @@ def test_compose_override_gives_each_gpu_its_own_worker(tmp_path) -> None:
     assert devices == [["1"], ["2"], ["3"]]  # GPU 0 is docker-compose.yml's own worker
     assert list(services) == ["worker-gpu1", "worker-gpu2", "worker-gpu3"]
     assert all(s["extends"] == {"file": "docker-compose.yml", "service": "worker"} for s in services.values())
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.api", "Dockerfile.worker"])
+def test_images_copy_every_package_the_project_installs(dockerfile: str) -> None:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    text = (ROOT / "deploy" / dockerfile).read_text()
+    assert {p for p in packages if f"COPY {p} {p}" not in text} == set()
