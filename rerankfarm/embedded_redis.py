@@ -39,10 +39,13 @@ def redis_server_binary() -> str:
 class EmbeddedRedis:
     """redis-server on 127.0.0.1 and a free port, in its own data directory; AOF optional (for restart tests)."""
 
-    def __init__(self, port: int | None = None, data_dir: str | None = None, appendonly: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, data_dir: str | None = None, appendonly: bool = False, fsync_always: bool = False
+    ) -> None:
         self.port = port or free_port()
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="rerankfarm-redis-")
         self.appendonly = appendonly
+        self.fsync_always = fsync_always  # AOF fsync after every write: a SIGKILL loses nothing acknowledged
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,6 +65,8 @@ class EmbeddedRedis:
             "",
             "--appendonly",
             "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always" if self.fsync_always else "everysec",
             "--loglevel",
             "warning",
         ]
@@ -95,6 +100,13 @@ class EmbeddedRedis:
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no shutdown save (what is on disk is what the AOF had written)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stop()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

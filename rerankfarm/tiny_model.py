@@ -47,9 +47,7 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     if (path / "tokenizer.json").exists() and _head_dim(path) == HEAD_DIM and '"assistant"' in _vocab(path):
         return path
     words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "yes", "no"]
-    words += sorted(
-        {w for w in _prompt_words()} | {f"w{i}" for i in range(VOCAB_WORDS)}
-    )
+    words += sorted({w for w in _prompt_words()} | {f"w{i}" for i in range(VOCAB_WORDS)})
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(

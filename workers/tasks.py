@@ -56,6 +56,7 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     rt = runtime.get()
     c = Chunk.model_validate(chunk)
     store, job_id = rt.store, c.job_id
+    logger.info("job %s chunk %d taken", job_id, c.index)
     if store.should_skip(job_id):
         logger.info("job %s chunk %d skipped: job is %s", job_id, c.index, store.status(job_id) or "gone")
         return "skipped"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -51,6 +52,7 @@ class WorkerProcess:
         self, redis_url: str, model_dir: Path, log_dir: Path, name: str | None = None, concurrency: int = 2, **env: str
     ) -> None:
         self.name = name or f"t{uuid.uuid4().hex[:6]}"
+        self.concurrency = concurrency
         self.node = f"{self.name}-cpu"  # the launcher's name for a CPU worker; its hostname is NODE@host
         self.redis = redis.Redis.from_url(redis_url)
         self.log_path = log_dir / f"worker-{self.name}.log"
@@ -91,6 +93,23 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-5000:]
+
+    def pid(self) -> int:
+        """The Celery worker process (the launcher's child), from its heartbeat."""
+        [hostname] = self.alive_hostnames()
+        info = self.redis.get(keys.worker_key(hostname))
+        assert info is not None
+        return int(json.loads(info)["pid"])
+
+    def kill(self) -> None:
+        """SIGKILL the worker process and its launcher: a node lost, no warm shutdown."""
+        hostnames = self.alive_hostnames()
+        os.kill(self.pid(), signal.SIGKILL)
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+        for hostname in hostnames:
+            self.redis.delete(keys.worker_key(hostname))  # its heartbeat would linger until its TTL
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

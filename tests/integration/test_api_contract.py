@@ -79,7 +79,11 @@ def test_readyz_needs_a_live_worker(redis_url, tiny_model_dir, client, worker) -
 
 
 def test_openapi_docs_are_served(client) -> None:
-    assert client.get("/docs").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200 and "swagger-ui" in page.text and "/openapi.json" in page.text
+    spec = client.get("/openapi.json").json()
+    assert spec["info"]["title"] == "rerank farm"
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/rerank", "/v2/rerank"} <= set(spec["paths"])
     assert "/v1/jobs/{job_id}/results" in client.get("/openapi.json").json()["paths"]
 
 

@@ -33,25 +33,28 @@ def test_sync_client_submits_waits_and_streams_results(live_api, worker, referen
             for r in entry["results"]:
                 expected = reference.score(request["query"], request["documents"][r["index"]])
                 assert r["relevance_score"] == pytest.approx(expected, abs=1e-3)
-        answer = farm.rerank("w1", ["w1 w2", "w3"], top_n=1)
-        assert len(answer["results"]) == 1
+        answer = farm.rerank("w1", ["w1 w2", "w3", "w4 w5 w6"], top_n=1)
+        best = max(range(3), key=lambda i: reference.score("w1", ["w1 w2", "w3", "w4 w5 w6"][i]))
+        assert [r["index"] for r in answer["results"]] == [best]
         with pytest.raises(RerankFarmError) as err:
             farm.job("job_" + "0" * 32)
         assert err.value.status == 404 and err.value.code == "job_not_found"
 
 
-def test_async_client(live_api, worker) -> None:
+def test_async_client(live_api, worker, reference) -> None:
     async def scenario() -> tuple[dict, list[dict], dict]:
         async with AsyncRerankFarm(live_api) as farm:
             job = await farm.submit(REQUESTS)
             done = await farm.wait(job["id"], timeout=60, poll=0.1)
             entries = [e async for e in farm.iter_results(job["id"])]
-            answer = await farm.rerank("w1", ["w1 w2", "w3"])
+            answer = await farm.rerank("w1", ["w1 w2", "w3", "w4 w5 w6"])
             return done, entries, answer
 
     done, entries, answer = asyncio.run(scenario())
     assert done["status"] == "succeeded" and [e["custom_id"] for e in entries] == ["a", "b"]
-    assert [r["index"] for r in answer["results"]] in ([0, 1], [1, 0])
+    expected = [reference.score("w1", d) for d in ["w1 w2", "w3", "w4 w5 w6"]]
+    assert [r["index"] for r in answer["results"]] == sorted(range(3), key=lambda i: -expected[i])
+    assert [r["relevance_score"] for r in answer["results"]] == pytest.approx(sorted(expected, reverse=True), abs=1e-3)
 
 
 def test_verify_webhook_accepts_signed_and_refuses_altered() -> None:

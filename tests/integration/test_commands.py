@@ -3,6 +3,7 @@ its model."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -74,6 +75,7 @@ def test_stopping_up_stops_everything_it_started(tmp_path) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+    tree: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 240
         while "serving on" not in log.read_text(errors="replace"):
@@ -88,7 +90,8 @@ def test_stopping_up_stops_everything_it_started(tmp_path) -> None:
         up.wait(90)
         _, alive = psutil.wait_procs(tree, timeout=60)
         assert not alive, [p.cmdline() for p in alive]
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+    finally:  # whatever happened above, leave nothing running for the tests after this one
+        for p in [psutil.Process(up.pid), *tree] if up.poll() is None else tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        up.wait()

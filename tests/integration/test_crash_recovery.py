@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
+from collections import Counter
 
 import psutil
 import pytest
@@ -15,35 +17,38 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
-from tests.conftest import random_text
-from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
+from tests.conftest import Reference, random_text
+from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
 
 pytestmark = pytest.mark.integration
 
 FAST_REDELIVERY = {"RERANK_VISIBILITY_TIMEOUT_S": "8"}
 
 
-def _kill_worker(w: WorkerProcess) -> None:
-    """SIGKILL the worker process itself (its pid from its heartbeat) and its launcher: no warm shutdown."""
-    [hostname] = w.alive_hostnames()
-    info = w.redis.get(keys.worker_key(hostname))
-    assert info is not None
-    import json
-
-    os.kill(json.loads(info)["pid"], signal.SIGKILL)
-    assert w.process is not None
-    w.process.kill()
-    w.process.wait()
-    w.redis.delete(keys.worker_key(hostname))  # its heartbeat would linger until its TTL
+# The task's log lines: "job J chunk N taken", "job J chunk N: P pairs, T tokens in Xs (OUTCOME)",
+# "job J chunk N skipped: job is STATUS".
+CHUNK_LINE = re.compile(r"job (job_\w+) chunk (\d+)(?: taken|: \d+ pairs, \d+ tokens in [\d.]+s \((\w+)\)| (skipped))")
 
 
-def _worker_pid(w: WorkerProcess) -> int:
-    [hostname] = w.alive_hostnames()
-    info = w.redis.get(keys.worker_key(hostname))
-    assert info is not None
-    import json
+def chunk_events(log: str, job_id: str) -> tuple[Counter[int], Counter[tuple[int, str]]]:
+    """From a worker's log: how often each chunk of the job was taken, and each (chunk, outcome) of its scoring."""
+    taken: Counter[int] = Counter()
+    outcomes: Counter[tuple[int, str]] = Counter()
+    for job, index, outcome, skipped in CHUNK_LINE.findall(log):
+        if job == job_id:
+            if outcome or skipped:
+                outcomes[(int(index), outcome or skipped)] += 1
+            else:
+                taken[int(index)] += 1
+    return taken, outcomes
 
-    return int(json.loads(info)["pid"])
+
+def _assert_scores_match_the_reference(client: TestClient, job: dict, body: dict, reference: Reference) -> None:
+    data = client.get(f"/v1/jobs/{job['id']}/results").json()["data"]
+    for request, entry in zip(body["requests"], data, strict=True):
+        for r in entry["results"][:25]:  # recovered chunks score exactly what an undisturbed worker would
+            expected = reference.score(request["query"], request["documents"][r["index"]])
+            assert r["relevance_score"] == pytest.approx(expected, abs=1e-3)
 
 
 def _assert_every_pair_scored_once(client: TestClient, job: dict, body: dict, redis_url: str) -> None:
@@ -60,7 +65,9 @@ def _assert_every_pair_scored_once(client: TestClient, job: dict, body: dict, re
     assert r.hlen(keys.job_scores_key(job["id"])) == -(-done["progress"]["total"] // 10)
 
 
-def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, log_dir) -> None:
+def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, log_dir, reference) -> None:
+    """Each kill leaves chunks taken and not recorded; they are delivered again, scored by a live worker, counted
+    once, and score what the reference says."""
     rng = random.Random(41)
     body = {
         "requests": [
@@ -74,7 +81,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
         job = client.post("/v1/jobs", json=body).json()
         wait_for(client, job["id"], until=("running",), timeout=60)
         time.sleep(1)
-        _kill_worker(first)
+        first.kill()
         progress_at_kill = client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"]
         assert progress_at_kill < 600
 
@@ -83,19 +90,34 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
         while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"] <= progress_at_kill + 20:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        _kill_worker(second)
+        second.kill()
 
         third = WorkerProcess(redis_url, tiny_model_dir, log_dir, **FAST_REDELIVERY).start()
         try:
             done = wait_for(client, job["id"], timeout=120)
             assert done["status"] == "succeeded", done
             _assert_every_pair_scored_once(client, job, body, redis_url)
+            _assert_scores_match_the_reference(client, job, body, reference)
         finally:
             third.stop()
+    logs = [chunk_events(w.log_path.read_text(errors="replace"), job["id"]) for w in (first, second, third)]
+    recorded: Counter[int] = Counter()
+    for _, outcomes in logs:
+        recorded.update(
+            i for (i, outcome), n in outcomes.items() if outcome in ("recorded", "finished") for _ in range(n)
+        )
+    assert sorted(recorded) == list(range(60)) and set(recorded.values()) == {1}  # each chunk counted once
+    for killed, _later in ((logs[0], logs[1:]), (logs[1], logs[2:])):
+        taken, outcomes = killed
+        in_flight = {i for i in taken if not any(o[0] == i for o in outcomes)}
+        assert in_flight, "the worker was killed with no chunk in hand: the test proved nothing"
+        for i in in_flight:  # delivered again: taken by a worker started after the kill
+            assert any(i in later_taken for later_taken, _ in logs[logs.index(killed) + 1 :]), i
 
 
-def test_redis_restart_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -> None:
-    server = EmbeddedRedis(data_dir=str(tmp_path), appendonly=True).start()
+def test_redis_killed_and_restarted_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -> None:
+    """SIGKILL of Redis (AOF, fsync always): no shutdown save, the farm finds on restart what the AOF held."""
+    server = EmbeddedRedis(data_dir=str(tmp_path), appendonly=True, fsync_always=True).start()
     url = server.url
     rng = random.Random(42)
     body = {
@@ -109,13 +131,15 @@ def test_redis_restart_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -
         with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=10))) as client:
             jobs = [client.post("/v1/jobs", json=body).json() for _ in range(2)]
             wait_for(client, jobs[0]["id"], until=("running",), timeout=60)
-            server.stop()
+            server.kill()
             down = client.get(f"/v1/jobs/{jobs[0]['id']}")
             assert down.status_code == 503 and down.headers["retry-after"]
             assert client.post("/v1/jobs", json=body).status_code == 503
             assert client.get("/readyz").status_code == 503
             time.sleep(3)
-            restarted = EmbeddedRedis(port=server.port, data_dir=str(tmp_path), appendonly=True).start()
+            restarted = EmbeddedRedis(
+                port=server.port, data_dir=str(tmp_path), appendonly=True, fsync_always=True
+            ).start()
             try:
                 for job in jobs:
                     done = wait_for(client, job["id"], timeout=120)
@@ -151,7 +175,7 @@ def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
     ).start()
     try:
         with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=10))) as client:
-            pid = _worker_pid(worker)
+            pid = worker.pid()
             tree = psutil.Process(pid).children(recursive=True)
             engine_processes = [
                 p for p in tree if "VLLM" in " ".join(p.cmdline()) or "spawn_main" in " ".join(p.cmdline())
@@ -168,6 +192,44 @@ def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
             done = wait_for(client, job["id"], timeout=180)
             assert done["status"] == "succeeded", done
             _assert_every_pair_scored_once(client, job, body, redis_url)
-            assert _worker_pid(worker) != pid  # the launcher started a fresh worker, which finished the job
+            assert worker.pid() != pid  # the launcher started a fresh worker, which finished the job
     finally:
         worker.stop()
+
+
+def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, tiny_model_dir, log_dir) -> None:
+    """Two extra copies of one chunk (what a redelivery looks like) reach a real worker ahead of the rest: one copy
+    is recorded, the others are dropped as duplicates, and the job's counts are exact."""
+    from celery import Celery
+
+    from schemas.chunks import split_into_chunks
+    from schemas.jobs import JobCreate
+    from schemas.queueing import celery_config
+
+    url = other_db(redis_url, 7)
+    redis.Redis.from_url(url).flushdb()
+    rng = random.Random(44)
+    body = {"requests": [{"query": random_text(rng, 2, 4), "documents": [random_text(rng, 5, 30) for _ in range(60)]}]}
+    settings = farm_settings(url, tiny_model_dir, chunk_size=10)
+    with TestClient(create_app(settings)) as client:
+        job = client.post("/v1/jobs", json=body).json()  # no worker yet: every chunk waits in the queue
+        [copy] = [
+            c for c in split_into_chunks(job["id"], JobCreate.model_validate(body).requests, 10, 5) if c.index == 3
+        ]
+        sender = Celery("test-sender")
+        sender.conf.update(celery_config(settings))
+        for _ in range(2):  # the interactive queue is consumed first: the copies arrive while the job runs
+            sender.send_task(keys.TASK_SCORE_CHUNK, args=[copy.model_dump()], queue=keys.QUEUE_INTERACTIVE)
+        worker = WorkerProcess(url, tiny_model_dir, log_dir, concurrency=1).start()
+        try:
+            done = wait_for(client, job["id"], timeout=120)
+        finally:
+            worker.stop()
+            sender.close()
+        assert done["status"] == "succeeded"
+        assert done["progress"]["completed"] == 60 and sum(done["workers"].values()) == 60
+    taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job["id"])
+    assert taken[3] == 3  # delivered three times
+    assert outcomes[(3, "duplicate")] + outcomes[(3, "skipped")] == 2, outcomes
+    assert outcomes[(3, "duplicate")] >= 1, outcomes  # the Lua HSETNX dropped a copy the job was still waiting on
+    assert outcomes[(3, "recorded")] + outcomes[(3, "finished")] == 1

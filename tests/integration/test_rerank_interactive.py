@@ -13,6 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from schemas.prompt import PREFIX, SUFFIX, format_body
 from tests.conftest import random_text
 from tests.integration.conftest import farm_settings, other_db, wait_for
 
@@ -83,17 +84,14 @@ def test_interactive_request_behind_a_large_bulk_job_returns_before_it_ends(clie
         "priority": 9,
     }
     bulk = client.post("/v1/jobs", json=bulk_body).json()
-    wait_for(client, bulk["id"], until=("running",), timeout=60)
-    started = time.monotonic()
+    before = wait_for(client, bulk["id"], until=("running",), timeout=60)["progress"]["completed"]
     r = client.post("/v1/rerank", json={"query": "w1 w2", "documents": _docs(rng, 20)})
-    latency = time.monotonic() - started
     assert r.status_code == 200
     after = client.get(f"/v1/jobs/{bulk['id']}").json()
     assert after["status"] == "running" and after["progress"]["completed"] < after["progress"]["total"]
-    print(
-        f"interactive latency behind a {after['progress']['total']}-pair bulk job: {latency:.2f}s, "
-        f"bulk progress then {after['progress']['completed']}"
-    )
+    # The interactive chunk went ahead of the 480 bulk chunks queued before it: while it waited, at most the bulk
+    # chunks the worker already held (its concurrency, and as many taken as slots freed) were scored.
+    assert after["progress"]["completed"] - before <= 2 * worker.concurrency * 5, (before, after["progress"])
     client.post(f"/v1/jobs/{bulk['id']}/cancel")
 
 
@@ -110,14 +108,21 @@ def test_timeout_answers_504_with_the_job_id_and_the_job_goes_on(redis_url, tiny
 
 
 def test_a_job_finishing_during_the_wait_wakes_the_waiter_at_once(redis_url, tiny_model_dir, worker) -> None:
-    # The answer comes from the done-list push, not from a polling interval: many calls in a row stay quick.
+    """The answer follows the job's end by milliseconds (the done-list push wakes the BLPOP), not by a polling
+    interval: measured from the finished_at the worker wrote to the moment the answer arrived, on the same clock."""
+    from datetime import datetime
+
     with TestClient(create_app(farm_settings(redis_url, tiny_model_dir))) as c:
-        timings = []
-        for _ in range(5):
-            started = time.monotonic()
-            assert c.post("/v1/rerank", json={"query": "w1", "documents": ["w2 w3", "w4"]}).status_code == 200
-            timings.append(time.monotonic() - started)
-    assert min(timings) < 1.0, timings
+        delays = []
+        for _ in range(10):
+            r = c.post("/v1/rerank", json={"query": "w1", "documents": ["w2 w3", "w4"]})
+            arrived = time.time()
+            assert r.status_code == 200
+            finished = c.get(f"/v1/jobs/{r.json()['id']}").json()["finished_at"]
+            delays.append(arrived - datetime.fromisoformat(finished).timestamp())
+    delays.sort()
+    # Polling every 0.5 s would put the median near 0.25 s.
+    assert delays[len(delays) // 2] < 0.1, delays
 
 
 def test_long_document_windows_score_the_best_window(client, worker, reference) -> None:
@@ -152,7 +157,8 @@ def test_truncation_options(client, worker, reference) -> None:
     assert cut["results"][0]["relevance_score"] == pytest.approx(
         reference.score("w9", " ".join(f"w{i}" for i in range(30))), abs=1e-3
     )
-    assert cut["usage"]["prompt_tokens"] < 80
+    kept = " ".join(f"w{i}" for i in range(30))
+    assert cut["usage"]["prompt_tokens"] == len(reference.tok(PREFIX + format_body("w9", kept) + SUFFIX).input_ids)
     huge = " ".join(f"w{i % 500}" for i in range(9000))  # over the worker's 8192-token max length
     r = client.post("/v1/rerank", json={"query": "w9", "documents": [huge], "truncation": False})
     assert r.status_code == 422 and "truncation is off" in r.json()["error"]["message"]

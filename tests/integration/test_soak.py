@@ -44,7 +44,7 @@ def test_soak_with_a_worker_restart(redis_url, tiny_model_dir, log_dir) -> None:
             t.start()
         while len(submitted) < CLIENTS * JOBS_PER_CLIENT // 2:
             time.sleep(0.1)
-        first.stop()  # warm shutdown mid-soak; a new worker takes over
+        first.kill()  # SIGKILL mid-soak, chunks in hand; a new worker takes over once they are redelivered
         second = WorkerProcess(redis_url, tiny_model_dir, log_dir, RERANK_VISIBILITY_TIMEOUT_S="8").start()
         for t in threads:
             t.join(120)

@@ -79,6 +79,10 @@ def receiver() -> Iterator[Receiver]:
     r.server.server_close()
 
 
+def _log_tail(log_dir) -> str:
+    return (log_dir / "webhooks.log").read_text(errors="replace")[-3000:]
+
+
 @pytest.fixture(scope="module")
 def webhook_worker(redis_url: str, tiny_model_dir, log_dir) -> Iterator[None]:
     import os
@@ -91,8 +95,10 @@ def webhook_worker(redis_url: str, tiny_model_dir, log_dir) -> Iterator[None]:
         process = subprocess.Popen(
             [sys.executable, "-m", "rerankfarm.cli", "webhooks"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
-    time.sleep(3)
-    assert process.poll() is None, (log_dir / "webhooks.log").read_text()[-3000:]
+    deadline = time.monotonic() + 60
+    while "webhooks@" not in (log_dir / "webhooks.log").read_text() or " ready." not in _log_tail(log_dir):
+        assert process.poll() is None and time.monotonic() < deadline, _log_tail(log_dir)
+        time.sleep(0.2)
     yield
     process.send_signal(signal.SIGTERM)
     process.wait(30)
