@@ -245,8 +245,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             if farm.redis is not None:
                 print(f"embedded redis-server at {farm.redis.url}")
             print(f"logs: {farm.log_dir}/{{api,worker,webhooks}}.log")
-            print(f"ready: {', '.join(farm.wait_ready(10))}")
+            farm.wait_ready(10)
             with httpx.Client(base_url=farm.url, timeout=30) as client:
+                engines = client.get("/readyz").json().get("engines", {})
+                print("ready: " + ", ".join(f"{host} ({engine})" for host, engine in engines.items()))
                 code = run_example(client)
             if args.serve and code == 0:
                 print(f"\nserving on {farm.url} (docs at /docs); Ctrl-C stops", flush=True)

@@ -25,7 +25,8 @@ import httpx
 
 from schemas.jobs import JobStatus
 
-R = TypeVar("R")
+R = TypeVar("R")  # what a call returns: the answer, or an awaitable of it
+H = TypeVar("H", httpx.Client, httpx.AsyncClient)
 
 
 class RerankFarmError(Exception):
@@ -45,6 +46,12 @@ def _raise_for(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         code, message, error = "error", response.text, {}
     raise RerankFarmError(response.status_code, code, message, error)
+
+
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    _raise_for(response)
+    result: dict[str, Any] = response.json()
+    return result
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -80,9 +87,16 @@ def _job_body(
     return body
 
 
-class _Calls(Generic[R]):
+class _Calls(Generic[R, H]):
     """The calls both clients make. `_send` returns the answer (sync) or an awaitable of it (async), so each
     method is written once and returns whichever its client gives."""
+
+    _http_class: type[H]
+
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, http: H | None = None
+    ) -> None:
+        self.http: H = http or self._http_class(base_url=_base_url(url), headers=_headers(api_key), timeout=timeout)
 
     def _send(self, call: _Call) -> R:
         raise NotImplementedError
@@ -119,21 +133,11 @@ def verify_webhook(secret: str, body: bytes | str, headers: Mapping[str, str]) -
     return event
 
 
-class RerankFarm(_Calls[dict[str, Any]]):
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        http: httpx.Client | None = None,
-    ) -> None:
-        self.http = http or httpx.Client(base_url=_base_url(url), headers=_headers(api_key), timeout=timeout)
+class RerankFarm(_Calls[dict[str, Any], httpx.Client]):
+    _http_class = httpx.Client
 
     def _send(self, call: _Call) -> dict[str, Any]:
-        response = self.http.request(call.method, call.path, json=call.json)
-        _raise_for(response)
-        result: dict[str, Any] = response.json()
-        return result
+        return _answer(self.http.request(call.method, call.path, json=call.json))
 
     def wait(
         self,
@@ -175,21 +179,11 @@ class RerankFarm(_Calls[dict[str, Any]]):
         self.close()
 
 
-class AsyncRerankFarm(_Calls[Awaitable[dict[str, Any]]]):
-    def __init__(
-        self,
-        url: str | None = None,
-        api_key: str | None = None,
-        timeout: float = 60.0,
-        http: httpx.AsyncClient | None = None,
-    ) -> None:
-        self.http = http or httpx.AsyncClient(base_url=_base_url(url), headers=_headers(api_key), timeout=timeout)
+class AsyncRerankFarm(_Calls[Awaitable[dict[str, Any]], httpx.AsyncClient]):
+    _http_class = httpx.AsyncClient
 
     async def _send(self, call: _Call) -> dict[str, Any]:
-        response = await self.http.request(call.method, call.path, json=call.json)
-        _raise_for(response)
-        result: dict[str, Any] = response.json()
-        return result
+        return _answer(await self.http.request(call.method, call.path, json=call.json))
 
     async def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         async def until_final() -> dict[str, Any]:

@@ -58,7 +58,8 @@ class LocalFarm:
         exe = [sys.executable, "-m", "rerankfarm.cli"]
         commands = {
             "api": [*exe, "api", "--host", "127.0.0.1", "--port", str(self.port), "--loglevel", self.loglevel],
-            "worker": [*exe, "worker", "--loglevel", self.loglevel, *self.worker_args],
+            # The worker's log says which engine it runs and what each chunk did: INFO, in its own file.
+            "worker": [*exe, "worker", "--loglevel", "INFO", *self.worker_args],
             "webhooks": [*exe, "webhooks", "--loglevel", self.loglevel],
         }
         for name, command in commands.items():

@@ -32,7 +32,27 @@ class DocumentIn(BaseModel):
     id: str | None = Field(None, max_length=256, description="Your id for the document, echoed in the results.")
 
 
-class RerankRequest(BaseModel):
+class LongDocuments(BaseModel):
+    """How documents longer than the max length are scored; shared by bulk requests and interactive calls."""
+
+    long_documents: Literal["truncate", "windows"] = Field(
+        "truncate",
+        description="`truncate`: a prompt over the max length loses the end of its document. `windows`: a long "
+        "document is split into overlapping windows, scored by its best window, reported in `window`.",
+    )
+    window_tokens: int | None = Field(
+        None, ge=16, description="Document tokens per window (`windows` mode); default: as many as fit."
+    )
+    window_overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (`windows` mode).")
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> LongDocuments:
+        if self.window_tokens is not None and self.window_overlap >= self.window_tokens:
+            raise ValueError("window_overlap must be smaller than window_tokens")
+        return self
+
+
+class RerankRequest(LongDocuments):
     """One query and its candidate documents; a job carries many."""
 
     model_config = ConfigDict(extra="forbid")
@@ -45,23 +65,8 @@ class RerankRequest(BaseModel):
     )
     top_n: int | None = Field(None, ge=1, description="Keep only the n best documents; all when omitted.")
     return_documents: bool = Field(False, description="Include each document's text in the results.")
-    long_documents: Literal["truncate", "windows"] = Field(
-        "truncate",
-        description="`truncate`: a prompt over the max length loses the end of its document. `windows`: a long "
-        "document is split into overlapping windows, scored by its best window, reported in `window`.",
-    )
-    window_tokens: int | None = Field(
-        None, ge=16, description="Document tokens per window (`windows` mode); default: as many as fit."
-    )
-    window_overlap: int = Field(64, ge=0, description="Tokens shared by consecutive windows (`windows` mode).")
     max_tokens_per_doc: int | None = Field(None, ge=1, description="Cut each document to this many tokens first.")
     truncate: bool = Field(True, description="False: a prompt over the max length fails the job instead of being cut.")
-
-    @model_validator(mode="after")
-    def _window_fits(self) -> RerankRequest:
-        if self.window_tokens is not None and self.window_overlap >= self.window_tokens:
-            raise ValueError("window_overlap must be smaller than window_tokens")
-        return self
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]

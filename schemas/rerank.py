@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from schemas.jobs import DocumentIn, NonBlank, RankedResult, RerankRequest
+from schemas.jobs import DocumentIn, LongDocuments, NonBlank, RankedResult, RerankRequest
 
 
-class RerankCall(BaseModel):
+class RerankCall(LongDocuments):
     # Client libraries send fields of their own (Cohere's rank_fields, vLLM's priority...): accepted and ignored.
     model_config = ConfigDict(extra="ignore")
 
@@ -24,18 +22,9 @@ class RerankCall(BaseModel):
     max_tokens_per_doc: int | None = Field(None, ge=1, description="Cut each document to this many tokens (Cohere).")
     truncate_prompt_tokens: int | None = Field(None, ge=16, description="Cut each whole prompt to this many (vLLM).")
     truncation: bool | None = Field(None, description="false: a too long prompt is an error, not cut (Jina).")
-    long_documents: Literal["truncate", "windows"] = "truncate"
-    window_tokens: int | None = Field(None, ge=16)
-    window_overlap: int = Field(64, ge=0)
     timeout: float | None = Field(
         None, ge=0.01, le=600, description="Seconds to wait before answering 504 with the job id (the job goes on)."
     )
-
-    @model_validator(mode="after")
-    def _window_fits(self) -> RerankCall:
-        if self.window_tokens is not None and self.window_overlap >= self.window_tokens:
-            raise ValueError("window_overlap must be smaller than window_tokens")
-        return self
 
     def as_request(self, return_documents: bool) -> RerankRequest:
         return RerankRequest(

@@ -132,15 +132,16 @@ def script_keys(job_id: str, tenant: str) -> list[str]:
 # wants it. The script's last ARGV is the done-list's TTL in seconds.
 _FINALIZE = """
 local function finalize(status)
-  redis.call('SREM', KEYS[7], redis.call('HGET', KEYS[1], 'id'))
+  local id = redis.call('HGET', KEYS[1], 'id')
+  if id then redis.call('SREM', KEYS[7], id) end
   if redis.call('HGET', KEYS[1], 'notify') == '1' then
     redis.call('RPUSH', KEYS[5], status)
     redis.call('EXPIRE', KEYS[5], tonumber(ARGV[#ARGV]))
   end
   local events = redis.call('HGET', KEYS[1], 'webhook_events')
-  if events and string.find(events, '"job.' .. status .. '"', 1, true) then
+  if id and events and string.find(events, '"job.' .. status .. '"', 1, true) then
     redis.call('HSET', KEYS[1], 'webhook_event', 'job.' .. status, 'webhook_state', 'pending', 'webhook_attempt', 0)
-    redis.call('ZADD', KEYS[6], redis.call('TIME')[1], redis.call('HGET', KEYS[1], 'id'))
+    redis.call('ZADD', KEYS[6], redis.call('TIME')[1], id)
   end
 end
 """

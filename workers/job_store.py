@@ -7,7 +7,7 @@ from datetime import datetime
 import redis
 
 from schemas import keys
-from schemas.chunks import Chunk, ChunkResult
+from schemas.chunks import ChunkResult
 from schemas.jobs import JobStatus
 from store import job_state
 from store.job_state import as_str
@@ -31,22 +31,15 @@ class WorkerJobStore:
     def mark_running(self, job_id: str) -> bool:
         return bool(self.scripts.run(job_state.mark_running(job_id)))
 
-    def record_chunk(self, chunk: Chunk, result: ChunkResult, worker: str) -> str:
+    def record_chunk(self, job_id: str, index: int, result: ChunkResult, worker: str, tenant: str = "default") -> str:
         """Store a chunk's result; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
         move = job_state.record_chunk(
-            chunk.job_id,
-            chunk.tenant,
-            chunk.index,
-            result.model_dump_json(),
-            len(result.scores),
-            worker,
-            result.tokens,
-            self.ttl,
+            job_id, tenant, index, result.model_dump_json(), len(result.scores), worker, result.tokens, self.ttl
         )
         return as_str(self.scripts.run(move))
 
-    def fail(self, chunk: Chunk, code: str, message: str) -> bool:
-        return bool(self.scripts.run(job_state.fail(chunk.job_id, chunk.tenant, code, message)))
+    def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:
+        return bool(self.scripts.run(job_state.fail(job_id, tenant, code, message)))
 
     def latency(self, job_id: str) -> tuple[str, float] | None:
         """(kind, seconds from creation to finish) of a finished job."""

@@ -68,7 +68,7 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     except Exception as exc:  # input the tokenizer rejects will fail again: no retry
         logger.warning("job %s chunk %d: input rejected: %r", job_id, c.index, exc)
         message = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
-        if store.fail(c, "invalid_input", f"chunk {c.index}: {message}"):
+        if store.fail(job_id, "invalid_input", f"chunk {c.index}: {message}", c.tenant):
             metrics.JOBS_FINISHED.labels("failed").inc()
         return "failed"
     submission = rt.batcher.submit(prepared.prompts, c.priority)
@@ -83,12 +83,13 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         if retries < rt.settings.chunk_max_retries:
             logger.warning("job %s chunk %d: engine failed (%r), retry %d", job_id, c.index, exc, retries + 1)
             raise self.retry(exc=exc, countdown=min(2**retries, 30)) from exc
-        if store.fail(c, "engine_error", f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}"):
+        message = f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}"
+        if store.fail(job_id, "engine_error", message, c.tenant):
             metrics.JOBS_FINISHED.labels("failed").inc()
         logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
         return "failed"
     result = scoring.aggregate(prepared, scores)
-    outcome = store.record_chunk(c, result, self.request.hostname or "unknown")
+    outcome = store.record_chunk(job_id, c.index, result, self.request.hostname or "unknown", c.tenant)
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,

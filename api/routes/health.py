@@ -22,4 +22,5 @@ async def readyz(store: StoreDep) -> JSONResponse:
         return JSONResponse({"status": "unavailable", "reason": f"redis unreachable: {exc.__class__.__name__}"}, 503)
     if not workers:
         return JSONResponse({"status": "unavailable", "reason": "no worker alive", "workers": []}, 503)
-    return JSONResponse({"status": "ready", "workers": [w["hostname"] for w in workers]})
+    engines = {w["hostname"]: f"{w.get('engine')} on {w.get('device')}" for w in workers}
+    return JSONResponse({"status": "ready", "workers": [w["hostname"] for w in workers], "engines": engines})

@@ -68,6 +68,7 @@ def test_readyz_needs_a_live_worker(redis_url, tiny_model_dir, client, worker) -
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and any(h.startswith(f"{worker.node}@") for h in ready.json()["workers"])
+    assert {e for h, e in ready.json()["engines"].items() if h.startswith(f"{worker.node}@")} == {"vllm on cpu"}
     with TestClient(create_app(farm_settings(other_db(redis_url, 4), tiny_model_dir))) as lonely:
         r = lonely.get("/readyz")
     assert r.status_code == 503 and r.json()["reason"] == "no worker alive"

@@ -49,6 +49,7 @@ def test_up_runs_the_example_job_on_an_embedded_redis(tmp_path) -> None:
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "embedded redis-server" in run.stdout
+    assert "(vllm on cpu)" in run.stdout  # RERANK_ENGINE unset: the worker runs vLLM
     assert "succeeded: 14/14 pairs" in run.stdout
     for custom_id in ("capital-of-china", "gravity", "python-lists"):
         assert f"[{custom_id}]" in run.stdout

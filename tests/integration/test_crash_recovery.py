@@ -75,6 +75,8 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
             for _ in range(5)
         ]
     }
+    redis_url = other_db(redis_url, 8)  # only this test's workers consume there: their logs tell the whole story
+    redis.Redis.from_url(redis_url).flushdb()
     settings = farm_settings(redis_url, tiny_model_dir, chunk_size=10)
     with TestClient(create_app(settings)) as client:
         first = WorkerProcess(redis_url, tiny_model_dir, log_dir, **FAST_REDELIVERY).start()
@@ -163,6 +165,8 @@ def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
     """SIGKILL of the worker process alone (its launcher lives on and starts a new one), mid-job: the job completes
     with every pair scored once, and nothing the killed worker started outlives it (vLLM's engine core, when it
     runs in a process of its own, would hold the model's memory)."""
+    redis_url = other_db(redis_url, 10)  # only this test's worker consumes there
+    redis.Redis.from_url(redis_url).flushdb()
     rng = random.Random(43)
     body = {
         "requests": [
