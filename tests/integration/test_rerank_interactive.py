@@ -121,8 +121,8 @@ def test_a_job_finishing_during_the_wait_wakes_the_waiter_at_once(redis_url, tin
             finished = c.get(f"/v1/jobs/{r.json()['id']}").json()["finished_at"]
             delays.append(arrived - datetime.fromisoformat(finished).timestamp())
     delays.sort()
-    # Polling every 0.5 s would put the median near 0.25 s.
-    assert delays[len(delays) // 2] < 0.1, delays
+    # Polling every 0.5 s would spread the delays over 0..0.5 s: its median near 0.25 s and 8 in 10 above 0.1 s.
+    assert delays[5] < 0.15 and delays[7] < 0.2, delays
 
 
 def test_long_document_windows_score_the_best_window(client, worker, reference) -> None:

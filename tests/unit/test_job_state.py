@@ -160,3 +160,82 @@ def test_enqueue_failure_ends_the_job_through_the_one_final_path() -> None:
     inflight, done = asyncio.run(after())
     assert inflight == 0  # before the fix: 1, for a day
     assert done == [b"failed"]  # the interactive waiter hears of it at once
+
+
+def test_the_api_sees_every_field_of_the_record() -> None:
+    from datetime import datetime
+
+    attempt = json.dumps({"attempt": 1, "at": "2026-11-23T10:00:00+00:00", "status_code": 503, "error": None})
+    record = JobRecord(
+        id="job_2",
+        tenant="acme",
+        kind="interactive",
+        priority=9,
+        created_at="2026-11-23T10:00:00+00:00",
+        started_at="2026-11-23T10:00:01+00:00",
+        finished_at="2026-11-23T10:00:02+00:00",
+        total=7,
+        chunks_total=2,
+        request_count=3,
+        status="failed",
+        completed=5,
+        tokens=321,
+        metadata=json.dumps({"k": "v"}),
+        error_code="engine_error",
+        error_message="boom",
+        webhook_url="https://h.example/x",
+        webhook_events=json.dumps(["job.failed"]),
+        webhook_event="job.failed",
+        webhook_state="pending",
+    )
+    job = JobRecord.from_hash(record.to_hash()).to_job({"w@h": 5}, [attempt])
+    assert (job.id, job.status, job.kind, job.priority, job.tokens, job.request_count) == (
+        "job_2",
+        JobStatus.failed,
+        "interactive",
+        9,
+        321,
+        3,
+    )
+    assert job.created_at == datetime.fromisoformat("2026-11-23T10:00:00+00:00")
+    assert job.started_at == datetime.fromisoformat("2026-11-23T10:00:01+00:00")
+    assert job.finished_at == datetime.fromisoformat("2026-11-23T10:00:02+00:00")
+    assert (job.progress.completed, job.progress.total) == (5, 7)
+    assert job.metadata == {"k": "v"} and job.workers == {"w@h": 5}
+    assert job.error is not None and (job.error.code, job.error.message) == ("engine_error", "boom")
+    assert job.webhook is not None
+    assert (job.webhook.url, job.webhook.events, job.webhook.state, job.webhook.event) == (
+        "https://h.example/x",
+        ["job.failed"],
+        "pending",
+        "job.failed",
+    )
+    assert [(a.attempt, a.status_code) for a in job.webhook.attempts] == [(1, 503)]
+
+
+def test_a_fresh_record_shows_nothing_it_does_not_have() -> None:
+    job = JobRecord(id="job_3", priority=5, created_at="2026-11-23T10:00:00+00:00", total=1, chunks_total=1,
+                    request_count=1).to_job()  # fmt: skip
+    assert job.kind == "bulk" and job.status is JobStatus.queued
+    assert job.started_at is None and job.finished_at is None and job.error is None and job.webhook is None
+    assert job.metadata is None and job.workers == {}
+    assert "started_at" not in JobRecord(id="j", priority=5, created_at="t", total=1, chunks_total=1,
+                                         request_count=1).to_hash()  # fmt: skip
+
+
+def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
+    move = job_state.cancel("job_9", "acme")
+    assert move.keys == [
+        keys.job_key("job_9"),
+        keys.job_scores_key("job_9"),
+        keys.job_workers_key("job_9"),
+        keys.job_input_key("job_9"),
+        keys.job_done_key("job_9"),
+        keys.WEBHOOKS_DUE,
+        keys.tenant_inflight_key("acme"),
+    ]
+    assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
+    failed = job_state.fail("job_9", "acme", "code", "m" * 5000)
+    assert failed.args[:2] == ["failed", "code"] and failed.args[2] == "m" * 2000  # long messages are cut
+    assert job_state.as_str(b"x") == "x" and job_state.as_str(3) == "3"
+    assert job_state.now_iso().endswith("+00:00")

@@ -1,0 +1,167 @@
+"""Pure logic between the engine and the answer: prompts from a chunk and scores back to pairs (`workers.scoring`),
+long documents cut into windows (`workers.prompts`), and results ranked and assembled (`store.results`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from schemas.chunks import Chunk, ChunkResult, PairOptions, Segment
+from store.results import assemble_results, rank
+from workers import scoring
+from workers.prompts import Pair, PromptBuilder
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir) -> PromptBuilder:
+    return PromptBuilder.from_pretrained(str(tiny_model_dir), 256)
+
+
+def words(start: int, n: int) -> str:
+    return " ".join(f"w{(start + i) % 500}" for i in range(n))
+
+
+# --- ranking and assembly -------------------------------------------------------------------------------------
+
+
+def test_rank_sorts_by_score_keeps_document_order_on_ties_and_cuts_to_top_n() -> None:
+    ranked = rank([0.2, 0.9, 0.2, 0.5], None, None, None)
+    assert [(r.index, r.relevance_score) for r in ranked] == [(1, 0.9), (3, 0.5), (0, 0.2), (2, 0.2)]
+    assert [r.index for r in rank([0.2, 0.9, 0.2, 0.5], 2, None, None)] == [1, 3]
+    assert [r.index for r in rank([0.2, 0.9], 0, None, None)] == [1, 0]  # 0: all
+    assert all(r.document is None and r.id is None and r.window is None for r in ranked)
+
+
+def test_rank_carries_texts_ids_and_winning_windows_of_the_right_documents() -> None:
+    ranked = rank([0.1, 0.7], None, ["a", "b"], ["id-a", None], [None, [2, 5, 100, 160]])
+    first, second = ranked
+    assert (first.index, first.id, first.document and first.document.text) == (1, None, "b")
+    assert first.window is not None
+    assert (first.window.index, first.window.count, first.window.start_token, first.window.end_token) == (
+        2,
+        5,
+        100,
+        160,
+    )
+    assert (second.index, second.id, second.document and second.document.text, second.window) == (0, "id-a", "a", None)
+
+
+def _meta(custom_id: str | None, n: int, top_n: int | None = None, texts=None, ids=None) -> dict:
+    return {"custom_id": custom_id, "top_n": top_n, "n": n, "texts": texts, "ids": ids}
+
+
+def test_assemble_results_joins_chunks_in_index_order_and_splits_them_per_request() -> None:
+    raw_input = json.dumps({"requests": [_meta("q1", 3, top_n=2, texts=["a", "b", "c"]), _meta("q2", 2)]})
+    chunks = {  # stored out of order, keys as Redis gives them (bytes)
+        b"1": ChunkResult(scores=[0.4, 0.8]).model_dump_json(),
+        b"0": ChunkResult(scores=[0.1, 0.9, 0.5]).model_dump_json(),
+    }
+    results = assemble_results("job_x", 2, raw_input, chunks)
+    assert results.id == "job_x"
+    q1, q2 = results.data
+    assert q1.custom_id == "q1" and [(r.index, r.relevance_score) for r in q1.results] == [(1, 0.9), (2, 0.5)]
+    assert [r.document.text for r in q1.results if r.document] == ["b", "c"]
+    assert q2.custom_id == "q2" and [(r.index, r.relevance_score) for r in q2.results] == [(1, 0.8), (0, 0.4)]
+
+
+def test_assemble_results_keeps_the_windows_of_each_pair() -> None:
+    raw_input = json.dumps({"requests": [_meta(None, 2)]})
+    chunks = {"0": ChunkResult(scores=[0.3, 0.6], windows=[[0, 1, 0, 5], [1, 3, 40, 90]]).model_dump_json()}
+    [entry] = assemble_results("job_x", 1, raw_input, chunks).data
+    assert [(r.index, r.window.index if r.window else None) for r in entry.results] == [(1, 1), (0, 0)]
+
+
+# --- windows and cuts -----------------------------------------------------------------------------------------
+
+
+def test_a_document_that_fits_is_one_window_scored_exactly_as_in_truncate_mode(prompts) -> None:
+    pair = Pair("w1", words(10, 20))
+    [window] = prompts.windows(pair, PairOptions(windows=True))
+    assert (window.start, window.end) == (0, 20)
+    assert window.token_ids == prompts.encode([pair])[0]
+
+
+def test_long_documents_are_split_into_overlapping_windows_that_cover_it(prompts) -> None:
+    doc = words(0, 230)
+    windows = prompts.windows(Pair("w5 w6", doc), PairOptions(windows=True, window_tokens=60, window_overlap=10))
+    assert [(w.start, w.end) for w in windows] == [(0, 60), (50, 110), (100, 160), (150, 210), (200, 230)]
+    for w in windows:
+        assert w.token_ids == prompts.encode([Pair("w5 w6", words(w.start, w.end - w.start))])[0]
+        assert w.token_ids[-len(prompts.suffix_ids) :] == prompts.suffix_ids
+
+
+def test_windows_default_to_as_many_tokens_as_fit_and_never_exceed_the_max_length(prompts) -> None:
+    windows = prompts.windows(Pair("w1", words(0, 600)), PairOptions(windows=True, window_overlap=0))
+    assert len(windows) > 2
+    assert all(len(w.token_ids) <= prompts.max_length for w in windows)
+    assert max(len(w.token_ids) for w in windows) == prompts.max_length  # full windows use the whole budget
+    assert windows[0].end == windows[1].start and windows[-1].end == 600
+
+
+def test_max_doc_tokens_cuts_each_document_first(prompts) -> None:
+    cut = prompts.encode([Pair("w1", words(0, 50))], PairOptions(max_doc_tokens=12))[0]
+    assert cut == prompts.encode([Pair("w1", words(0, 12))])[0]
+    short = prompts.encode([Pair("w1", words(0, 5))], PairOptions(max_doc_tokens=12))[0]
+    assert short == prompts.encode([Pair("w1", words(0, 5))])[0]
+
+
+def test_a_prompt_limit_cuts_the_whole_prompt_and_refuses_one_with_no_room(prompts) -> None:
+    from schemas.errors import InvalidInput
+
+    limited = prompts.encode([Pair("w1", words(0, 200))], PairOptions(max_prompt_tokens=100))[0]
+    assert len(limited) == 100
+    with pytest.raises(InvalidInput, match="leaves no room"):
+        prompts.encode([Pair("w1", "w2")], PairOptions(max_prompt_tokens=len(prompts.prefix_ids) + 10))
+    with pytest.raises(InvalidInput, match="truncation is off"):
+        prompts.encode([Pair("w1", words(0, 400))], PairOptions(truncate=False))
+
+
+# --- from a chunk to prompts and back ----------------------------------------------------------------------------
+
+
+def test_prepare_encodes_every_segment_in_order_and_aggregate_gives_one_score_per_pair(prompts) -> None:
+    chunk = Chunk(
+        job_id="job_x",
+        index=0,
+        priority=5,
+        segments=[
+            Segment(request=0, query="w1", instruction=None, documents=[words(0, 5), words(5, 5)]),
+            Segment(request=1, query="w2", instruction="Find w3", documents=[words(9, 4)]),
+        ],
+    )
+    prepared = scoring.prepare(prompts, chunk)
+    assert prepared.pairs == 3 and not prepared.windowed
+    assert prepared.prompts == prompts.encode(
+        [Pair("w1", words(0, 5)), Pair("w1", words(5, 5)), Pair("w2", words(9, 4), "Find w3")]
+    )
+    assert prepared.owners == [0, 1, 2] and prepared.spans == [None, None, None]
+    result = scoring.aggregate(prepared, [0.3, 0.6, 0.9])
+    assert result.scores == [0.3, 0.6, 0.9] and result.windows is None
+    assert result.tokens == sum(len(p) for p in prepared.prompts)
+
+
+def test_in_windows_mode_a_pair_scores_its_best_window_and_says_which(prompts) -> None:
+    options = PairOptions(windows=True, window_tokens=60, window_overlap=10)
+    chunk = Chunk(
+        job_id="job_x",
+        index=0,
+        priority=5,
+        segments=[
+            Segment(request=0, query="w5", instruction=None, documents=[words(0, 230), "w1 w2"], options=options)
+        ],
+    )
+    prepared = scoring.prepare(prompts, chunk)
+    assert prepared.windowed and prepared.pairs == 2
+    assert prepared.owners == [0, 0, 0, 0, 0, 1]
+    assert prepared.spans == [
+        [0, 5, 0, 60],
+        [1, 5, 50, 110],
+        [2, 5, 100, 160],
+        [3, 5, 150, 210],
+        [4, 5, 200, 230],
+        [0, 1, 0, 2],
+    ]
+    result = scoring.aggregate(prepared, [0.2, 0.7, 0.1, 0.7, 0.3, 0.05])
+    assert result.scores == [0.7, 0.05]
+    assert result.windows == [[1, 5, 50, 110], [0, 1, 0, 2]]  # the first of two equal best windows wins
