@@ -115,8 +115,8 @@ class PromptBuilder:
             raise InvalidInput("the query and instruction leave no room for a document window")
         size = min(options.window_tokens or room, room)
         doc = self.tokenizer(pair.document, add_special_tokens=False)["input_ids"]
-        if len(doc) <= size:
-            return [Window(self.encode([pair], options.model_copy(update={"truncate": True}))[0], 0, len(doc))]
+        if len(doc) <= size:  # fits beside the query: the one prompt truncate mode would score
+            return [Window(self.encode([pair], options)[0], 0, len(doc))]
         step = max(1, size - options.window_overlap)
         windows = []
         for start in range(0, len(doc), step):

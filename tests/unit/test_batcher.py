@@ -44,7 +44,7 @@ class RecordingEngine:
             self.priorities.append(priority)
             self.flags.append(abandoned)
         self.entered.set()
-        self.gate.wait(5)
+        self.gate.wait(2)
         with self._lock:
             self.inside -= 1
         if self.fail_on is not None and self.fail_on in [len(x) for x in batch]:
@@ -74,12 +74,12 @@ def test_submissions_from_several_chunks_share_engine_calls_and_get_their_own_sc
     batcher = Batcher(engine)
     try:
         first = batcher.submit([[1] * 3])  # taken alone while the engine is held
-        assert engine.entered.wait(5)
+        assert engine.entered.wait(2)
         futures = [batcher.submit([[1] * n for n in (k + 1, k + 50)]) for k in range(5)]
         engine.gate.set()
-        assert first.future.result(5) == [0.003]
+        assert first.future.result(2) == [0.003]
         for k, f in enumerate(futures):
-            assert f.future.result(5) == [(k + 1) / 1000, (k + 50) / 1000]
+            assert f.future.result(2) == [(k + 1) / 1000, (k + 50) / 1000]
         assert len(engine.batches) == 2
         assert engine.batches[1] == sorted(engine.batches[1], reverse=True)
         assert len(engine.batches[1]) == 10
@@ -93,12 +93,12 @@ def test_higher_priority_runs_before_the_rest_of_a_round() -> None:
     batcher = Batcher(engine)
     try:
         batcher.submit([[1] * 7])
-        assert engine.entered.wait(5)
+        assert engine.entered.wait(2)
         low = batcher.submit([[1] * 50, [1] * 50, [1] * 50], priority=1)  # three batches at the budget
         urgent = batcher.submit([[1] * 9], priority=9)
         engine.gate.set()
-        urgent.future.result(5)
-        low.future.result(5)
+        urgent.future.result(2)
+        low.future.result(2)
         assert engine.batches[1] == [9]
     finally:
         batcher.stop()
@@ -111,8 +111,8 @@ def test_engine_failure_fails_only_the_submissions_in_that_batch() -> None:
     try:
         bad = batcher.submit([[1] * 66])
         with pytest.raises(RuntimeError, match="exploded"):
-            bad.future.result(5)
-        assert batcher.submit([[1] * 4]).future.result(5) == [0.004]
+            bad.future.result(2)
+        assert batcher.submit([[1] * 4]).future.result(2) == [0.004]
     finally:
         batcher.stop()
 
@@ -123,13 +123,13 @@ def test_cancelled_submission_never_reaches_the_engine() -> None:
     batcher = Batcher(engine)
     try:
         batcher.submit([[1] * 2])
-        assert engine.entered.wait(5)
+        assert engine.entered.wait(2)
         dropped = batcher.submit([[1] * 77])
         dropped.cancel()  # what a task thread does when it learns its job was cancelled
         with pytest.raises(Cancelled):
             dropped.future.result(0)  # at once, not after the engine call in progress
         engine.gate.set()
-        assert batcher.submit([[1] * 3]).future.result(5) == [0.003]
+        assert batcher.submit([[1] * 3]).future.result(2) == [0.003]
         assert all(77 not in b for b in engine.batches)
     finally:
         batcher.stop()
@@ -163,13 +163,13 @@ def test_oldest_pair_is_always_served_so_chunks_finish_in_arrival_order() -> Non
     batcher = Batcher(engine, window_batches=2)
     try:
         batcher.submit([[1] * 5])
-        assert engine.entered.wait(5)
+        assert engine.entered.wait(2)
         old = batcher.submit([[1] * 10])  # short and old
         newer = [batcher.submit([[1] * 90]) for _ in range(6)]  # long ones keep coming behind it
         engine.gate.set()
-        old.future.result(5)
+        old.future.result(2)
         for f in newer:
-            f.future.result(5)
+            f.future.result(2)
         assert 10 in engine.batches[1]
     finally:
         batcher.stop()
@@ -181,13 +181,13 @@ def test_lower_priority_is_not_starved() -> None:
     batcher = Batcher(engine, starvation_limit=2)
     try:
         batcher.submit([[1] * 1])
-        assert engine.entered.wait(5)
+        assert engine.entered.wait(2)
         bulk = batcher.submit([[1] * 3], priority=0)
         urgent = [batcher.submit([[1] * 7], priority=10) for _ in range(6)]
         engine.gate.set()
-        bulk.future.result(5)
+        bulk.future.result(2)
         for f in urgent:
-            f.future.result(5)
+            f.future.result(2)
         assert engine.batches[1:4] == [[7], [7], [3]]
     finally:
         batcher.stop()
@@ -199,7 +199,7 @@ def test_packed_engine_gets_the_oldest_pairs_in_order_with_its_next_call_already
     batcher = Batcher(engine)
     try:
         batcher.submit([[1] * 100])
-        assert engine.entered.wait(5)
+        assert engine.entered.wait(2)
         batcher.submit([[1] * 2])
         deadline = time.monotonic() + 5
         while engine.most_inside < 2 and time.monotonic() < deadline:
@@ -208,7 +208,7 @@ def test_packed_engine_gets_the_oldest_pairs_in_order_with_its_next_call_already
         subs = [batcher.submit([[1] * n]) for n in (40, 50, 30, 20, 60)]
         engine.gate.set()
         for s in subs:
-            s.future.result(5)
+            s.future.result(2)
         # Packed cost is the sum of lengths: calls fill the budget in arrival order, no length sorting.
         assert sorted(engine.batches[2:]) == [[30, 20], [40, 50], [60]]
     finally:
@@ -220,7 +220,7 @@ def test_each_call_carries_its_priority_and_the_cancel_flags_of_its_pairs() -> N
     batcher = Batcher(engine)
     try:
         sub = batcher.submit([[1] * 5, [1] * 6], priority=10)
-        sub.future.result(5)
+        sub.future.result(2)
         assert engine.priorities[-1] == 10
         flags = engine.flags[-1]
         assert flags is not None and all(f is sub.cancelled for f in flags)

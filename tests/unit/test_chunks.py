@@ -54,4 +54,5 @@ def test_pair_options_follow_the_request_and_are_none_when_all_default() -> None
 
 def test_a_request_of_exactly_one_chunk_makes_one_chunk() -> None:
     chunks = list(split_into_chunks("job_x", _requests([4]), chunk_size=4, priority=0))
+    assert chunks[0].tenant == "default"  # jobs of a farm without API keys
     assert len(chunks) == 1 and chunks[0].size == 4 and chunk_count(4, 4) == 1 and chunk_count(5, 4) == 2

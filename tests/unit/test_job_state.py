@@ -219,6 +219,8 @@ def test_a_fresh_record_shows_nothing_it_does_not_have() -> None:
     assert job.kind == "bulk" and job.status is JobStatus.queued
     assert job.started_at is None and job.finished_at is None and job.error is None and job.webhook is None
     assert job.metadata is None and job.workers == {}
+    assert JobRecord(id="j", priority=5, created_at="2026-11-23T10:00:00+00:00", total=1, chunks_total=1,
+                     request_count=1, metadata="").to_job().metadata is None  # fmt: skip
     assert "started_at" not in JobRecord(id="j", priority=5, created_at="t", total=1, chunks_total=1,
                                          request_count=1).to_hash()  # fmt: skip
 

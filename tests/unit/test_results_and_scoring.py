@@ -10,6 +10,7 @@ import pytest
 from schemas.chunks import Chunk, ChunkResult, PairOptions, Segment
 from store.results import assemble_results, rank
 from workers import scoring
+from schemas.prompt import format_body
 from workers.prompts import Pair, PromptBuilder
 
 
@@ -65,6 +66,12 @@ def test_assemble_results_joins_chunks_in_index_order_and_splits_them_per_reques
     assert q2.custom_id == "q2" and [(r.index, r.relevance_score) for r in q2.results] == [(1, 0.8), (0, 0.4)]
 
 
+def test_assemble_results_echoes_document_ids() -> None:
+    raw_input = json.dumps({"requests": [_meta(None, 2, ids=["d0", None])]})
+    [entry] = assemble_results("job_x", 1, raw_input, {"0": ChunkResult(scores=[0.2, 0.4]).model_dump_json()}).data
+    assert [(r.index, r.id) for r in entry.results] == [(1, None), (0, "d0")]
+
+
 def test_assemble_results_keeps_the_windows_of_each_pair() -> None:
     raw_input = json.dumps({"requests": [_meta(None, 2)]})
     chunks = {"0": ChunkResult(scores=[0.3, 0.6], windows=[[0, 1, 0, 5], [1, 3, 40, 90]]).model_dump_json()}
@@ -84,11 +91,31 @@ def test_a_document_that_fits_is_one_window_scored_exactly_as_in_truncate_mode(p
 
 def test_long_documents_are_split_into_overlapping_windows_that_cover_it(prompts) -> None:
     doc = words(0, 230)
-    windows = prompts.windows(Pair("w5 w6", doc), PairOptions(windows=True, window_tokens=60, window_overlap=10))
+    options = PairOptions(windows=True, window_tokens=60, window_overlap=10)
+    windows = prompts.windows(Pair("w5 w6", doc, "Find w7"), options)
     assert [(w.start, w.end) for w in windows] == [(0, 60), (50, 110), (100, 160), (150, 210), (200, 230)]
     for w in windows:
-        assert w.token_ids == prompts.encode([Pair("w5 w6", words(w.start, w.end - w.start))])[0]
+        assert w.token_ids == prompts.encode([Pair("w5 w6", words(w.start, w.end - w.start), "Find w7")])[0]
         assert w.token_ids[-len(prompts.suffix_ids) :] == prompts.suffix_ids
+    # A last window that ends exactly at the document's end is the last one: no window inside the previous one.
+    exact = prompts.windows(Pair("w5 w6", words(0, 110)), options)
+    assert [(w.start, w.end) for w in exact] == [(0, 60), (50, 110)]
+
+
+def test_the_largest_overlap_moves_windows_one_token_at_a_time(prompts) -> None:
+    windows = prompts.windows(Pair("w1", words(0, 20)), PairOptions(windows=True, window_tokens=16, window_overlap=15))
+    assert [(w.start, w.end) for w in windows] == [(k, k + 16) for k in range(5)]
+
+
+def test_a_query_that_fills_the_prompt_leaves_no_room_for_a_window(prompts) -> None:
+    from schemas.errors import InvalidInput
+
+    template = len(prompts.tokenizer(format_body("", ""), add_special_tokens=False).input_ids)
+    free = prompts.body_budget - template  # query words plus document words that fit in a prompt
+    with pytest.raises(InvalidInput, match="leave no room for a document window"):
+        prompts.windows(Pair(words(0, free - 7), words(0, 300)), PairOptions(windows=True))  # 7 left
+    fits = prompts.windows(Pair(words(0, free - 8), words(0, 300)), PairOptions(windows=True))  # 8 left: enough
+    assert fits and {w.end - w.start for w in fits[:-1]} == {8}
 
 
 def test_windows_default_to_as_many_tokens_as_fit_and_never_exceed_the_max_length(prompts) -> None:
@@ -139,6 +166,19 @@ def test_prepare_encodes_every_segment_in_order_and_aggregate_gives_one_score_pe
     result = scoring.aggregate(prepared, [0.3, 0.6, 0.9])
     assert result.scores == [0.3, 0.6, 0.9] and result.windows is None
     assert result.tokens == sum(len(p) for p in prepared.prompts)
+    with pytest.raises(ValueError):  # a score per prompt, or the engine's answer is not this chunk's
+        scoring.aggregate(prepared, [0.3, 0.6])
+
+
+def test_prepare_applies_each_segments_options(prompts) -> None:
+    options = PairOptions(max_doc_tokens=3)
+    chunk = Chunk(
+        job_id="job_x",
+        index=0,
+        priority=5,
+        segments=[Segment(request=0, query="w1", instruction=None, documents=[words(0, 9)], options=options)],
+    )
+    assert scoring.prepare(prompts, chunk).prompts == [prompts.encode([Pair("w1", words(0, 3))])[0]]
 
 
 def test_in_windows_mode_a_pair_scores_its_best_window_and_says_which(prompts) -> None:
