@@ -114,7 +114,10 @@ class PromptBuilder:
         if room < 8:
             raise InvalidInput("the query and instruction leave no room for a document window")
         size = min(options.window_tokens or room, room)
-        doc = self.tokenizer(pair.document, add_special_tokens=False)["input_ids"]
+        document = pair.document
+        if options.max_doc_tokens is not None:  # "cut each document first", windows or not
+            document = self._cut(document, options.max_doc_tokens)
+        doc = self.tokenizer(document, add_special_tokens=False)["input_ids"]
         if len(doc) <= size:  # fits beside the query: the one prompt truncate mode would score
             return [Window(self.encode([pair], options)[0], 0, len(doc))]
         step = max(1, size - options.window_overlap)

@@ -102,6 +102,14 @@ def test_long_documents_are_split_into_overlapping_windows_that_cover_it(prompts
     assert [(w.start, w.end) for w in exact] == [(0, 60), (50, 110)]
 
 
+def test_max_doc_tokens_cuts_the_document_before_it_is_windowed(prompts) -> None:
+    options = PairOptions(windows=True, window_tokens=60, window_overlap=10, max_doc_tokens=100)
+    windows = prompts.windows(Pair("w5", words(0, 230)), options)
+    assert [(w.start, w.end) for w in windows] == [(0, 60), (50, 100)]
+    [short] = prompts.windows(Pair("w5", words(0, 5)), options.model_copy(update={"max_doc_tokens": 3}))
+    assert (short.start, short.end) == (0, 3) and short.token_ids == prompts.encode([Pair("w5", words(0, 3))])[0]
+
+
 def test_the_largest_overlap_moves_windows_one_token_at_a_time(prompts) -> None:
     windows = prompts.windows(Pair("w1", words(0, 20)), PairOptions(windows=True, window_tokens=16, window_overlap=15))
     assert [(w.start, w.end) for w in windows] == [(k, k + 16) for k in range(5)]
@@ -112,7 +120,7 @@ def test_a_query_that_fills_the_prompt_leaves_no_room_for_a_window(prompts) -> N
 
     template = len(prompts.tokenizer(format_body("", ""), add_special_tokens=False).input_ids)
     free = prompts.body_budget - template  # query words plus document words that fit in a prompt
-    with pytest.raises(InvalidInput, match="leave no room for a document window"):
+    with pytest.raises(InvalidInput, match="^the query and instruction leave no room for a document window$"):
         prompts.windows(Pair(words(0, free - 7), words(0, 300)), PairOptions(windows=True))  # 7 left
     fits = prompts.windows(Pair(words(0, free - 8), words(0, 300)), PairOptions(windows=True))  # 8 left: enough
     assert fits and {w.end - w.start for w in fits[:-1]} == {8}
