@@ -120,7 +120,7 @@ def test_a_query_that_fills_the_prompt_leaves_no_room_for_a_window(prompts) -> N
 
     template = len(prompts.tokenizer(format_body("", ""), add_special_tokens=False).input_ids)
     free = prompts.body_budget - template  # query words plus document words that fit in a prompt
-    with pytest.raises(InvalidInput, match="^the query and instruction leave no room for a document window$"):
+    with pytest.raises(InvalidInput, match=r"^the query and instruction leave no room for a document window$"):
         prompts.windows(Pair(words(0, free - 7), words(0, 300)), PairOptions(windows=True))  # 7 left
     fits = prompts.windows(Pair(words(0, free - 8), words(0, 300)), PairOptions(windows=True))  # 8 left: enough
     assert fits and {w.end - w.start for w in fits[:-1]} == {8}
