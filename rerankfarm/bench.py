@@ -93,8 +93,9 @@ def _raw_scores(
     else:
         from workers.batcher import plan_batches
         from workers.engines.transformers_engine import TransformersEngine
+        from workers.prompts import PromptBuilder
 
-        engine = TransformersEngine.load(settings)
+        engine = TransformersEngine.load(settings, PromptBuilder.from_pretrained(settings.model, max_length))
         engine.score(prompts[:64])
         started = time.perf_counter()
         scores = [0.0] * len(prompts)

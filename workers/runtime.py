@@ -54,7 +54,7 @@ def start(settings: Settings) -> Runtime:
     with _lock:
         if _runtime is None:
             prompts = PromptBuilder.from_pretrained(settings.model, settings.max_length)
-            engine = load_engine(settings, prompts.max_length)
+            engine = load_engine(settings, prompts)
             client = redis.Redis.from_url(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )

@@ -38,7 +38,7 @@ def test_vllm_on_cuda_ranks_like_transformers_on_cuda(cuda, tiny_model_dir) -> N
         alone = [vllm_engine.score([x])[0] for x in ids[:4]]
     finally:
         vllm_engine.close()
-    by_transformers = TransformersEngine.load(settings.model_copy(update={"device": "cuda"})).score(ids)
+    by_transformers = TransformersEngine.load(settings.model_copy(update={"device": "cuda"}), prompts).score(ids)
     assert by_vllm == pytest.approx(by_transformers, abs=0.02)
     assert by_vllm[:4] == pytest.approx(alone, abs=0.02)  # batch invariance, to bf16's precision
     best = max(range(len(ids)), key=lambda i: by_vllm[i])

@@ -141,7 +141,7 @@ def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(t
     from workers.prompts import PromptBuilder
 
     prompts = PromptBuilder.from_pretrained(str(tiny_model_dir), 512)
-    engine = TransformersEngine.load(Settings(model=str(tiny_model_dir), max_batch_tokens=4096))
+    engine = TransformersEngine.load(Settings(model=str(tiny_model_dir), max_batch_tokens=4096), prompts)
     rng = random.Random(3)
     target = Pair(random_text(rng, 3, 6), random_text(rng, 10, 20), "Find the passage")
     alone = engine.score(prompts.encode([target]))[0]

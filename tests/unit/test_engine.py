@@ -22,8 +22,8 @@ def prompts(tiny_model_dir) -> PromptBuilder:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir) -> TransformersEngine:
-    return TransformersEngine.load(Settings(model=str(tiny_model_dir)))
+def engine(tiny_model_dir, prompts) -> TransformersEngine:
+    return TransformersEngine.load(Settings(model=str(tiny_model_dir)), prompts)
 
 
 def test_scores_equal_the_reference_and_spread_over_zero_one(engine, prompts, reference) -> None:
@@ -58,9 +58,9 @@ def test_long_documents_are_cut_from_their_end_to_max_length(engine, prompts, re
     assert score == pytest.approx(reference.score("w1", " ".join(words[:kept])), abs=1e-5)
 
 
-def test_missing_model_gives_advice_not_a_traceback(tmp_path) -> None:
+def test_missing_model_gives_advice_not_a_traceback(tmp_path, prompts) -> None:
     with pytest.raises(EngineLoadError) as err:
-        load_engine(Settings(model=str(tmp_path / "nowhere"), engine="transformers"), 256)
+        load_engine(Settings(model=str(tmp_path / "nowhere"), engine="transformers"), prompts)
     assert "RERANK_MODEL" in err.value.message
     with pytest.raises(EngineLoadError) as err:
         PromptBuilder.from_pretrained(str(tmp_path / "nowhere"), 256)

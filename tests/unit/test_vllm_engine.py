@@ -54,7 +54,7 @@ def test_the_factory_picks_vllm_when_installed(settings) -> None:
 def test_vllm_scores_equal_transformers_and_the_model_card_rule(vllm_engine, prompts, pairs, settings, reference):
     ids = prompts.encode(pairs)
     by_vllm = vllm_engine.score(ids)
-    by_transformers = TransformersEngine.load(settings).score(ids)
+    by_transformers = TransformersEngine.load(settings, prompts).score(ids)
     assert by_vllm == pytest.approx(by_transformers, abs=1e-3)
     assert by_vllm[:8] == pytest.approx([reference.score(*p) for p in pairs[:8]], abs=1e-3)
     assert max(by_vllm) - min(by_vllm) > 0.2  # spread scores: a mix-up of pairs would show

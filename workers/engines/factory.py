@@ -8,6 +8,7 @@ import logging
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import Engine
+from workers.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +24,9 @@ def choose_engine(settings: Settings) -> str:
     return "vllm" if vllm_installed() else "transformers"
 
 
-def load_engine(settings: Settings, max_length: int) -> Engine:
-    """Load the configured engine, or raise EngineLoadError with a message that says what to do. `max_length` is
-    the prompt builder's (capped to the model's positions)."""
+def load_engine(settings: Settings, prompts: PromptBuilder) -> Engine:
+    """Load the configured engine, or raise EngineLoadError with a message that says what to do. The prompt
+    builder's tokenizer and max length (capped to the model's positions) are the engine's too."""
     kind = choose_engine(settings)
     logger.info("loading %s engine for model %s", kind, settings.model)
     if kind == "vllm":
@@ -36,7 +37,7 @@ def load_engine(settings: Settings, max_length: int) -> Engine:
             )
         from workers.engines.vllm_engine import VllmEngine
 
-        return VllmEngine.load(settings, max_length)
+        return VllmEngine.load(settings, prompts.max_length)
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         raise EngineLoadError(
             "the transformers engine needs torch and transformers: install the worker extra, "
@@ -44,4 +45,4 @@ def load_engine(settings: Settings, max_length: int) -> Engine:
         )
     from workers.engines.transformers_engine import TransformersEngine
 
-    return TransformersEngine.load(settings)
+    return TransformersEngine.load(settings, prompts)

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import Feed
+from workers.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ class TransformersEngine:
         self._closed = False
 
     @classmethod
-    def load(cls, settings: Settings) -> TransformersEngine:
+    def load(cls, settings: Settings, prompts: PromptBuilder) -> TransformersEngine:
+        """The model on its device; the yes/no rows and the pad id come from the prompt builder's tokenizer."""
         device: str = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -53,17 +55,12 @@ class TransformersEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device == "cuda" else "float32"
         try:
-            tokenizer = AutoTokenizer.from_pretrained(settings.model)
             model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=_DTYPES[dtype_name])
         except (OSError, ValueError) as exc:
             raise EngineLoadError.model_unloadable(settings.model, exc) from None
-        vocab = tokenizer.get_vocab()
-        if "yes" not in vocab or "no" not in vocab:
-            raise EngineLoadError("the tokenizer has no yes/no tokens: this is not a Qwen3-Reranker checkpoint")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, (vocab["no"], vocab["yes"]), pad_id, device, settings.max_batch_tokens)
+        return cls(model, prompts.yes_no_ids, prompts.pad_id, device, settings.max_batch_tokens)
 
     def health(self) -> str | None:
         return "closed" if self._closed else None
