@@ -1,11 +1,29 @@
-"""Celery configuration shared by the API (which only sends) and the workers (which consume)."""
+"""Celery configuration shared by the API (which only sends) and the workers (which consume), and the lease that
+live workers keep on the messages they hold.
+
+The lease. kombu's Redis transport records every message a worker takes in the `unacked` hash and its delivery time
+in the `unacked_index` sorted set; each worker's sweep (`restore_visible`, every `unacked_restore_interval`) puts
+back on its queue any message whose time is older than `visibility_timeout`. The farm uses that timeout as a short
+lease (`RERANK_VISIBILITY_TIMEOUT_S`, 20 s) and every live worker moves its messages' times forward every lease / 4
+(`ZADD XX`: a message acked or restored meanwhile is not brought back). A worker that dies stops renewing, so its
+chunks are queued again within the lease plus one sweep; a live worker's chunk keeps its lease however long it runs.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
+
+import redis
+from celery import Celery, bootsteps
+from celery.worker import state
 
 from schemas.keys import QUEUE_BULK, TASK_SCORE_CHUNK
 from schemas.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # Celery on Redis: priority 0 is served first. Jobs say 0 (lowest) .. 9 (highest), so the step is 9 - priority.
 PRIORITY_STEPS = list(range(10))
@@ -24,12 +42,25 @@ def celery_priority(job_priority: int) -> int:
     return 9 - job_priority
 
 
+# kombu's names (its defaults, spelled out because the lease writes to the index).
+UNACKED_KEY = "unacked"
+UNACKED_INDEX_KEY = "unacked_index"
+UNACKED_MUTEX_KEY = "unacked_mutex"
+SWEEP_INTERVAL_S = 5
+LEASE_RENEWALS = 4  # renewals per lease length: a live worker can miss three in a row and keep its messages
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     transport = {
         "visibility_timeout": settings.visibility_timeout_s,
+        "unacked_key": UNACKED_KEY,
+        "unacked_index_key": UNACKED_INDEX_KEY,
+        "unacked_mutex_key": UNACKED_MUTEX_KEY,
+        # A worker killed during its sweep holds the sweep's mutex until it expires (kombu: 300 s).
+        "unacked_mutex_expire": 10,
         # Sweep for messages of dead workers every 5 s (kombu's default is about every 100 s), so a chunk comes
-        # back within the visibility timeout + 5 s.
-        "unacked_restore_interval": 5,
+        # back within the lease + 5 s.
+        "unacked_restore_interval": SWEEP_INTERVAL_S,
         "unacked_restore_throttle": 1,
         "queue_order_strategy": "priority",
         "priority_steps": PRIORITY_STEPS,
@@ -63,3 +94,60 @@ def worker_argv(hostname: str, queues: list[str], concurrency: int, loglevel: st
     argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency), "--hostname", hostname]
     argv += ["--queues", ",".join(queues), "--loglevel", loglevel, "--without-mingle", "--without-gossip"]
     return argv + (["--task-events"] if task_events else [])
+
+
+def held_delivery_tags() -> list[str]:
+    """The delivery tags of every message this worker process holds unacked: reserved, running, or waiting for a
+    retry's countdown (Celery's worker state keeps them all in `requests`)."""
+    tags = []
+    for request in list(state.requests.values()):
+        tag = getattr(request.message, "delivery_tag", None)
+        if tag:
+            tags.append(str(tag))
+    return tags
+
+
+def renew(client: redis.Redis, tags: list[str], now: float | None = None) -> int:
+    """Move the messages' delivery times to now; only those still unacked (XX). Returns how many were renewed."""
+    if not tags:
+        return 0
+    stamp = time.time() if now is None else now
+    return int(client.zadd(UNACKED_INDEX_KEY, dict.fromkeys(tags, stamp), xx=True, ch=True) or 0)
+
+
+class LeaseRenewal(bootsteps.StartStopStep):
+    """A consumer step: a thread that renews the lease of every message this worker holds, every lease / 4."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, parent: Any) -> None:
+        options = parent.app.conf.broker_transport_options
+        period = options["visibility_timeout"] / LEASE_RENEWALS
+        client = redis.Redis.from_url(parent.app.conf.broker_url, socket_timeout=period)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, args=(client, period), name="lease", daemon=True)
+        self._thread.start()
+
+    def stop(self, parent: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+    shutdown = stop
+
+    def _run(self, client: redis.Redis, period: float) -> None:
+        while not self._stop.wait(period):
+            try:
+                renew(client, held_delivery_tags())
+            except redis.RedisError as exc:  # Redis away: the messages wait there, and are renewed when it is back
+                logger.warning("lease renewal failed: %r", exc)
+
+
+def keep_leases(app: Celery) -> None:
+    """Run LeaseRenewal in the app's workers (scoring and webhooks alike: both consume with the short lease)."""
+    app.steps["consumer"].add(LeaseRenewal)

@@ -114,11 +114,18 @@ class Settings(BaseSettings):
         86_400, ge=60, description="Seconds a job, its progress and its results stay in Redis after its last update."
     )
     visibility_timeout_s: int = Field(
-        300,
+        20,
         ge=5,
-        description="Seconds after which a chunk taken by a worker that died is handed to another worker (plus up "
-        "to 5 s for the sweep). Must exceed the longest time a chunk can spend reserved plus scored, or a slow chunk "
-        "is scored twice (harmless: counted once, but wasted work).",
+        description="The lease on a chunk a worker holds: live workers renew it every quarter of this, so a chunk "
+        "of a worker that died goes back to the queue within this plus 5 s (the sweep), and a live worker's chunk "
+        "is never handed out twice however long it runs. Raise it if workers and Redis can be cut off from each "
+        "other for longer.",
+    )
+    chunk_timeout_s: int = Field(
+        600,
+        ge=5,
+        description="Seconds a worker waits for a chunk's scores before it gives up on the engine call and retries "
+        "the chunk (a stuck engine).",
     )
     chunk_max_retries: int = Field(
         3, ge=0, description="Retries of a chunk whose engine call failed before its job is marked failed."

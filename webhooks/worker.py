@@ -23,7 +23,7 @@ import redis
 from celery import Celery, signals
 
 from schemas import keys, metrics
-from schemas.queueing import celery_config, worker_argv
+from schemas.queueing import celery_config, keep_leases, worker_argv
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import WebhookState, event_payload
 from store.job_state import JobRecord
@@ -36,6 +36,7 @@ ATTEMPTS_KEPT = 50
 
 app = Celery("rerankfarm-webhooks")
 app.conf.update(celery_config(get_settings()))
+keep_leases(app)
 
 # KEYS: due set. ARGV: now, lease until, max entries. Claims what is due by moving it to the lease's end.
 _CLAIM = """

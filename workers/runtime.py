@@ -70,9 +70,9 @@ def start(settings: Settings) -> Runtime:
 
 def outage_retry(settings: Settings) -> dict[str, Any]:
     """redis-py retries for the worker's job-store writes: a chunk scored while Redis restarts is written once it is
-    back (the writes are idempotent), for up to 80% of the visibility timeout; after that the task fails and its
-    unacked message is redelivered."""
-    budget = settings.visibility_timeout_s * 0.8
+    back (the writes are idempotent), for up to half the chunk timeout; after that the task fails and its unacked
+    message is redelivered."""
+    budget = settings.chunk_timeout_s * 0.5
     backoff = ExponentialBackoff(cap=2.0, base=0.05)  # 0.05, 0.1, 0.2 ... then 2 s per retry
     retries, waited = 0, 0.0
     while waited < budget:

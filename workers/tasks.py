@@ -73,8 +73,8 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         return "failed"
     submission = rt.batcher.submit(prepared.prompts, c.priority)
     try:
-        # Bounded below the visibility timeout, so a stuck engine gives the chunk back instead of holding it.
-        scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.visibility_timeout_s * 0.8)
+        # Bounded, so that a stuck engine gives the chunk up (and retries it) instead of holding it for ever.
+        scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.chunk_timeout_s)
     except Cancelled:
         logger.info("job %s chunk %d dropped: job is %s", job_id, c.index, store.status(job_id))
         return "cancelled"

@@ -22,8 +22,6 @@ from tests.integration.conftest import WorkerProcess, farm_settings, other_db, w
 
 pytestmark = pytest.mark.integration
 
-FAST_REDELIVERY = {"RERANK_VISIBILITY_TIMEOUT_S": "8"}
-
 
 # The task's log lines: "job J chunk N taken", "job J chunk N: P pairs, T tokens in Xs (OUTCOME)",
 # "job J chunk N skipped: job is STATUS".
@@ -79,7 +77,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
     redis.Redis.from_url(redis_url).flushdb()
     settings = farm_settings(redis_url, tiny_model_dir, chunk_size=10)
     with TestClient(create_app(settings)) as client:
-        first = WorkerProcess(redis_url, tiny_model_dir, log_dir, **FAST_REDELIVERY).start()
+        first = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
         job = client.post("/v1/jobs", json=body).json()
         wait_for(client, job["id"], until=("running",), timeout=60)
         time.sleep(1)
@@ -87,14 +85,14 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
         progress_at_kill = client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"]
         assert progress_at_kill < 600
 
-        second = WorkerProcess(redis_url, tiny_model_dir, log_dir, **FAST_REDELIVERY).start()
+        second = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
         deadline = time.monotonic() + 60
         while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"] <= progress_at_kill + 20:
             assert time.monotonic() < deadline
             time.sleep(0.2)
         second.kill()
 
-        third = WorkerProcess(redis_url, tiny_model_dir, log_dir, **FAST_REDELIVERY).start()
+        third = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
         try:
             done = wait_for(client, job["id"], timeout=120)
             assert done["status"] == "succeeded", done
@@ -117,6 +115,79 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
             assert any(i in later_taken for later_taken, _ in logs[logs.index(killed) + 1 :]), i
 
 
+def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_settings(
+    redis_url, tiny_model_dir, log_dir
+) -> None:
+    """Two workers with default settings (20 s lease): one is killed with its chunks in hand; the other takes each of
+    them within 30 s of the kill, and no chunk is taken twice by the live worker."""
+    rng = random.Random(45)
+    body = {
+        "requests": [
+            {"query": random_text(rng, 2, 5), "documents": [random_text(rng, 100, 250) for _ in range(200)]}
+            for _ in range(4)
+        ]
+    }
+    redis_url = other_db(redis_url, 12)
+    redis.Redis.from_url(redis_url).flushdb()
+    doomed = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
+    survivor = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
+    try:
+        with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=10))) as client:
+            job = client.post("/v1/jobs", json=body).json()
+            wait_for(client, job["id"], until=("running",), timeout=60)
+            time.sleep(2)
+            doomed.kill()
+            killed_at = time.monotonic()
+            taken, outcomes = chunk_events(doomed.log_path.read_text(errors="replace"), job["id"])
+            in_flight = {i for i in taken if not any(o[0] == i for o in outcomes)}
+            assert in_flight, "the worker was killed with no chunk in hand: the test proved nothing"
+            retaken_after: dict[int, float] = {}
+            while set(retaken_after) != in_flight:
+                assert time.monotonic() - killed_at < 30, (in_flight, retaken_after)
+                survivor_taken, _ = chunk_events(survivor.log_path.read_text(errors="replace"), job["id"])
+                for i in in_flight & set(survivor_taken):
+                    retaken_after.setdefault(i, time.monotonic() - killed_at)
+                time.sleep(0.2)
+            print(f"chunks {sorted(in_flight)} of the killed worker taken again after {retaken_after} s")
+            done = wait_for(client, job["id"], timeout=180)
+            assert done["status"] == "succeeded", done
+            _assert_every_pair_scored_once(client, job, body, redis_url)
+    finally:
+        survivor.stop()
+    survivor_taken, survivor_outcomes = chunk_events(survivor.log_path.read_text(errors="replace"), job["id"])
+    assert set(survivor_taken.values()) == {1}, survivor_taken  # the live worker never got a chunk twice
+    assert all(outcome in ("recorded", "finished") for _, outcome in survivor_outcomes), survivor_outcomes
+
+
+def test_a_chunk_scored_for_longer_than_the_lease_is_never_handed_out_twice(redis_url, tiny_model_dir, log_dir) -> None:
+    """A 5 s lease, one chunk that takes several leases to score, and a second idle worker sweeping every 5 s:
+    the holder keeps renewing, so the chunk is taken once and scored once."""
+    rng = random.Random(46)
+    body = {"requests": [{"query": "slow", "documents": [random_text(rng, 200, 300) for _ in range(2500)]}]}
+    redis_url = other_db(redis_url, 13)
+    redis.Redis.from_url(redis_url).flushdb()
+    lease = {"RERANK_VISIBILITY_TIMEOUT_S": "5", "RERANK_VLLM_MAX_NUM_BATCHED_TOKENS": "2048"}
+    holder = WorkerProcess(redis_url, tiny_model_dir, log_dir, concurrency=1, **lease).start()
+    try:
+        with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=2500))) as client:
+            job = client.post("/v1/jobs", json=body).json()
+            wait_for(client, job["id"], until=("running",), timeout=60)
+            idle = WorkerProcess(redis_url, tiny_model_dir, log_dir, concurrency=1, **lease).start()
+            try:
+                done = wait_for(client, job["id"], timeout=300)
+            finally:
+                idle.stop()
+            assert done["status"] == "succeeded", done
+    finally:
+        holder.stop()
+    log = holder.log_path.read_text(errors="replace")
+    taken, outcomes = chunk_events(log, job["id"])
+    assert taken == Counter({0: 1}) and outcomes == Counter({(0, "finished"): 1}), (taken, outcomes)
+    [seconds] = re.findall(rf"job {job['id']} chunk 0: \d+ pairs, \d+ tokens in ([\d.]+)s", log)
+    assert float(seconds) > 2 * 5, f"the chunk took {seconds} s: not long enough to outlast the lease"
+    assert chunk_events(idle.log_path.read_text(errors="replace"), job["id"]) == (Counter(), Counter())
+
+
 def test_redis_killed_and_restarted_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -> None:
     """SIGKILL of Redis (AOF, fsync always): no shutdown save, the farm finds on restart what the AOF held."""
     server = EmbeddedRedis(data_dir=str(tmp_path), appendonly=True, fsync_always=True).start()
@@ -128,7 +199,7 @@ def test_redis_killed_and_restarted_under_a_running_farm(tiny_model_dir, log_dir
             for _ in range(4)
         ]
     }
-    worker = WorkerProcess(url, tiny_model_dir, log_dir, **FAST_REDELIVERY).start()
+    worker = WorkerProcess(url, tiny_model_dir, log_dir).start()
     try:
         with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=10))) as client:
             jobs = [client.post("/v1/jobs", json=body).json() for _ in range(2)]
@@ -174,9 +245,7 @@ def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
             for _ in range(3)
         ]
     }
-    worker = WorkerProcess(
-        redis_url, tiny_model_dir, log_dir, RERANK_VLLM_IN_PROCESS=in_process, **FAST_REDELIVERY
-    ).start()
+    worker = WorkerProcess(redis_url, tiny_model_dir, log_dir, RERANK_VLLM_IN_PROCESS=in_process).start()
     try:
         with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=10))) as client:
             pid = worker.pid()

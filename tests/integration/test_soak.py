@@ -20,7 +20,7 @@ CLIENTS, JOBS_PER_CLIENT = 4, 250
 
 
 def test_soak_with_a_worker_restart(redis_url, tiny_model_dir, log_dir) -> None:
-    first = WorkerProcess(redis_url, tiny_model_dir, log_dir, RERANK_VISIBILITY_TIMEOUT_S="8").start()
+    first = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
     submitted: list[tuple[str, int]] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -48,7 +48,7 @@ def test_soak_with_a_worker_restart(redis_url, tiny_model_dir, log_dir) -> None:
         # kombu's Redis transport pops a message before it records it as unacked. Crash recovery is tested in
         # test_crash_recovery.py; closing that window belongs to the crash-recovery issue.)
         first.stop()
-        second = WorkerProcess(redis_url, tiny_model_dir, log_dir, RERANK_VISIBILITY_TIMEOUT_S="8").start()
+        second = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
         for t in threads:
             t.join(120)
         try:
