@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -14,7 +15,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from schemas import keys, metrics
-from schemas.chunks import chunk_count, split_into_chunks
+from schemas.chunks import ChunkResult, chunk_count, split_into_chunks
 from schemas.errors import (
     InvalidRequest,
     JobNotFinished,
@@ -24,16 +25,18 @@ from schemas.errors import (
     Unavailable,
     WaitTimeout,
 )
-from schemas.jobs import Job, JobCreate, JobResults, JobStatus
+from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
 from schemas.queueing import INTERACTIVE_PRIORITY, bulk_queue_keys, celery_priority
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
 from store import job_state
 from store.job_state import JobRecord, as_str, decode_hash, now_iso
-from store.results import assemble_results
+from store.results import ResultAssembler, assemble_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
 logger = logging.getLogger(__name__)
+
+STREAM_CHUNKS = 32  # chunk results read per Redis round trip while results are streamed
 
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 
@@ -254,11 +257,38 @@ class JobStore:
         logger.info("job %s: webhook %s scheduled for redelivery", job_id, record.webhook_event)
         return await self.get(job_id, tenant)
 
-    async def results(self, job_id: str, tenant: str) -> JobResults:
+    async def _succeeded(self, job_id: str, tenant: str) -> JobRecord:
         record = await self._record(job_id, tenant)
         if record.status != JobStatus.succeeded:
             reason = f": {record.error_message}" if record.error_message else ""
             raise JobNotFinished(f"job {job_id} is {record.status}{reason}; results exist once it has succeeded")
+        return record
+
+    async def stream_results(self, job_id: str, tenant: str) -> AsyncIterator[RequestResults]:
+        """The job's results request by request, read from Redis STREAM_CHUNKS chunks at a time: the API holds the
+        input summary and a few chunks, never the job's whole results. Raises (before the first result) as
+        `results` does."""
+        record = await self._succeeded(job_id, tenant)
+        raw_input = await self.redis.get(keys.job_input_key(job_id))
+        if raw_input is None:
+            raise JobNotFound(job_id)
+        assembler = ResultAssembler(json.loads(raw_input)["requests"])
+        del raw_input
+
+        async def results() -> AsyncIterator[RequestResults]:
+            for start in range(0, record.chunks_total, STREAM_CHUNKS):
+                indexes = list(range(start, min(start + STREAM_CHUNKS, record.chunks_total)))
+                for raw in await self.redis.hmget(keys.job_scores_key(job_id), indexes):
+                    if raw is None:  # expired while being read: end the stream short rather than invent scores
+                        raise JobNotFound(job_id)
+                    for entry in assembler.add(ChunkResult.model_validate_json(raw)):
+                        yield entry
+            assembler.check_complete()
+
+        return results()
+
+    async def results(self, job_id: str, tenant: str) -> JobResults:
+        record = await self._succeeded(job_id, tenant)
         raw_input = await self.redis.get(keys.job_input_key(job_id))
         raw_scores = await self.redis.hgetall(keys.job_scores_key(job_id))
         if raw_input is None or len(raw_scores) != record.chunks_total:

@@ -108,7 +108,7 @@ def cmd_compose_gpus(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from rerankfarm import submit
 
-    return submit.run(args.input, args.output, args.url, args.api_key, args.priority, args.timeout)
+    return submit.run(args.input, args.output, args.url, args.api_key, args.priority, args.timeout, args.part_pairs)
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -309,10 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser(
         "submit",
-        help="run a JSONL file of requests as one bulk job and write the results",
+        help="run a JSONL file of requests of any size through the farm and write the results",
         description="Each input line is a request ({custom_id, query, documents, ...}, or OpenAI "
         "Batch style with the request in `body`); each output line is {id, custom_id, response: "
-        "{status_code, body: {results}}, error}. Shows progress while the job runs.",
+        "{status_code, body: {results}}, error}, in input order. The file is streamed and cut into jobs of "
+        "--part-pairs pairs, sent as they are read; memory stays flat however large the file. Shows progress.",
     )
     submit.add_argument("input", help="JSONL file of requests")
     submit.add_argument("-o", "--output", required=True, help="JSONL file for the results")
@@ -320,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--api-key", default=None, help="API key (default RERANK_API_KEY)")
     submit.add_argument("--priority", type=int, default=None, help="0 (lowest) to 9 (highest)")
     submit.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    submit.add_argument("--part-pairs", type=int, default=None, help="pairs per job the file is cut into (20,000)")
     submit.set_defaults(func=cmd_submit)
 
     gpus_parser = sub.add_parser(

@@ -1,18 +1,32 @@
-"""`rerankfarm submit input.jsonl -o results.jsonl`: a bulk file through the farm, in the spirit of the OpenAI Batch
-API. Each input line is one request, either bare (`{"custom_id", "query", "documents", ...}`) or Batch-shaped
-(`{"custom_id", "method": "POST", "url": "/v1/rerank", "body": {"query", "documents", ...}}`). Each output line is
-`{"id", "custom_id", "response": {"status_code": 200, "body": {"results": [...]}}, "error": null}`."""
+"""`rerankfarm submit input.jsonl -o results.jsonl`: a bulk file of any size through the farm, in the spirit of the
+OpenAI Batch API. Each input line is one request, either bare (`{"custom_id", "query", "documents", ...}`) or
+Batch-shaped (`{"custom_id", "method": "POST", "url": "/v1/rerank", "body": {"query", "documents", ...}}`). Each
+output line is `{"id", "custom_id", "response": {"status_code": 200, "body": {"results": [...]}}, "error": null}`,
+in input order.
+
+The file is read as a stream and cut into parts of at most PART_PAIRS pairs (and the farm's per-job limits), each
+submitted as a job as soon as it is read; the parts' results are streamed into the output file in order as they
+finish. One run, one progress bar, one output file: memory stays flat however large the file (one part's requests
+at a time), and a part the farm refuses for load (429) is sent again once the farm has room.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rerankfarm.client import RerankFarm, RerankFarmError
 
+PART_PAIRS = 20_000  # pairs per job: small enough to hold one part's requests, large enough to keep workers busy
+PART_REQUESTS = 5_000  # requests per job (the farm's default limit is 10,000)
+PART_BYTES = 8 * 2**20  # characters of one part's requests (the farm's default body limit is 32 MiB)
+BUSY_RETRY_S = 2.0  # wait before sending again a part refused with 429
+POLL_S = 0.5
 REQUEST_FIELDS = {
     "custom_id",
     "query",
@@ -28,8 +42,9 @@ REQUEST_FIELDS = {
 }
 
 
-def read_requests(path: Path) -> list[dict[str, Any]]:
-    requests = []
+def read_requests(path: Path) -> Iterator[dict[str, Any]]:
+    """The file's requests one by one, as the farm takes them (a line's `custom_id` kept, or `line-N`)."""
+    found = False
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
@@ -41,64 +56,148 @@ def read_requests(path: Path) -> list[dict[str, Any]]:
             if not isinstance(item, dict):
                 raise SystemExit(f"{path}:{number}: each line must be a JSON object")
             body = item.get("body", item)
+            if not isinstance(body, dict) or not isinstance(body.get("documents"), list):
+                raise SystemExit(f"{path}:{number}: a request needs `query` and a list of `documents`")
             request = {k: v for k, v in body.items() if k in REQUEST_FIELDS}
             request["custom_id"] = item.get("custom_id", body.get("custom_id", f"line-{number}"))
-            requests.append(request)
-    if not requests:
+            found = True
+            yield request
+    if not found:
         raise SystemExit(f"{path}: no requests")
-    return requests
 
 
-def _bar(job: dict[str, Any], started: float) -> None:
-    done, total = job["progress"]["completed"], job["progress"]["total"]
-    filled = int(30 * done / max(total, 1))
-    elapsed = time.monotonic() - started
-    rate = done / elapsed if elapsed > 0 else 0.0
-    print(
-        f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} pairs  {rate:6.1f} pairs/s  {elapsed:5.0f}s  "
-        f"{job['status']:<10}",
-        end="",
-        file=sys.stderr,
-        flush=True,
-    )
+def read_parts(path: Path, part_pairs: int = PART_PAIRS) -> Iterator[list[dict[str, Any]]]:
+    """The file's requests in parts of at most PART_PAIRS pairs, PART_REQUESTS requests and PART_BYTES characters
+    (a request larger than a part alone is a part of its own)."""
+    part: list[dict[str, Any]] = []
+    pairs = size = 0
+    for request in read_requests(path):
+        n, chars = len(request["documents"]), len(json.dumps(request, ensure_ascii=False))
+        if part and (pairs + n > part_pairs or len(part) >= PART_REQUESTS or size + chars > PART_BYTES):
+            yield part
+            part, pairs, size = [], 0, 0
+        part.append(request)
+        pairs, size = pairs + n, size + chars
+    if part:
+        yield part
 
 
-def run(
-    input_path: str, output: str, url: str | None, api_key: str | None, priority: int | None, timeout: float | None
-) -> int:
-    requests = read_requests(Path(input_path))
-    started = time.monotonic()
-    with RerankFarm(url, api_key) as farm:
+@dataclass
+class Part:
+    job: dict[str, Any]
+    requests: int
+
+
+class Run:
+    """One `submit` run: parts sent as they are read, progress over all of them, results written in order."""
+
+    def __init__(self, farm: RerankFarm, path: Path, out: TextIO, priority: int | None, part_pairs: int) -> None:
+        self.farm, self.out, self.priority = farm, out, priority
+        self.parts_to_send = read_parts(path, part_pairs)
+        self.waiting: list[dict[str, Any]] | None = None  # read, not yet accepted by the farm
+        self.sent: list[Part] = []
+        self.written_parts = 0
+        self.written = 0
+        self.started = time.monotonic()
+
+    def send(self) -> bool:
+        """Send the next part unless the farm is busy; False when every part has been accepted."""
+        if self.waiting is None:
+            self.waiting = next(self.parts_to_send, None)
+            if self.waiting is None:
+                return False
         try:
-            job = farm.submit(requests, priority=priority)
+            job = self.farm.submit(self.waiting, priority=self.priority)
         except RerankFarmError as exc:
-            raise SystemExit(f"rerankfarm submit: the farm refused the job: {exc}") from None
-        print(f"job {job['id']}: {len(requests)} requests, {job['progress']['total']} pairs", file=sys.stderr)
-        try:
-            job = farm.wait(job["id"], timeout=timeout, on_progress=lambda j: _bar(j, started))
-        except TimeoutError:
-            print(f"\nrerankfarm submit: not finished after {timeout}s; the job goes on: {job['id']}", file=sys.stderr)
-            return 3
-        print(file=sys.stderr)
-        if job["status"] != "succeeded":
-            print(f"job {job['id']} {job['status']}: {job.get('error')}", file=sys.stderr)
-            return 1
-        written = 0
-        with Path(output).open("w", encoding="utf-8") as out:
-            for entry in farm.iter_results(job["id"]):
+            if exc.status == 429:
+                return True  # busy: the part waits here, and goes when the farm has room
+            raise SystemExit(f"\nrerankfarm submit: the farm refused part {len(self.sent) + 1}: {exc}") from None
+        self.sent.append(Part(job, len(self.waiting)))
+        self.waiting = None
+        return True
+
+    def refresh(self) -> None:
+        for part in self.sent[self.written_parts :]:
+            if part.job["status"] not in ("succeeded", "failed", "cancelled"):
+                part.job = self.farm.job(part.job["id"])
+
+    def write_finished(self) -> None:
+        """Write the results of the finished parts that are next in input order."""
+        while self.written_parts < len(self.sent):
+            job = self.sent[self.written_parts].job
+            if job["status"] in ("failed", "cancelled"):
+                raise SystemExit(f"\nrerankfarm submit: job {job['id']} {job['status']}: {job.get('error')}")
+            if job["status"] != "succeeded":
+                return
+            for entry in self.farm.iter_results(job["id"]):
                 line = {
-                    "id": f"{job['id']}:{entry['custom_id']}",
-                    "custom_id": entry["custom_id"],
+                    "id": f"{job['id']}:{entry.get('custom_id')}",
+                    "custom_id": entry.get("custom_id"),
                     "response": {"status_code": 200, "body": {"results": entry["results"]}},
                     "error": None,
                 }
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
-                written += 1
-    elapsed = time.monotonic() - started
-    pairs = job["progress"]["total"]
+                self.out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                self.written += 1
+            self.written_parts += 1
+
+    def bar(self, reading: bool) -> None:
+        done = sum(p.job["progress"]["completed"] for p in self.sent)
+        total = sum(p.job["progress"]["total"] for p in self.sent)
+        elapsed = time.monotonic() - self.started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        filled = int(30 * done / max(total, 1))
+        more = "+" if reading else " "
+        print(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total}{more} pairs  {rate:7.1f} pairs/s  "
+            f"{elapsed:5.0f}s  {len(self.sent)} jobs",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    @property
+    def pairs(self) -> int:
+        return sum(p.job["progress"]["total"] for p in self.sent)
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.job.get("tokens") or 0 for p in self.sent)
+
+
+def run(
+    input_path: str,
+    output: str,
+    url: str | None,
+    api_key: str | None,
+    priority: int | None,
+    timeout: float | None,
+    part_pairs: int | None = None,
+) -> int:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with RerankFarm(url, api_key) as farm, Path(output).open("w", encoding="utf-8") as out:
+        task = Run(farm, Path(input_path), out, priority, part_pairs or PART_PAIRS)
+        reading, next_send = True, 0.0
+        while reading or task.written_parts < len(task.sent):
+            if reading and time.monotonic() >= next_send:
+                sent_before = len(task.sent)
+                reading = task.send()
+                if reading and len(task.sent) == sent_before:
+                    next_send = time.monotonic() + BUSY_RETRY_S
+                if reading and len(task.sent) > sent_before:
+                    continue  # read and send the next part at once while the farm takes them
+            task.refresh()
+            task.write_finished()
+            task.bar(reading)
+            if deadline is not None and time.monotonic() > deadline:
+                ids = " ".join(p.job["id"] for p in task.sent[task.written_parts :])
+                print(f"\nrerankfarm submit: not finished after {timeout}s; the jobs go on: {ids}", file=sys.stderr)
+                return 3
+            if reading or task.written_parts < len(task.sent):
+                time.sleep(POLL_S)
+    elapsed = time.monotonic() - task.started
     print(
-        f"done: {written} requests, {pairs} pairs, {job['tokens']} tokens in {elapsed:.1f}s "
-        f"({pairs / max(elapsed, 1e-9):.1f} pairs/s) -> {output}",
+        f"\ndone: {task.written} requests, {task.pairs} pairs, {task.tokens} tokens in {len(task.sent)} jobs, "
+        f"{elapsed:.1f}s ({task.pairs / max(elapsed, 1e-9):.1f} pairs/s) -> {output}",
         file=sys.stderr,
     )
     return 0

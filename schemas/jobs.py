@@ -158,7 +158,7 @@ class RankedResult(BaseModel):
 
 
 class RequestResults(BaseModel):
-    custom_id: str | None
+    custom_id: str | None = None
     results: list[RankedResult]
 
 

@@ -96,10 +96,14 @@ def worker_argv(hostname: str, queues: list[str], concurrency: int, loglevel: st
     return argv + (["--task-events"] if task_events else [])
 
 
+# Delivery tags of messages this process holds outside Celery's task pool (workers.interactive's consumer).
+held_elsewhere: set[str] = set()
+
+
 def held_delivery_tags() -> list[str]:
     """The delivery tags of every message this worker process holds unacked: reserved, running, or waiting for a
-    retry's countdown (Celery's worker state keeps them all in `requests`)."""
-    tags = []
+    retry's countdown (Celery's worker state keeps them all in `requests`), and those held outside the pool."""
+    tags = list(held_elsewhere)
     for request in list(state.requests.values()):
         tag = getattr(request.message, "delivery_tag", None)
         if tag:

@@ -55,11 +55,12 @@ class Settings(BaseSettings):
         "RERANK_GPU_MEMORY_UTILIZATION; on the CPU it takes 2 GiB of RAM. Pooling keeps a prompt's KV only while "
         "it is scored (and for prefix caching), so a few GiB hold many batches.",
     )
-    vllm_max_num_batched_tokens: int = Field(
-        16_384,
+    vllm_max_num_batched_tokens: int | None = Field(
+        None,
         ge=256,
-        description="vLLM: tokens its scheduler puts into one forward pass. Larger passes use a GPU better and "
-        "take more activation memory.",
+        description="vLLM: tokens its scheduler puts into one forward pass (at least RERANK_MAX_LENGTH). Unset: "
+        "16384 on a GPU, 4096 on the CPU. Larger passes use a GPU better and take more activation memory; an "
+        "interactive call waits for at most the pass in progress, so smaller passes answer it sooner.",
     )
     vllm_max_num_seqs: int = Field(256, ge=1, description="vLLM: prompts in one forward pass at most.")
     prefix_caching: bool = Field(
@@ -142,6 +143,12 @@ class Settings(BaseSettings):
         gt=0,
         description="Seconds /v1/rerank waits before answering 504 with the job id (the job goes on and can be "
         "polled). A request's `timeout` overrides it.",
+    )
+    interactive_slots: int = Field(
+        4,
+        ge=1,
+        description="Interactive chunks a worker takes at once, on a consumer of their own beside its bulk slots "
+        "(RERANK_WORKER_CONCURRENCY), so an interactive call never waits for a bulk chunk to end.",
     )
     interactive_chunk_size: int = Field(
         32,

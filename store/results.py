@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from schemas.chunks import ChunkResult
@@ -36,22 +36,41 @@ def rank(
     return results
 
 
+class ResultAssembler:
+    """Turns a job's chunk results, fed in chunk order, into its requests' ranked results as soon as each request's
+    pairs are all in: the whole job is never held, only the pairs of the request being completed."""
+
+    def __init__(self, requests_meta: Iterable[dict[str, Any]]) -> None:
+        self._requests = iter(requests_meta)
+        self._next: dict[str, Any] | None = next(self._requests, None)
+        self._scores: list[float] = []
+        self._windows: list[list[int] | None] = []
+
+    def add(self, chunk: ChunkResult) -> list[RequestResults]:
+        self._scores.extend(chunk.scores)
+        self._windows.extend(chunk.windows or [None] * len(chunk.scores))
+        done = []
+        while self._next is not None and len(self._scores) >= self._next["n"]:
+            meta, n = self._next, self._next["n"]
+            ranked = rank(self._scores[:n], meta["top_n"], meta["texts"], meta["ids"], self._windows[:n])
+            done.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
+            del self._scores[:n], self._windows[:n]
+            self._next = next(self._requests, None)
+        return done
+
+    def check_complete(self) -> None:
+        if self._next is not None or self._scores:
+            raise ValueError("the chunks' scores do not match the job's requests")
+
+
 def assemble_results(
     job_id: str, chunks_total: int, raw_input: bytes | str, raw_chunks: Mapping[Any, Any]
 ) -> JobResults:
     """Results from the job's input summary and its chunks' stored results (keys: chunk index, str or bytes)."""
     by_index = {int(k): v for k, v in raw_chunks.items()}
-    flat: list[float] = []
-    windows: list[list[int] | None] = []
-    for index in range(chunks_total):
-        chunk = ChunkResult.model_validate_json(by_index[index])
-        flat.extend(chunk.scores)
-        windows.extend(chunk.windows or [None] * len(chunk.scores))
+    assembler = ResultAssembler(json.loads(raw_input)["requests"])
     data = []
-    offset = 0
-    for meta in json.loads(raw_input)["requests"]:
-        end = offset + meta["n"]
-        ranked = rank(flat[offset:end], meta["top_n"], meta["texts"], meta["ids"], windows[offset:end])
-        data.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
-        offset = end
+    for index in range(chunks_total):
+        data.extend(assembler.add(ChunkResult.model_validate_json(by_index[index])))
+    assembler.check_complete()
     return JobResults(id=job_id, data=data)

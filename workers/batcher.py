@@ -88,7 +88,9 @@ def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int
 
 
 class Batcher:
-    def __init__(self, engine: Engine, window_batches: int = 8, starvation_limit: int = 8) -> None:
+    def __init__(
+        self, engine: Engine, window_batches: int = 8, starvation_limit: int = 8, express_level: int | None = None
+    ) -> None:
         self.engine = engine
         self.feed: Feed = engine.feed
         self.window_tokens = self.feed.max_batch_tokens * (window_batches if self.feed.padded else 1)
@@ -101,9 +103,13 @@ class Batcher:
         self._calls = 0  # engine calls in progress
         self._busy_since = 0.0
         self._threads = [
-            threading.Thread(target=self._run, name=f"engine-feeder-{n}", daemon=True)
+            threading.Thread(target=self._run, args=(False,), name=f"engine-feeder-{n}", daemon=True)
             for n in range(self.feed.calls_in_flight)
         ]
+        # The express feeder: an extra call for pairs at express_level or above, when the engine takes one.
+        self.express_level = express_level if self.feed.express else None
+        if self.express_level is not None:
+            self._threads.append(threading.Thread(target=self._run, args=(True,), name="engine-express", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -117,7 +123,7 @@ class Batcher:
             if self._stopped:
                 raise RuntimeError("batcher is stopped")
             self._pending.setdefault(priority, deque()).extend((submission, i) for i in range(len(token_ids)))
-            self._lock.notify()
+            self._lock.notify_all()  # the express feeder only takes top-level pairs: wake every feeder
         return submission
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -156,9 +162,14 @@ class Batcher:
             tokens += size
         return window
 
-    def _next_batch(self) -> tuple[int, list[_Item]] | None:
-        """Under the lock: the next engine call and its priority, or None when nothing is pending."""
-        while (level := self._level()) is not None:
+    def _express_level(self) -> int | None:
+        levels = [p for p, q in self._pending.items() if q and p >= (self.express_level or 0)]
+        return max(levels) if levels else None
+
+    def _next_batch(self, express: bool = False) -> tuple[int, list[_Item]] | None:
+        """Under the lock: the next engine call and its priority, or None when nothing is pending (for the express
+        feeder: nothing at its levels)."""
+        while (level := self._express_level() if express else self._level()) is not None:
             queue = self._pending[level]
             window = self._window(queue)
             if not window:
@@ -172,13 +183,13 @@ class Batcher:
             return level, [window[j] for j in chosen]
         return None
 
-    def _run(self) -> None:
+    def _run(self, express: bool) -> None:
         while True:
             with self._lock:
-                planned = self._next_batch()
+                planned = self._next_batch(express)
                 while planned is None and not self._stopped:
                     self._lock.wait()
-                    planned = self._next_batch()
+                    planned = self._next_batch(express)
                 if planned is None:
                     return
             self._score(*planned)

@@ -14,7 +14,7 @@ from celery import signals
 
 from schemas import metrics
 from schemas.errors import EngineLoadError
-from schemas.keys import QUEUE_BULK, QUEUE_INTERACTIVE
+from schemas.keys import QUEUE_BULK
 from schemas.queueing import worker_argv
 from schemas.settings import get_settings
 from workers import runtime
@@ -58,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port, f"worker {args.name}")
     from workers.celery_app import app
+    from workers.interactive import consume_interactive
 
     concurrency = args.concurrency or settings.worker_concurrency
-    # Interactive chunks first: the order of the queues is the order they are consumed in.
-    queues = [QUEUE_INTERACTIVE, QUEUE_BULK]
-    app.worker_main(worker_argv(f"{args.name}@%h", queues, concurrency, args.loglevel, task_events=True))
+    # Celery's pool takes bulk chunks; interactive chunks have a consumer of their own (workers.interactive).
+    consume_interactive(app)
+    app.worker_main(worker_argv(f"{args.name}@%h", [QUEUE_BULK], concurrency, args.loglevel, task_events=True))
     return 0
 
 

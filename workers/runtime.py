@@ -18,6 +18,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from schemas import keys, metrics
+from schemas.queueing import INTERACTIVE_PRIORITY
 from schemas.settings import Settings
 from store.job_state import now_iso
 from workers.batcher import Batcher
@@ -62,7 +63,7 @@ def start(settings: Settings) -> Runtime:
                 settings,
                 prompts,
                 engine,
-                Batcher(engine, window_batches=settings.batch_window),
+                Batcher(engine, window_batches=settings.batch_window, express_level=INTERACTIVE_PRIORITY),
                 WorkerJobStore(client, settings.result_ttl_s),
             )
         return _runtime

@@ -1,4 +1,5 @@
-"""The one Celery task: score a chunk of a job. Thin: the work is in scoring, the batcher and the job store."""
+"""Scoring one chunk of a job (`score`), and the Celery task that runs it for bulk chunks. Interactive chunks run
+the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the batcher and the job store."""
 
 from __future__ import annotations
 
@@ -24,10 +25,20 @@ logger = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.5  # how often a waiting task asks whether its job was cancelled (one HGET per chunk in flight)
 
 
+class Retry(Exception):
+    """The engine call failed and the chunk has attempts left: run it again after `countdown` seconds."""
+
+    def __init__(self, exc: BaseException, countdown: float) -> None:
+        super().__init__(repr(exc))
+        self.exc, self.countdown = exc, countdown
+
+
 @app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
 def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     try:
-        return _score_chunk(self, chunk)
+        return score(chunk, self.request.hostname or "unknown", self.request.retries)
+    except Retry as retry:
+        raise self.retry(exc=retry.exc, countdown=retry.countdown) from retry.exc
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # Redis stayed away longer than the store's retries: give the message back rather than ack a lost chunk.
         # If Redis is still down, the message stays unacked there and the sweep restores it.
@@ -52,7 +63,9 @@ def _wait(submission: Submission, is_cancelled: Callable[[], bool], timeout: flo
             logger.warning("cancellation check failed: %r", exc)
 
 
-def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
+def score(chunk: dict[str, Any], hostname: str, retries: int) -> str:
+    """Score one chunk and record it; returns the outcome. Raises Retry when the engine failed and attempts are left,
+    and redis-py's errors when Redis stayed away (the caller gives the message back)."""
     rt = runtime.get()
     c = Chunk.model_validate(chunk)
     store, job_id = rt.store, c.job_id
@@ -79,17 +92,16 @@ def _score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         logger.info("job %s chunk %d dropped: job is %s", job_id, c.index, store.status(job_id))
         return "cancelled"
     except (Exception, FutureTimeout) as exc:
-        retries = self.request.retries
         if retries < rt.settings.chunk_max_retries:
             logger.warning("job %s chunk %d: engine failed (%r), retry %d", job_id, c.index, exc, retries + 1)
-            raise self.retry(exc=exc, countdown=min(2**retries, 30)) from exc
+            raise Retry(exc, countdown=min(2**retries, 30)) from exc
         message = f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}"
         if store.fail(job_id, "engine_error", message, c.tenant):
             metrics.JOBS_FINISHED.labels("failed").inc()
         logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
         return "failed"
     result = scoring.aggregate(prepared, scores)
-    outcome = store.record_chunk(job_id, c.index, result, self.request.hostname or "unknown", c.tenant)
+    outcome = store.record_chunk(job_id, c.index, result, hostname, c.tenant)
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,

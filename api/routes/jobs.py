@@ -1,10 +1,12 @@
+import json
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
 from api.deps import StoreDep, TenantDep
-from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults
+from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults, RequestResults
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _errors: dict[int | str, dict[str, Any]] = {
@@ -43,12 +45,28 @@ async def get_results(
     tenant: TenantDep,
     format: Literal["json", "jsonl"] = Query("json", description="`jsonl`: one request's results per line."),
 ) -> Response:
-    """Ranked results, one entry per request in submission order; 409 until the job has succeeded."""
-    results = await store.results(job_id, tenant)
+    """Ranked results, one entry per request in submission order; 409 until the job has succeeded. Streamed from
+    Redis as they are assembled (any size of job); fields that were not asked for (`id`, `document`, `window`) are
+    left out."""
+    entries = await store.stream_results(job_id, tenant)
     if format == "jsonl":
-        lines = (entry.model_dump_json() + "\n" for entry in results.data)
-        return StreamingResponse(lines, media_type="application/x-ndjson")
-    return Response(results.model_dump_json(), media_type="application/json")
+        return StreamingResponse(_jsonl(entries), media_type="application/x-ndjson")
+    return StreamingResponse(_json(job_id, entries), media_type="application/json")
+
+
+async def _jsonl(entries: AsyncIterator[RequestResults]) -> AsyncIterator[str]:
+    async for entry in entries:
+        yield entry.model_dump_json(exclude_none=True) + "\n"
+
+
+async def _json(job_id: str, entries: AsyncIterator[RequestResults]) -> AsyncIterator[str]:
+    """JobResults, written as it is read: `{"id", "object", "data": [...]}`."""
+    yield f'{{"id":{json.dumps(job_id)},"object":"list","data":['
+    separator = ""
+    async for entry in entries:
+        yield separator + entry.model_dump_json(exclude_none=True)
+        separator = ","
+    yield "]}"
 
 
 @router.post("/{job_id}/cancel", responses=_errors)

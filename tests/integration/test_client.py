@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -102,6 +103,7 @@ def test_submit_cli_runs_a_jsonl_file(live_api, worker, tmp_path) -> None:
     assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in results)
     assert len(results[1]["response"]["body"]["results"]) == 1
     assert "pairs" in run.stderr and "done: 2 requests, 5 pairs" in run.stderr
+    assert all(set(r) == {"index", "relevance_score"} for line in results for r in line["response"]["body"]["results"])
 
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"query": "w1", "documents": ["w2"]}\n{not json\n')
@@ -113,3 +115,47 @@ def test_submit_cli_runs_a_jsonl_file(live_api, worker, tmp_path) -> None:
         timeout=60,
     )
     assert bad.returncode != 0 and "broken.jsonl:2: not valid JSON" in bad.stderr
+
+
+def test_submit_cli_cuts_a_file_into_jobs_and_writes_one_output_in_input_order(live_api, worker, tmp_path) -> None:
+    """A file cut into 7 jobs of at most 20 pairs (one request of 25 documents is a job alone): one output file, in
+    input order, every document of every request ranked once, no field that was not asked for."""
+    rng = random.Random(5)
+    sizes = [rng.randint(1, 9) for _ in range(20)] + [25] + [rng.randint(1, 9) for _ in range(5)]
+    lines = [
+        {"custom_id": f"q{i}", "query": f"w{i}", "documents": [f"w{rng.randrange(60)} w{i}" for _ in range(n)]}
+        for i, n in enumerate(sizes)
+    ]
+    source = tmp_path / "many.jsonl"
+    source.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "many-out.jsonl"
+    run = subprocess.run(
+        [sys.executable, "-m", "rerankfarm.cli", "submit", str(source), "-o", str(out), "--part-pairs", "20"],
+        env=dict(os.environ, RERANK_API_URL=live_api),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == [x["custom_id"] for x in lines]
+    for line, result in zip(lines, results, strict=True):
+        ranked = result["response"]["body"]["results"]
+        assert sorted(r["index"] for r in ranked) == list(range(len(line["documents"])))
+        assert all(set(r) == {"index", "relevance_score"} for r in ranked)
+    jobs = {r["id"].split(":")[0] for r in results}
+    expected_parts = 1 + sum(1 for _ in _parts(sizes, 20))
+    assert len(jobs) == expected_parts - 1 and f"in {len(jobs)} jobs" in run.stderr
+    assert f"done: {len(lines)} requests, {sum(sizes)} pairs" in run.stderr
+
+
+def _parts(sizes: list[int], limit: int):
+    """How the client cuts requests of these sizes into parts of at most `limit` pairs."""
+    total = 0
+    for n in sizes:
+        if total and total + n > limit:
+            yield total
+            total = 0
+        total += n
+    if total:
+        yield total

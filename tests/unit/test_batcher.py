@@ -21,8 +21,10 @@ class RecordingEngine:
     name = "recording"
     device = "cpu"
 
-    def __init__(self, max_batch_tokens: int, padded: bool = True, calls_in_flight: int = 1) -> None:
-        self.feed = Feed(max_batch_tokens, padded, calls_in_flight)
+    def __init__(
+        self, max_batch_tokens: int, padded: bool = True, calls_in_flight: int = 1, express: bool = False
+    ) -> None:
+        self.feed = Feed(max_batch_tokens, padded, calls_in_flight, express)
         self.batches: list[list[int]] = []
         self.priorities: list[int] = []
         self.flags: list[Sequence[threading.Event] | None] = []
@@ -227,5 +229,35 @@ def test_each_call_carries_its_priority_and_the_cancel_flags_of_its_pairs() -> N
         assert not any(f.is_set() for f in flags)
         sub.cancel()
         assert all(f.is_set() for f in flags)  # what lets an engine that queues work abort it
+    finally:
+        batcher.stop()
+
+
+@pytest.mark.parametrize("express", [True, False])
+def test_top_priority_pairs_take_the_express_call_while_every_feeder_is_busy(express: bool) -> None:
+    """Both feeders held in bulk calls: an interactive submission enters the engine at once through the express
+    call (when the engine takes one), and bulk pairs never use it."""
+    engine = RecordingEngine(100, padded=False, calls_in_flight=2, express=express)
+    engine.gate.clear()
+    batcher = Batcher(engine, express_level=10)
+    try:
+        bulk = [batcher.submit([[1] * 100]) for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while engine.inside < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.inside == 2
+        time.sleep(0.1)
+        assert engine.inside == 2  # bulk pairs wait, yet the express call takes none of them
+        interactive = batcher.submit([[1] * 7], priority=10)
+        deadline = time.monotonic() + 1
+        while engine.inside < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.inside == (3 if express else 2)
+        assert (engine.priorities[-1] == 10) is express
+        engine.gate.set()
+        assert interactive.future.result(5) == [0.007]
+        for s in bulk:
+            s.future.result(5)
+        assert engine.most_inside == (3 if express else 2)
     finally:
         batcher.stop()

@@ -92,6 +92,58 @@ def test_abandoned_prompts_are_aborted_and_the_rest_scored(vllm_engine, prompts,
     assert vllm_engine.engine.get_num_unfinished_requests() == 0  # nothing left behind in vLLM's queue
 
 
+def test_bulk_is_fed_a_pass_at_a_time_and_an_interactive_call_gets_a_pass_of_its_own(vllm_engine, prompts) -> None:
+    """What vLLM is given before each step, observed on the real engine: bulk prompts about one pass of tokens at a
+    time (nothing piles up inside vLLM), and an interactive call's prompts added alone, before the next pass."""
+    from schemas.queueing import INTERACTIVE_PRIORITY
+    from workers.engines.vllm_engine import TOP_UP_PASSES
+
+    rng = random.Random(12)
+    bulk = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 200, 400)) for _ in range(60)])
+    interactive = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 20, 60)) for _ in range(5)])
+    events: list[tuple[str, int, int]] = []  # ("add", priority, tokens) or ("step", 0, 0)
+    inner = vllm_engine.engine
+    add_request, step = inner.add_request, inner.step
+    first_step = threading.Event()
+
+    def recording_add(request_id, prompt, params, priority=0):
+        events.append(("add", -priority, len(prompt["prompt_token_ids"])))
+        return add_request(request_id, prompt, params, priority=priority)
+
+    def recording_step():
+        events.append(("step", 0, 0))
+        first_step.set()
+        return step()
+
+    inner.add_request, inner.step = recording_add, recording_step
+    try:
+        results: dict[str, list[float]] = {}
+        thread = threading.Thread(target=lambda: results.setdefault("bulk", vllm_engine.score(bulk, 0)))
+        thread.start()
+        assert first_step.wait(30)
+        results["interactive"] = vllm_engine.score(interactive, INTERACTIVE_PRIORITY)
+        thread.join(120)
+    finally:
+        del inner.add_request, inner.step
+    assert len(results["bulk"]) == 60 and not any(math.isnan(x) for x in results["bulk"] + results["interactive"])
+    assert sum(n for _, _, n in events) > 3 * vllm_engine.step_tokens  # the bulk call needed several passes
+
+    between_steps: list[list[tuple[int, int]]] = [[]]
+    for kind, priority, tokens in events:
+        if kind == "step":
+            between_steps.append([])
+        else:
+            between_steps[-1].append((priority, tokens))
+    for added in between_steps:
+        bulk_tokens = [n for p, n in added if p < INTERACTIVE_PRIORITY]
+        assert sum(bulk_tokens) <= TOP_UP_PASSES * vllm_engine.step_tokens or len(bulk_tokens) == 1, added
+
+    [urgent] = [i for i, added in enumerate(between_steps) if any(p >= INTERACTIVE_PRIORITY for p, _ in added)]
+    assert between_steps[urgent] == [(INTERACTIVE_PRIORITY, len(x)) for x in interactive]  # alone, all at once
+    assert 0 < urgent < len(between_steps) - 2  # it arrived while bulk passes were still to come
+
+
+# Last: a second engine closed in this process takes vLLM's process-wide state with it.
 def test_health_then_close(settings, prompts) -> None:
     from workers.engines.vllm_engine import VllmEngine
 

@@ -21,6 +21,10 @@ class Feed:
     calls_in_flight: int = 1
     """Engine calls the batcher keeps going at once. 1: one blocking call at a time. 2 or more: the next call is
     already queued inside the engine while one runs, so the engine never waits for Python to plan the next one."""
+    express: bool = False
+    """True: the engine takes one more call at any time, which the batcher keeps for its top priority (interactive
+    pairs), so they never wait for a bulk call to end; the engine's own scheduler puts them first (vLLM: priority
+    scheduling). False: every call waits for a feeder (`calls_in_flight`)."""
 
 
 class Engine(Protocol):

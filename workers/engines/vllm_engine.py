@@ -5,11 +5,15 @@ the model card's 2-way softmax P(yes), without the 151k-token vocabulary. Prompt
 `workers.prompts`, the same ids the transformers engine scores.
 
 Feeding: one `LLMEngine` and one thread that drives it (vLLM's engine is not thread-safe). `score` may be called
-from several batcher threads at once (`feed.calls_in_flight`): each call's prompts are added to the engine as
-requests, with the call's priority, between two engine steps, and vLLM's own scheduler packs the waiting requests
-into forward passes under its token budget. While one call runs, the next is already waiting inside vLLM, so the
-engine never idles while Python plans. A prompt whose submission was abandoned (its job cancelled) is aborted in the
-engine if it has not run yet.
+from several batcher threads at once (`feed.calls_in_flight`, plus the express call for interactive pairs): each
+call's prompts wait in this engine's own queue and are added to vLLM as requests between two engine steps, with
+the call's priority, just in time: about one forward pass of tokens (`max_num_batched_tokens`, x TOP_UP_PASSES) at a
+time, so vLLM's scheduler packs full passes and little else waits inside vLLM. Interactive prompts (priority >=
+INTERACTIVE_PRIORITY) are added at once and, while any of them is unfinished, no other prompt is added: the next
+pass is theirs first (vLLM's priority scheduling), with at most half a pass of bulk prompts beside them, so an
+interactive call waits for the pass in progress, never for a queue of bulk prompts in vLLM. While one call runs,
+the next already waits here, so the engine never idles while Python plans. A prompt whose submission was abandoned
+(its job cancelled) is dropped here, or aborted in vLLM if it was added.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import logging
 import math
 import os
 import threading
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.errors import EngineLoadError
+from schemas.queueing import INTERACTIVE_PRIORITY
 from schemas.settings import Settings
 from workers.engines.base import Feed
 
@@ -38,6 +44,13 @@ HF_OVERRIDES = {
     "is_original_qwen3_reranker": True,
 }
 CPU_KV_CACHE_GIB = 2.0
+# Tokens of one forward pass by default: on the CPU a 16K pass takes about 0.2 s with the tiny test model, and an
+# interactive call waits for the pass in progress (measured in the README's benchmark).
+GPU_STEP_TOKENS = 16_384
+CPU_STEP_TOKENS = 4_096
+# Bulk tokens kept added to vLLM, in passes: a little over one, because prompts whose prefix is cached cost the
+# pass less than their length (vLLM counts only the tokens it computes), and a pass should leave with none free.
+TOP_UP_PASSES = 1.5
 
 
 def check_cpu_install() -> None:
@@ -59,6 +72,7 @@ def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool) -> dict[str
     """vLLM engine arguments from the settings; the worker and `rerankfarm bench`'s raw run use the same."""
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
     kv_gib = settings.kv_cache_gib or (CPU_KV_CACHE_GIB if on_cpu else None)
+    step_tokens = settings.vllm_max_num_batched_tokens or (CPU_STEP_TOKENS if on_cpu else GPU_STEP_TOKENS)
     return {
         "model": settings.model,
         "runner": "pooling",
@@ -67,7 +81,7 @@ def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool) -> dict[str
         "max_model_len": max_length,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "kv_cache_memory_bytes": int(kv_gib * 2**30) if kv_gib else None,
-        "max_num_batched_tokens": max(settings.vllm_max_num_batched_tokens, max_length),
+        "max_num_batched_tokens": max(step_tokens, max_length),
         "max_num_seqs": settings.vllm_max_num_seqs,
         "enable_prefix_caching": settings.prefix_caching,
         "enforce_eager": settings.vllm_enforce_eager,
@@ -107,13 +121,17 @@ class _Call:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm_engine: Any, device: str, feed: Feed) -> None:
+    def __init__(self, llm_engine: Any, device: str, feed: Feed, step_tokens: int) -> None:
         self.engine = llm_engine
         self.device = device
         self.feed = feed
+        self.step_tokens = step_tokens  # vLLM's max_num_batched_tokens: what one forward pass takes
         self._wake = threading.Condition()
         self._inbox: list[_Call] = []
-        self._running: dict[str, tuple[_Call, int]] = {}  # request id -> (call, index in call)
+        self._held: dict[int, deque[tuple[_Call, int]]] = {}  # priority -> prompts not yet added to vLLM, in order
+        self._running: dict[str, tuple[_Call, int]] = {}  # request id -> (call, index in call): added to vLLM
+        self._added_tokens = 0  # tokens of the prompts added to vLLM and not finished
+        self._urgent_running = 0  # interactive prompts added to vLLM and not finished
         self._calls: set[_Call] = set()
         self._ids = itertools.count()
         self._stopped = False
@@ -140,7 +158,10 @@ class VllmEngine:
                 "RERANK_GPU_MEMORY_UTILIZATION the share of GPU memory."
             ) from None
         feed = Feed(
-            max_batch_tokens=settings.max_batch_tokens, padded=False, calls_in_flight=settings.vllm_calls_in_flight
+            max_batch_tokens=settings.max_batch_tokens,
+            padded=False,
+            calls_in_flight=settings.vllm_calls_in_flight,
+            express=True,  # calls are requests added between steps; priority scheduling serves the express ones first
         )
         device = "cpu" if on_cpu else "cuda"
         logger.info(
@@ -152,7 +173,7 @@ class VllmEngine:
             settings.prefix_caching,
             settings.vllm_enforce_eager,
         )
-        return cls(llm_engine, device, feed)
+        return cls(llm_engine, device, feed, kwargs["max_num_batched_tokens"])
 
     def score(
         self,
@@ -189,26 +210,57 @@ class VllmEngine:
         except Exception as exc:  # closing must not raise on the way out of a worker
             logger.warning("vllm engine shutdown: %r", exc)
 
-    def _admit(self) -> None:
-        """Under the lock: the inbox's calls become engine requests. vLLM's priority: lower runs first."""
-        from vllm.inputs import TokensPrompt
-        from vllm.pooling_params import PoolingParams
-
+    def _accept(self) -> None:
+        """Under the lock: the inbox's calls join the held queue, by priority."""
         for call in self._inbox:
             self._calls.add(call)
             call.scores = [math.nan] * len(call.prompts)
             call.left = len(call.prompts)
-            for i, prompt in enumerate(call.prompts):
-                request_id = f"r{next(self._ids)}"
-                call.ids.append(request_id)
-                self._running[request_id] = (call, i)
-                self.engine.add_request(
-                    request_id,
-                    TokensPrompt(prompt_token_ids=list(prompt)),
-                    PoolingParams(task="classify"),
-                    priority=-call.priority,
-                )
+            call.ids = [f"r{next(self._ids)}" for _ in call.prompts]
+            self._held.setdefault(call.priority, deque()).extend((call, i) for i in range(len(call.prompts)))
         self._inbox.clear()
+
+    def _feed(self) -> None:
+        """Add held prompts to vLLM for the next step: every interactive one, and while none is unfinished, the
+        others in priority order up to one forward pass of tokens. vLLM's priority: lower runs first."""
+        levels = sorted((p for p, q in self._held.items() if q), reverse=True)
+        urgent = [p for p in levels if p >= INTERACTIVE_PRIORITY]
+        if urgent:
+            for level in urgent:
+                queue = self._held[level]
+                while queue:
+                    self._add(*queue.popleft())
+            return
+        if self._urgent_running:
+            return
+        for level in levels:
+            queue = self._held[level]
+            while queue:
+                call, i = queue[0]
+                size = len(call.prompts[i])
+                if self._added_tokens and self._added_tokens + size > TOP_UP_PASSES * self.step_tokens:
+                    return
+                queue.popleft()
+                self._add(call, i)
+
+    def _add(self, call: _Call, i: int) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+
+        if call.abandoned is not None and call.abandoned[i].is_set():  # cancelled while held: never added
+            call.aborted.add(i)
+            self._settle(call, i, math.nan)
+            return
+        request_id = call.ids[i]
+        self._running[request_id] = (call, i)
+        self._added_tokens += len(call.prompts[i])
+        self._urgent_running += call.priority >= INTERACTIVE_PRIORITY
+        self.engine.add_request(
+            request_id,
+            TokensPrompt(prompt_token_ids=list(call.prompts[i])),
+            PoolingParams(task="classify"),
+            priority=-call.priority,
+        )
 
     def _abort_abandoned(self) -> None:
         """Prompts whose submission was abandoned leave the engine's queue; their calls get NaN for them."""
@@ -225,8 +277,16 @@ class VllmEngine:
             for request_id in drop:
                 self._finish(request_id, math.nan)
 
+    def _has_held(self) -> bool:
+        return any(self._held.values())
+
     def _finish(self, request_id: str, score: float) -> None:
         call, i = self._running.pop(request_id)
+        self._added_tokens -= len(call.prompts[i])
+        self._urgent_running -= call.priority >= INTERACTIVE_PRIORITY
+        self._settle(call, i, score)
+
+    def _settle(self, call: _Call, i: int, score: float) -> None:
         call.scores[i] = score
         call.left -= 1
         if call.left == 0:
@@ -237,12 +297,13 @@ class VllmEngine:
         try:
             while True:
                 with self._wake:
-                    while not self._stopped and not self._inbox and not self._running:
+                    while not self._stopped and not self._inbox and not self._running and not self._has_held():
                         self._wake.wait()
                     if self._stopped:
                         break
-                    self._admit()
+                    self._accept()
                 self._abort_abandoned()
+                self._feed()
                 if not self._running:
                     continue
                 for output in self.engine.step():

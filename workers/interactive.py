@@ -1,0 +1,107 @@
+"""Interactive chunks on a consumer of their own, so that they never wait for a Celery slot held by a bulk chunk.
+
+Celery's pool slots are shared by every queue a worker consumes: with its slots full of bulk chunks (each held
+until scored, seconds on a busy engine), a worker takes no interactive chunk until one of them ends. This consumer
+step reads the interactive queue on a channel of its own (its own prefetch, `RERANK_INTERACTIVE_SLOTS`) and runs
+each chunk on a small thread pool of its own, through the same `workers.tasks.score` as the Celery task; the
+batcher then serves its pairs ahead of bulk pairs. Messages are Celery task messages (the API sends them with
+`send_task`), acked once their scores are stored, held under the same lease as Celery's (`schemas.queueing`).
+They are not Celery tasks on this side: Flower shows the queue's length, not these chunks as tasks.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import time
+from typing import Any
+
+import redis
+from celery import Celery, bootsteps
+from kombu import Consumer, Exchange, Message, Queue
+
+from schemas.keys import QUEUE_INTERACTIVE
+from schemas.queueing import held_elsewhere
+from schemas.settings import get_settings
+from workers import tasks
+
+logger = logging.getLogger(__name__)
+
+STOP_WAIT_S = 30  # a stopping worker finishes the interactive chunks in hand for up to this long
+
+
+def interactive_queue() -> Queue:
+    """The queue as Celery declares it for `send_task(queue=...)`: a direct exchange of the same name."""
+    return Queue(QUEUE_INTERACTIVE, Exchange(QUEUE_INTERACTIVE), routing_key=QUEUE_INTERACTIVE)
+
+
+class InteractiveConsumer(bootsteps.ConsumerStep):
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.slots = get_settings().interactive_slots
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.slots, thread_name_prefix="interactive")
+        self.in_hand: set[concurrent.futures.Future[None]] = set()
+        self.hostname = "unknown"
+
+    def start(self, c: Any) -> None:
+        self.hostname = c.hostname
+        super().start(c)
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        consumer = Consumer(
+            channel,
+            queues=[interactive_queue()],
+            callbacks=[self.on_message],
+            accept=["json"],
+            prefetch_count=self.slots,
+        )
+        return [consumer]
+
+    def on_message(self, body: Any, message: Message) -> None:
+        """On the consumer's event loop: hand the chunk to a pool thread at once."""
+        held_elsewhere.add(str(message.delivery_tag))
+        future = self.pool.submit(self.run, body, message)
+        self.in_hand.add(future)
+        future.add_done_callback(self.in_hand.discard)
+
+    def run(self, body: Any, message: Message) -> None:
+        tag = str(message.delivery_tag)
+        try:
+            args, _kwargs, _embed = body  # Celery's message protocol 2
+            self.score(args[0])
+            message.ack()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            logger.warning("interactive chunk given back: Redis unavailable (%r)", exc)
+            with contextlib.suppress(Exception):
+                message.requeue()
+        except Exception:
+            logger.exception("interactive chunk dropped: not a chunk message")
+            with contextlib.suppress(Exception):
+                message.ack()
+        finally:
+            held_elsewhere.discard(tag)
+
+    def score(self, chunk: dict[str, Any]) -> None:
+        """`tasks.score`, with its engine retries made here (an interactive caller is waiting)."""
+        retries = 0
+        while True:
+            try:
+                tasks.score(chunk, self.hostname, retries)
+                return
+            except tasks.Retry as retry:
+                retries += 1
+                time.sleep(min(retry.countdown, 2))
+
+    def stop(self, c: Any) -> None:
+        concurrent.futures.wait(list(self.in_hand), timeout=STOP_WAIT_S)
+        super().stop(c)
+
+    def shutdown(self, c: Any) -> None:
+        concurrent.futures.wait(list(self.in_hand), timeout=STOP_WAIT_S)
+        super().shutdown(c)
+        self.pool.shutdown(wait=False)
+
+
+def consume_interactive(app: Celery) -> None:
+    app.steps["consumer"].add(InteractiveConsumer)
