@@ -5,9 +5,10 @@ output line is `{"id", "custom_id", "response": {"status_code": 200, "body": {"r
 in input order.
 
 The file is read as a stream and cut into parts of at most PART_PAIRS pairs (and the farm's per-job limits), each
-submitted as a job as soon as it is read; the parts' results are streamed into the output file in order as they
-finish. One run, one progress bar, one output file: memory stays flat however large the file (one part's requests
-at a time), and a part the farm refuses for load (429) is sent again once the farm has room.
+submitted as a job as soon as it is read, with at most PARTS_IN_FLIGHT parts unfinished; the parts' results are
+streamed into the output file in order as they finish. One run, one progress bar, one output file: memory stays
+flat however large the file (the client holds one part's requests, Redis PARTS_IN_FLIGHT parts), and a part the
+farm refuses for load (429) is sent again once the farm has room.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rerankfarm.client import RerankFarm, RerankFarmError
 PART_PAIRS = 20_000  # pairs per job: small enough to hold one part's requests, large enough to keep workers busy
 PART_REQUESTS = 5_000  # requests per job (the farm's default limit is 10,000)
 PART_BYTES = 8 * 2**20  # characters of one part's requests (the farm's default body limit is 32 MiB)
+PARTS_IN_FLIGHT = 8  # parts sent and not finished at most: Redis holds these, not the whole file
 BUSY_RETRY_S = 2.0  # wait before sending again a part refused with 429
 POLL_S = 0.5
 REQUEST_FIELDS = {
@@ -116,6 +118,9 @@ class Run:
         self.waiting = None
         return True
 
+    def in_flight(self) -> int:
+        return sum(p.job["status"] not in ("succeeded", "failed", "cancelled") for p in self.sent)
+
     def refresh(self) -> None:
         for part in self.sent[self.written_parts :]:
             if part.job["status"] not in ("succeeded", "failed", "cancelled"):
@@ -178,7 +183,7 @@ def run(
         task = Run(farm, Path(input_path), out, priority, part_pairs or PART_PAIRS)
         reading, next_send = True, 0.0
         while reading or task.written_parts < len(task.sent):
-            if reading and time.monotonic() >= next_send:
+            if reading and time.monotonic() >= next_send and task.in_flight() < PARTS_IN_FLIGHT:
                 sent_before = len(task.sent)
                 reading = task.send()
                 if reading and len(task.sent) == sent_before:

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
         "16384 on a GPU, 4096 on the CPU. Larger passes use a GPU better and take more activation memory; an "
         "interactive call waits for at most the pass in progress, so smaller passes answer it sooner.",
     )
+    vllm_queued_passes: float = Field(
+        1.5,
+        gt=0,
+        description="vLLM: bulk prompts the worker keeps added to the engine, in forward passes of tokens; the rest "
+        "wait in the worker, behind any interactive prompt. More keeps vLLM's scheduler fuller; fewer lets an "
+        "interactive call into the next pass with less bulk beside it.",
+    )
     vllm_max_num_seqs: int = Field(256, ge=1, description="vLLM: prompts in one forward pass at most.")
     prefix_caching: bool = Field(
         True,

@@ -96,7 +96,6 @@ def test_bulk_is_fed_a_pass_at_a_time_and_an_interactive_call_gets_a_pass_of_its
     """What vLLM is given before each step, observed on the real engine: bulk prompts about one pass of tokens at a
     time (nothing piles up inside vLLM), and an interactive call's prompts added alone, before the next pass."""
     from schemas.queueing import INTERACTIVE_PRIORITY
-    from workers.engines.vllm_engine import TOP_UP_PASSES
 
     rng = random.Random(12)
     bulk = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 200, 400)) for _ in range(60)])
@@ -136,7 +135,7 @@ def test_bulk_is_fed_a_pass_at_a_time_and_an_interactive_call_gets_a_pass_of_its
             between_steps[-1].append((priority, tokens))
     for added in between_steps:
         bulk_tokens = [n for p, n in added if p < INTERACTIVE_PRIORITY]
-        assert sum(bulk_tokens) <= TOP_UP_PASSES * vllm_engine.step_tokens or len(bulk_tokens) == 1, added
+        assert sum(bulk_tokens) <= vllm_engine.queued_tokens or len(bulk_tokens) == 1, added
 
     [urgent] = [i for i, added in enumerate(between_steps) if any(p >= INTERACTIVE_PRIORITY for p, _ in added)]
     assert between_steps[urgent] == [(INTERACTIVE_PRIORITY, len(x)) for x in interactive]  # alone, all at once

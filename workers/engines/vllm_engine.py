@@ -7,13 +7,13 @@ the model card's 2-way softmax P(yes), without the 151k-token vocabulary. Prompt
 Feeding: one `LLMEngine` and one thread that drives it (vLLM's engine is not thread-safe). `score` may be called
 from several batcher threads at once (`feed.calls_in_flight`, plus the express call for interactive pairs): each
 call's prompts wait in this engine's own queue and are added to vLLM as requests between two engine steps, with
-the call's priority, just in time: about one forward pass of tokens (`max_num_batched_tokens`, x TOP_UP_PASSES) at a
-time, so vLLM's scheduler packs full passes and little else waits inside vLLM. Interactive prompts (priority >=
-INTERACTIVE_PRIORITY) are added at once and, while any of them is unfinished, no other prompt is added: the next
-pass is theirs first (vLLM's priority scheduling), with at most half a pass of bulk prompts beside them, so an
-interactive call waits for the pass in progress, never for a queue of bulk prompts in vLLM. While one call runs,
-the next already waits here, so the engine never idles while Python plans. A prompt whose submission was abandoned
-(its job cancelled) is dropped here, or aborted in vLLM if it was added.
+the call's priority, just in time: about one forward pass of tokens at a time (`max_num_batched_tokens` x
+RERANK_VLLM_QUEUED_PASSES), so vLLM's scheduler packs full passes and little else waits inside vLLM. Interactive
+prompts (priority >= INTERACTIVE_PRIORITY) are added at once and, while any of them is unfinished, no other prompt
+is added: the next pass is theirs first (vLLM's priority scheduling), with at most half a pass of bulk prompts
+beside them, so an interactive call waits for the pass in progress, never for a queue of bulk prompts in vLLM.
+While one call runs, the next already waits here, so the engine never idles while Python plans. A prompt whose
+submission was abandoned (its job cancelled) is dropped here, or aborted in vLLM if it was added.
 """
 
 from __future__ import annotations
@@ -48,9 +48,6 @@ CPU_KV_CACHE_GIB = 2.0
 # interactive call waits for the pass in progress (measured in the README's benchmark).
 GPU_STEP_TOKENS = 16_384
 CPU_STEP_TOKENS = 4_096
-# Bulk tokens kept added to vLLM, in passes: a little over one, because prompts whose prefix is cached cost the
-# pass less than their length (vLLM counts only the tokens it computes), and a pass should leave with none free.
-TOP_UP_PASSES = 1.5
 
 
 def check_cpu_install() -> None:
@@ -121,11 +118,14 @@ class _Call:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm_engine: Any, device: str, feed: Feed, step_tokens: int) -> None:
+    def __init__(self, llm_engine: Any, device: str, feed: Feed, step_tokens: int, queued_passes: float = 1.5) -> None:
         self.engine = llm_engine
         self.device = device
         self.feed = feed
         self.step_tokens = step_tokens  # vLLM's max_num_batched_tokens: what one forward pass takes
+        # Bulk tokens kept added to vLLM: a little over a pass by default, because prompts whose prefix is cached
+        # cost a pass less than their length (vLLM counts the tokens it computes), and a pass should leave full.
+        self.queued_tokens = queued_passes * step_tokens
         self._wake = threading.Condition()
         self._inbox: list[_Call] = []
         self._held: dict[int, deque[tuple[_Call, int]]] = {}  # priority -> prompts not yet added to vLLM, in order
@@ -173,7 +173,7 @@ class VllmEngine:
             settings.prefix_caching,
             settings.vllm_enforce_eager,
         )
-        return cls(llm_engine, device, feed, kwargs["max_num_batched_tokens"])
+        return cls(llm_engine, device, feed, kwargs["max_num_batched_tokens"], settings.vllm_queued_passes)
 
     def score(
         self,
@@ -238,7 +238,7 @@ class VllmEngine:
             while queue:
                 call, i = queue[0]
                 size = len(call.prompts[i])
-                if self._added_tokens and self._added_tokens + size > TOP_UP_PASSES * self.step_tokens:
+                if self._added_tokens and self._added_tokens + size > self.queued_tokens:
                     return
                 queue.popleft()
                 self._add(call, i)
