@@ -6,7 +6,8 @@ step reads the interactive queue on a channel of its own (its own prefetch, `RER
 each chunk on a small thread pool of its own, through the same `workers.tasks.score` as the Celery task; the
 batcher then serves its pairs ahead of bulk pairs. Messages are Celery task messages (the API sends them with
 `send_task`), acked once their scores are stored, held under the same lease as Celery's (`schemas.queueing`).
-They are not Celery tasks on this side: Flower shows the queue's length, not these chunks as tasks.
+They are not Celery tasks on this side: Flower shows the queue (its length, through `active_queues`, extended here),
+not these chunks as tasks.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from typing import Any
 
 import redis
 from celery import Celery, bootsteps
+from celery.worker import control
 from kombu import Consumer, Exchange, Message, Queue
 
 from schemas.keys import QUEUE_INTERACTIVE
 from schemas.queueing import held_elsewhere
 from schemas.settings import get_settings
-from workers import tasks
+from workers import runtime, tasks
 
 logger = logging.getLogger(__name__)
 
@@ -68,17 +70,27 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
     def run(self, body: Any, message: Message) -> None:
         tag = str(message.delivery_tag)
         try:
-            args, _kwargs, _embed = body  # Celery's message protocol 2
-            self.score(args[0])
-            message.ack()
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("interactive chunk given back: Redis unavailable (%r)", exc)
-            with contextlib.suppress(Exception):
-                message.requeue()
-        except Exception:
-            logger.exception("interactive chunk dropped: not a chunk message")
-            with contextlib.suppress(Exception):
+            try:
+                args, _kwargs, _embed = body  # Celery's message protocol 2
+                chunk = dict(args[0])
+            except (TypeError, ValueError, IndexError, KeyError):
+                logger.error("interactive message dropped: not a chunk message: %.200r", body)
                 message.ack()
+                return
+            try:
+                self.score(chunk)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                logger.warning("interactive chunk given back: Redis unavailable (%r)", exc)
+                message.requeue()
+                return
+            except Exception as exc:  # a bug, not the engine (score retries and fails those): the caller learns it
+                logger.exception("interactive chunk of job %s failed", chunk.get("job_id"))
+                job_id, tenant = str(chunk.get("job_id")), str(chunk.get("tenant", "default"))
+                with contextlib.suppress(Exception):
+                    runtime.get().store.fail(job_id, "internal_error", f"scoring failed: {exc!r}", tenant)
+            message.ack()
+        except Exception as exc:  # the channel went away (worker stopping): kombu restores what was not acked
+            logger.warning("interactive chunk not acked: %r", exc)
         finally:
             held_elsewhere.discard(tag)
 
@@ -105,3 +117,11 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
 
 def consume_interactive(app: Celery) -> None:
     app.steps["consumer"].add(InteractiveConsumer)
+
+
+@control.inspect_command()
+def active_queues(state: Any) -> list[dict[str, Any]]:
+    """Celery's `active_queues` (what Flower lists and measures), with the queue this step consumes."""
+    consumer = state.consumer.task_consumer
+    queues = [dict(queue.as_dict(recurse=True)) for queue in consumer.queues] if consumer else []
+    return [*queues, dict(interactive_queue().as_dict(recurse=True))]
