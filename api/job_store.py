@@ -197,7 +197,7 @@ class JobStore:
         chunk_size: int,
         max_prompt_tokens: int | None,
     ) -> None:
-        # Celery on Redis: step 0 is served first; the interactive queue is consumed before the bulk queue.
+        # Celery on Redis: step 0 is served first; the interactive queue has a consumer of its own in every worker.
         priority = 0 if interactive else celery_priority(body.priority)
         queue = keys.QUEUE_INTERACTIVE if interactive else keys.QUEUE_BULK
         batch_priority = INTERACTIVE_PRIORITY if interactive else body.priority

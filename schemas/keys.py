@@ -3,7 +3,7 @@
 NAMESPACE = "rerank"
 
 QUEUE_BULK = "rerank.bulk"
-QUEUE_INTERACTIVE = "rerank.interactive"  # consumed before QUEUE_BULK
+QUEUE_INTERACTIVE = "rerank.interactive"  # read by each worker's own interactive consumer (workers/interactive.py)
 QUEUE_WEBHOOKS = "rerank.webhooks"  # consumed by `rerankfarm webhooks`, never by a GPU worker
 TASK_DELIVER_WEBHOOK = "rerank.deliver_webhook"
 RECENT_JOBS_KEPT = 1000

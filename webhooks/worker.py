@@ -4,8 +4,8 @@ A job's final-state script puts the job in the due set (`rerank:webhooks:due`, s
 due). The dispatcher thread of each webhook worker claims due entries (moving them a lease into the future, so a
 worker that dies mid-delivery only delays the event) and sends one `rerank.deliver_webhook` task per entry. A task
 reads the job, makes one attempt (`webhooks.delivery`), records it, and then removes the entry (delivered, gone,
-failed) or schedules the next attempt. Long schedules live in the sorted set, not in Celery countdowns, which loop
-on Redis when they outlast the visibility timeout.
+failed) or schedules the next attempt. Long schedules live in the sorted set, not in Celery countdowns (a countdown
+message is held unacked by one worker for its whole wait).
 """
 
 from __future__ import annotations
