@@ -31,7 +31,7 @@ from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
 from store import job_state
 from store.job_state import JobRecord, as_str, decode_hash, now_iso
-from store.results import ResultAssembler, assemble_results
+from store.results import ResultAssembler
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
 logger = logging.getLogger(__name__)
@@ -288,12 +288,8 @@ class JobStore:
         return results()
 
     async def results(self, job_id: str, tenant: str) -> JobResults:
-        record = await self._succeeded(job_id, tenant)
-        raw_input = await self.redis.get(keys.job_input_key(job_id))
-        raw_scores = await self.redis.hgetall(keys.job_scores_key(job_id))
-        if raw_input is None or len(raw_scores) != record.chunks_total:
-            raise JobNotFound(job_id)
-        return assemble_results(job_id, record.chunks_total, raw_input, raw_scores)
+        """The whole job's results in one object (interactive calls): `stream_results`, gathered."""
+        return JobResults(id=job_id, data=[entry async for entry in await self.stream_results(job_id, tenant)])
 
     async def wait(self, job_id: str, tenant: str, timeout: float) -> Job:
         """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`."""

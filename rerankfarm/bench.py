@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 
+from schemas.jobs import JobStatus
 from schemas.settings import Settings, get_settings
 
 DOCS_PER_QUERY = 100
@@ -170,15 +171,12 @@ def run_latency(url: str, bulk_requests: list[dict[str, Any]], calls: int, docs:
             client.post("/v1/rerank", json=_interactive_body(rng, docs)).raise_for_status()
             latency = time.perf_counter() - t0
             status = client.get(f"/v1/jobs/{job['id']}").json()
-            if status["status"] in ("succeeded", "failed", "cancelled"):
+            if JobStatus(status["status"]).final:
                 break
             if status["status"] == "running":
                 loaded.append(latency)
                 interactive_pairs += docs
             time.sleep(max(0.0, INTERACTIVE_PACE_S - latency))
-        while status["status"] not in ("succeeded", "failed", "cancelled"):
-            time.sleep(0.05)
-            status = client.get(f"/v1/jobs/{job['id']}").json()
         bulk_seconds = time.perf_counter() - submitted
     return {
         "idle": idle,
@@ -243,9 +241,8 @@ def main(
         print(f"farm: {n / farm_run['seconds']:.1f} pairs/s")
         time.sleep(1.5 * get_settings().worker_heartbeat_s)  # let the heartbeat carry the batcher's final counts
         batching = _worker_stats(farm.redis_url)
-        latency = run_latency(
-            farm.url, workload(pairs, seed=7), latency_calls, latency_docs
-        )  # fresh prompts: no prefix cache hits
+        fresh = workload(pairs, seed=7)  # the same size as the farm run, other prompts: no prefix-cache hits
+        latency = run_latency(farm.url, fresh, latency_calls, latency_docs)
 
     diff = max(abs(a - b) for a, b in zip(raw["scores"], farm_run["scores"], strict=True))
     result = {

@@ -17,11 +17,11 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from rerankfarm.client import RerankFarm, RerankFarmError
+from schemas.jobs import JobStatus
 
 PART_PAIRS = 20_000  # pairs per job: small enough to hold one part's requests, large enough to keep workers busy
 PART_REQUESTS = 5_000  # requests per job (the farm's default limit is 10,000)
@@ -84,12 +84,6 @@ def read_parts(path: Path, part_pairs: int = PART_PAIRS) -> Iterator[list[dict[s
         yield part
 
 
-@dataclass
-class Part:
-    job: dict[str, Any]
-    requests: int
-
-
 class Run:
     """One `submit` run: parts sent as they are read, progress over all of them, results written in order."""
 
@@ -97,39 +91,40 @@ class Run:
         self.farm, self.out, self.priority = farm, out, priority
         self.parts_to_send = read_parts(path, part_pairs)
         self.waiting: list[dict[str, Any]] | None = None  # read, not yet accepted by the farm
-        self.sent: list[Part] = []
+        self.sent: list[dict[str, Any]] = []  # the parts' jobs, as last polled
         self.written_parts = 0
         self.written = 0
         self.started = time.monotonic()
 
-    def send(self) -> bool:
-        """Send the next part unless the farm is busy; False when every part has been accepted."""
+    def send(self) -> str:
+        """Send the next part: "sent", "busy" (the farm answered 429: the part waits here for its room) or "done"
+        (every part has been accepted)."""
         if self.waiting is None:
             self.waiting = next(self.parts_to_send, None)
             if self.waiting is None:
-                return False
+                return "done"
         try:
             job = self.farm.submit(self.waiting, priority=self.priority)
         except RerankFarmError as exc:
             if exc.status == 429:
-                return True  # busy: the part waits here, and goes when the farm has room
+                return "busy"
             raise SystemExit(f"\nrerankfarm submit: the farm refused part {len(self.sent) + 1}: {exc}") from None
-        self.sent.append(Part(job, len(self.waiting)))
+        self.sent.append(job)
         self.waiting = None
-        return True
+        return "sent"
 
     def in_flight(self) -> int:
-        return sum(p.job["status"] not in ("succeeded", "failed", "cancelled") for p in self.sent)
+        return sum(not JobStatus(job["status"]).final for job in self.sent)
 
     def refresh(self) -> None:
-        for part in self.sent[self.written_parts :]:
-            if part.job["status"] not in ("succeeded", "failed", "cancelled"):
-                part.job = self.farm.job(part.job["id"])
+        for n in range(self.written_parts, len(self.sent)):
+            if not JobStatus(self.sent[n]["status"]).final:
+                self.sent[n] = self.farm.job(self.sent[n]["id"])
 
     def write_finished(self) -> None:
         """Write the results of the finished parts that are next in input order."""
         while self.written_parts < len(self.sent):
-            job = self.sent[self.written_parts].job
+            job = self.sent[self.written_parts]
             if job["status"] in ("failed", "cancelled"):
                 raise SystemExit(f"\nrerankfarm submit: job {job['id']} {job['status']}: {job.get('error')}")
             if job["status"] != "succeeded":
@@ -146,8 +141,8 @@ class Run:
             self.written_parts += 1
 
     def bar(self, reading: bool) -> None:
-        done = sum(p.job["progress"]["completed"] for p in self.sent)
-        total = sum(p.job["progress"]["total"] for p in self.sent)
+        done = sum(job["progress"]["completed"] for job in self.sent)
+        total = self.pairs
         elapsed = time.monotonic() - self.started
         rate = done / elapsed if elapsed > 0 else 0.0
         filled = int(30 * done / max(total, 1))
@@ -162,11 +157,11 @@ class Run:
 
     @property
     def pairs(self) -> int:
-        return sum(p.job["progress"]["total"] for p in self.sent)
+        return sum(job["progress"]["total"] for job in self.sent)
 
     @property
     def tokens(self) -> int:
-        return sum(p.job.get("tokens") or 0 for p in self.sent)
+        return sum(job.get("tokens") or 0 for job in self.sent)
 
 
 def run(
@@ -184,17 +179,17 @@ def run(
         reading, next_send = True, 0.0
         while reading or task.written_parts < len(task.sent):
             if reading and time.monotonic() >= next_send and task.in_flight() < PARTS_IN_FLIGHT:
-                sent_before = len(task.sent)
-                reading = task.send()
-                if reading and len(task.sent) == sent_before:
-                    next_send = time.monotonic() + BUSY_RETRY_S
-                if reading and len(task.sent) > sent_before:
+                sent = task.send()
+                reading = sent != "done"
+                if sent == "sent":
                     continue  # read and send the next part at once while the farm takes them
+                if sent == "busy":
+                    next_send = time.monotonic() + BUSY_RETRY_S
             task.refresh()
             task.write_finished()
             task.bar(reading)
             if deadline is not None and time.monotonic() > deadline:
-                ids = " ".join(p.job["id"] for p in task.sent[task.written_parts :])
+                ids = " ".join(job["id"] for job in task.sent[task.written_parts :])
                 print(f"\nrerankfarm submit: not finished after {timeout}s; the jobs go on: {ids}", file=sys.stderr)
                 return 3
             if reading or task.written_parts < len(task.sent):

@@ -133,8 +133,9 @@ class LeaseRenewal(bootsteps.StartStopStep):
         options = parent.app.conf.broker_transport_options
         period = options["visibility_timeout"] / LEASE_RENEWALS
         client = redis.Redis.from_url(parent.app.conf.broker_url, socket_timeout=period)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, args=(client, period), name="lease", daemon=True)
+        # A fresh event per start: a thread of an earlier start still leaving must not be woken back into its loop.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(client, period, self._stop), name="lease", daemon=True)
         self._thread.start()
 
     def stop(self, parent: Any) -> None:
@@ -144,8 +145,8 @@ class LeaseRenewal(bootsteps.StartStopStep):
 
     shutdown = stop
 
-    def _run(self, client: redis.Redis, period: float) -> None:
-        while not self._stop.wait(period):
+    def _run(self, client: redis.Redis, period: float, stop: threading.Event) -> None:
+        while not stop.wait(period):
             try:
                 renew(client, held_delivery_tags())
             except redis.RedisError as exc:  # Redis away: the messages wait there, and are renewed when it is back

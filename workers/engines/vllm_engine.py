@@ -114,6 +114,11 @@ class _Call:
     left: int = 0
     aborted: set[int] = field(default_factory=set)
 
+    @property
+    def urgent(self) -> bool:
+        """An interactive call: added to vLLM at once, and nothing else while it runs."""
+        return self.priority >= INTERACTIVE_PRIORITY
+
 
 class VllmEngine:
     name = "vllm"
@@ -254,7 +259,7 @@ class VllmEngine:
         request_id = call.ids[i]
         self._running[request_id] = (call, i)
         self._added_tokens += len(call.prompts[i])
-        self._urgent_running += call.priority >= INTERACTIVE_PRIORITY
+        self._urgent_running += call.urgent
         self.engine.add_request(
             request_id,
             TokensPrompt(prompt_token_ids=list(call.prompts[i])),
@@ -283,7 +288,7 @@ class VllmEngine:
     def _finish(self, request_id: str, score: float) -> None:
         call, i = self._running.pop(request_id)
         self._added_tokens -= len(call.prompts[i])
-        self._urgent_running -= call.priority >= INTERACTIVE_PRIORITY
+        self._urgent_running -= call.urgent
         self._settle(call, i, score)
 
     def _settle(self, call: _Call, i: int, score: float) -> None:
