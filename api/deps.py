@@ -5,6 +5,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from api.batch_store import BatchStore
+from api.file_store import FileStore
 from api.job_store import JobStore
 from schemas.errors import Unauthorized
 from schemas.settings import Settings
@@ -16,6 +18,16 @@ DEFAULT_TENANT = "default"  # the one tenant when authentication is off
 def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.store
     return store
+
+
+def get_files(request: Request) -> FileStore:
+    files: FileStore = request.app.state.files
+    return files
+
+
+def get_batches(request: Request) -> BatchStore:
+    batches: BatchStore = request.app.state.batches
+    return batches
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -42,3 +54,5 @@ async def get_tenant(request: Request) -> str:
 StoreDep = Annotated[JobStore, Depends(get_store)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 TenantDep = Annotated[str, Depends(get_tenant)]
+FilesDep = Annotated[FileStore, Depends(get_files)]
+BatchesDep = Annotated[BatchStore, Depends(get_batches)]

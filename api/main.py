@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -16,13 +17,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.batch_store import BatchStore
 from api.deps import get_tenant
+from api.file_store import FileStore
 from api.job_store import JobStore
 from api.limits import BodySizeLimit
-from api.routes import health, info, jobs, metrics, playground, rerank
-from schemas.errors import RerankError
-from schemas.jobs import error_body
+from api.routes import batches, files, health, info, jobs, metrics, playground, rerank
+from schemas.errors import RerankError, describe_validation
 from schemas.queueing import celery_config
+from schemas.rerank import SHAPE_TAGS, Shape, error_payload
 from schemas.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     sender = Celery("rerankfarm-api")
     sender.conf.update(celery_config(settings))
     app.state.store = JobStore(client, sender, settings, waiter)
+    app.state.files = FileStore(client, settings)
+    app.state.batches = BatchStore(client, app.state.store, app.state.files, settings)
     if settings.auth == "off":
         logger.warning(
             "AUTHENTICATION IS OFF (RERANK_AUTH=off): anyone who can reach this API can submit work and read "
@@ -55,39 +60,39 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
     errors = exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         return 400, "invalid_json", "the request body is not valid JSON"
-    parts = []
-    for e in errors[:5]:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return 422, "invalid_request", "; ".join(parts) + more
+    return 422, "invalid_request", describe_validation(errors, skip={"body", *SHAPE_TAGS})
 
 
-async def _rerank_error(_: Request, exc: Exception) -> JSONResponse:
+def _error(
+    request: Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **details: Any
+) -> JSONResponse:
+    """Every error answer: in the shape of the client's call (TEI, Voyage) where a rerank route noted one, in the
+    farm's `{"error": {code, message}}` elsewhere."""
+    shape: Shape | None = getattr(request.state, "shape", None)
+    return JSONResponse(error_payload(shape, status, code, message, **details), status_code=status, headers=headers)
+
+
+async def _rerank_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RerankError)
-    return JSONResponse(error_body(exc.code, exc.message, **exc.details), status_code=exc.status, headers=exc.headers)
+    return _error(request, exc.status, exc.code, exc.message, exc.headers, **exc.details)
 
 
-async def _invalid(_: Request, exc: Exception) -> JSONResponse:
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     status, code, message = _validation_message(exc)
-    return JSONResponse(error_body(code, message), status_code=status)
+    return _error(request, status, code, message)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     """Errors raised by the framework itself (unparsable body, unknown path, wrong method) in the farm's shape."""
     assert isinstance(exc, StarletteHTTPException)
     code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    return _error(request, exc.status_code, code, str(exc.detail), exc.headers)
 
 
-async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     logger.warning("redis unavailable: %r", exc)
-    return JSONResponse(
-        error_body("unavailable", "the job store is unreachable; retry later"),
-        status_code=503,
-        headers={"Retry-After": "5"},
-    )
+    return _error(request, 503, "unavailable", "the job store is unreachable; retry later", {"Retry-After": "5"})
 
 
 def protected_docs_router(app: FastAPI) -> APIRouter:
@@ -120,9 +125,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     if not public_docs:
         app.include_router(protected_docs_router(app))
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit, max_bytes=settings.max_body_bytes, per_path={"/v1/files": settings.max_file_bytes}
+    )
     app.include_router(rerank.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(health.router)
     app.include_router(info.router)
     app.include_router(playground.router)

@@ -19,6 +19,7 @@ class PairOptions(BaseModel):
     max_doc_tokens: int | None = None
     max_prompt_tokens: int | None = None
     truncate: bool = True
+    truncate_left: bool = False  # cut a too long document's start instead of its end
     windows: bool = False
     window_tokens: int | None = None
     window_overlap: int = 64
@@ -29,6 +30,7 @@ class PairOptions(BaseModel):
             max_doc_tokens=request.max_tokens_per_doc,
             max_prompt_tokens=max_prompt_tokens,
             truncate=request.truncate,
+            truncate_left=request.truncation_side == "left",
             windows=request.long_documents == "windows",
             window_tokens=request.window_tokens,
             window_overlap=request.window_overlap,
@@ -48,11 +50,12 @@ class Segment(BaseModel):
 
 class ChunkResult(BaseModel):
     """What a worker stores for a chunk: a score per pair, the winning window per pair (windows mode) and the
-    prompt tokens it scored."""
+    prompt tokens it scored, in all and per request."""
 
     scores: list[float]
     windows: list[list[int] | None] | None = None  # [index, count, start_token, end_token]
     tokens: int = 0
+    request_tokens: list[list[int]] | None = None  # [request, prompt tokens] per segment, in segment order
 
 
 class Chunk(BaseModel):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Container, Mapping, Sequence
+from typing import Any
+
 
 class RerankError(Exception):
     code = "internal_error"
@@ -36,6 +39,22 @@ class JobNotFound(RerankError):
 
     def __init__(self, job_id: str) -> None:
         super().__init__(f"no job with id {job_id!r} (it may have expired)")
+
+
+class FileNotFound(RerankError):
+    code = "file_not_found"
+    status = 404
+
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"no file with id {file_id!r} (it may have expired or been deleted)")
+
+
+class BatchNotFound(RerankError):
+    code = "batch_not_found"
+    status = 404
+
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"no batch with id {batch_id!r} (it may have expired)")
 
 
 class JobNotFinished(RerankError):
@@ -93,3 +112,13 @@ class InvalidInput(RerankError):
 
     code = "invalid_input"
     status = 422
+
+
+def describe_validation(errors: Sequence[Mapping[str, Any]], skip: Container[object] = ()) -> str:
+    """Pydantic's errors in one line: `where: what` for the first five (request bodies and batch lines alike)."""
+    parts = []
+    for e in errors[:5]:
+        where = ".".join(str(x) for x in e.get("loc", ()) if x not in skip)
+        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more

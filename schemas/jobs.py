@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
@@ -67,6 +67,9 @@ class RerankRequest(LongDocuments):
     return_documents: bool = Field(False, description="Include each document's text in the results.")
     max_tokens_per_doc: int | None = Field(None, ge=1, description="Cut each document to this many tokens first.")
     truncate: bool = Field(True, description="False: a prompt over the max length fails the job instead of being cut.")
+    truncation_side: Literal["right", "left"] = Field(
+        "right", description="Which end of a too long document is cut: `right` (its end) or `left` (its start)."
+    )
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
@@ -160,16 +163,13 @@ class RankedResult(BaseModel):
 class RequestResults(BaseModel):
     custom_id: str | None = None
     results: list[RankedResult]
+    tokens: int | None = Field(None, description="Prompt tokens scored for this request.")
 
 
 class JobResults(BaseModel):
     id: str
     object: Literal["list"] = "list"
     data: list[RequestResults]
-
-
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **extra}}
 
 
 class ErrorResponse(BaseModel):

@@ -65,3 +65,32 @@ def worker_key(hostname: str) -> str:
 def job_webhook_attempts_key(job_id: str) -> str:
     """List: one JSON entry per webhook delivery attempt (time, status code, error)."""
     return f"{NAMESPACE}:job:{job_id}:webhook"
+
+
+def file_key(file_id: str) -> str:
+    """Hash with a TTL: an uploaded file's record (tenant, name, purpose, size, times); its bytes are on disk."""
+    return f"{NAMESPACE}:file:{file_id}"
+
+
+def tenant_files_key(tenant: str) -> str:
+    """Sorted set: the tenant's file ids by upload time (unix s)."""
+    return f"{NAMESPACE}:tenant:{tenant}:files"
+
+
+FILES_EXPIRY = f"{NAMESPACE}:files:expiry"  # sorted set: file id -> unix time its bytes may be deleted
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: a batch's record (its job, input file, endpoint, window, metadata, validation errors)."""
+    return f"{NAMESPACE}:batch:{batch_id}"
+
+
+def batch_lines_key(batch_id: str) -> str:
+    """List: per input line, JSON [custom_id, shape, render options, requests it became] (output is rendered from
+    them)."""
+    return f"{NAMESPACE}:batch:{batch_id}:lines"
+
+
+def tenant_batches_key(tenant: str) -> str:
+    """Sorted set: the tenant's batch ids by creation time (unix s)."""
+    return f"{NAMESPACE}:tenant:{tenant}:batches"

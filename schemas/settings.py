@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
@@ -198,7 +200,20 @@ class Settings(BaseSettings):
     )
     docs_public: bool = Field(True, description="Serve /docs and /openapi.json without a key even when auth is on.")
     metrics_public: bool = Field(True, description="Serve /metrics without a key even when auth is on.")
-    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
+    max_body_bytes: int = Field(
+        32 * 2**20, ge=1024, description="Largest request body accepted (413 above), file uploads aside."
+    )
+    max_file_bytes: int = Field(
+        2 * 2**30, ge=1024, description="Largest file accepted by POST /v1/files (413 above); streamed to disk."
+    )
+    files_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "rerankfarm-files",
+        description="Where uploaded files (batch input) are kept. Every API replica must see the same directory: "
+        "a shared volume in production (docker-compose and the Kubernetes manifests mount one).",
+    )
+    file_ttl_s: int = Field(
+        30 * 86_400, ge=60, description="Seconds an uploaded file is kept (OpenAI's default for batch files: 30 days)."
+    )
     max_jobs_in_flight_per_tenant: int = Field(
         100, ge=1, description="Queued or running jobs a tenant may have; more answer 429 with Retry-After."
     )

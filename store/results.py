@@ -45,16 +45,25 @@ class ResultAssembler:
         self._next: dict[str, Any] | None = next(self._requests, None)
         self._scores: list[float] = []
         self._windows: list[list[int] | None] = []
+        self._request = 0  # the number of the request completed next
+        self._tokens: dict[int, int] | None = {}  # prompt tokens per request; None once a chunk did not say
 
     def add(self, chunk: ChunkResult) -> list[RequestResults]:
         self._scores.extend(chunk.scores)
         self._windows.extend(chunk.windows or [None] * len(chunk.scores))
+        if chunk.request_tokens is None:
+            self._tokens = None
+        elif self._tokens is not None:
+            for request, count in chunk.request_tokens:
+                self._tokens[request] = self._tokens.get(request, 0) + count
         done = []
         while self._next is not None and len(self._scores) >= self._next["n"]:
             meta, n = self._next, self._next["n"]
             ranked = rank(self._scores[:n], meta["top_n"], meta["texts"], meta["ids"], self._windows[:n])
-            done.append(RequestResults(custom_id=meta["custom_id"], results=ranked))
+            tokens: int | None = self._tokens.pop(self._request, 0) if self._tokens is not None else None
+            done.append(RequestResults(custom_id=meta["custom_id"], results=ranked, tokens=tokens))
             del self._scores[:n], self._windows[:n]
+            self._request += 1
             self._next = next(self._requests, None)
         return done
 

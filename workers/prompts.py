@@ -1,7 +1,8 @@
 """How a (query, document) pair becomes the token ids an engine scores: the one place prompts are built.
 
 The text is the model card's (`schemas.prompt`): PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>: ..." + SUFFIX.
-The middle part is tokenized on its own and cut from its end so the whole prompt fits the max length; PREFIX and
+The middle part is tokenized on its own and cut from its end so the whole prompt fits the max length (with
+`truncate_left`, the document loses its start instead); PREFIX and
 SUFFIX are never cut, so every prompt ends with the assistant turn the yes/no logits are read after. Engines only
 see token ids, so the transformers and vLLM engines score exactly the same prompts.
 """
@@ -82,9 +83,17 @@ class PromptBuilder:
             raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
         return budget
 
-    def _cut(self, text: str, tokens: int) -> str:
+    def _cut(self, text: str, tokens: int, keep_end: bool = False) -> str:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return text if len(ids) <= tokens else str(self.tokenizer.decode(ids[:tokens]))
+        if len(ids) <= tokens:
+            return text
+        return str(self.tokenizer.decode(ids[len(ids) - tokens :] if keep_end else ids[:tokens]))
+
+    def _room(self, pair: Pair, budget: int) -> int:
+        """Document tokens that fit beside the pair's query and instruction."""
+        return budget - len(
+            self.tokenizer(format_body(pair.query, "", pair.instruction), add_special_tokens=False)["input_ids"]
+        )
 
     def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
         """Prompt token ids for each pair, cut to the max length (or InvalidInput when `options.truncate` is false
@@ -94,6 +103,10 @@ class PromptBuilder:
         docs = [p.document for p in pairs]
         if options.max_doc_tokens is not None:
             docs = [self._cut(d, options.max_doc_tokens) for d in docs]
+        if options.truncate and options.truncate_left:  # keep the document's end; the cut below then only trims
+            docs = [
+                self._cut(d, max(1, self._room(p, budget)), keep_end=True) for p, d in zip(pairs, docs, strict=True)
+            ]
         bodies = [format_body(p.query, d, p.instruction) for p, d in zip(pairs, docs, strict=True)]
         if options.truncate:
             enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
@@ -108,9 +121,7 @@ class PromptBuilder:
 
     def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
         """Prompts for overlapping windows of a long document; one window (the `encode` prompt) when it fits."""
-        room = self._budget(options) - len(
-            self.tokenizer(format_body(pair.query, "", pair.instruction), add_special_tokens=False)["input_ids"]
-        )
+        room = self._room(pair, self._budget(options))
         if room < 8:
             raise InvalidInput("the query and instruction leave no room for a document window")
         size = min(options.window_tokens or room, room)

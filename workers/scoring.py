@@ -16,12 +16,14 @@ class Prepared:
     spans: list[list[int] | None] = field(default_factory=list)  # [index, count, start, end] of a window prompt
     pairs: int = 0
     windowed: bool = False
+    request_tokens: list[list[int]] = field(default_factory=list)  # [request, prompt tokens] per segment
 
 
 def prepare(prompts: PromptBuilder, chunk: Chunk) -> Prepared:
     """Tokenize every pair of the chunk (InvalidInput propagates: the input is at fault)."""
     out = Prepared()
     for segment in chunk.segments:
+        first = len(out.prompts)
         pairs = [Pair(segment.query, d, segment.instruction) for d in segment.documents]
         options = segment.options
         if options is not None and options.windows:
@@ -38,6 +40,7 @@ def prepare(prompts: PromptBuilder, chunk: Chunk) -> Prepared:
             out.owners.extend(range(out.pairs, out.pairs + len(pairs)))
             out.spans.extend([None] * len(pairs))
             out.pairs += len(pairs)
+        out.request_tokens.append([segment.request, sum(len(p) for p in out.prompts[first:])])
     return out
 
 
@@ -52,4 +55,5 @@ def aggregate(prepared: Prepared, scores: list[float]) -> ChunkResult:
         scores=best,
         windows=won if prepared.windowed else None,
         tokens=sum(len(p) for p in prepared.prompts),
+        request_tokens=prepared.request_tokens,
     )

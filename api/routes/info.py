@@ -1,8 +1,11 @@
+from importlib.metadata import version
+
 from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import SettingsDep
 from schemas.prompt import DEFAULT_INSTRUCTION
+from schemas.rerank import TeiInfo
 
 router = APIRouter(tags=["info"])
 
@@ -26,4 +29,18 @@ async def info(settings: SettingsDep) -> Info:
         max_documents_per_request=settings.max_documents_per_request,
         max_pairs_per_job=settings.max_pairs_per_job,
         interactive_timeout_s=settings.interactive_timeout_s,
+    )
+
+
+@router.get("/info")
+async def tei_info(settings: SettingsDep) -> TeiInfo:
+    """What this farm serves, in text-embeddings-inference's shape: a reranker (Dify reads `model_type`)."""
+    return TeiInfo(
+        model_id=settings.model,
+        max_concurrent_requests=settings.max_jobs_in_flight_per_tenant,
+        max_input_length=settings.max_length,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_client_batch_size=settings.max_documents_per_rerank,
+        version=version("rerankfarm"),
+        model_dtype=settings.dtype,
     )

@@ -1,65 +1,129 @@
-"""The interactive rerank call: Cohere, Jina and vLLM clients work against it unchanged."""
+"""The interactive calls: Cohere, Jina, vLLM, TEI, Voyage and OpenAI-compatible clients work against them unchanged.
+The shapes themselves (what each client sends and expects back) live in `schemas.rerank`."""
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Body, Depends, Request
+from pydantic import BaseModel
 
 from api.deps import SettingsDep, StoreDep, TenantDep
 from schemas.errors import InvalidRequest, JobFailed, JobNotFinished, TooLarge
 from schemas.jobs import ErrorResponse, JobCreate, JobStatus
-from schemas.rerank import RerankCall, RerankMeta, RerankResponse, RerankUsage, TokenCounts
+from schemas.rerank import (
+    Answer,
+    Call,
+    RerankBody,
+    RerankResponse,
+    ScoreCall,
+    ScoreResponse,
+    TeiError,
+    TeiRank,
+    VoyageError,
+    VoyageResponse,
+    render,
+    shape_of,
+)
+from schemas.settings import Settings
 
 router = APIRouter(tags=["rerank"])
+
+_error_shapes: dict[str, Any] = {
+    "content": {
+        "application/json": {
+            "schema": {
+                "anyOf": [
+                    {"$ref": "#/components/schemas/ErrorResponse"},
+                    {"$ref": "#/components/schemas/TeiError"},
+                    {"$ref": "#/components/schemas/VoyageError"},
+                ]
+            }
+        }
+    }
+}
 _errors: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 502, 503, 504)
 }
+_shaped_errors: dict[int | str, dict[str, Any]] = {
+    code: {"description": "The error, in the shape of the call", **_error_shapes}
+    for code in (400, 401, 413, 422, 429, 502, 503, 504)
+}
+# The error shapes are referenced above; listing them once as a response adds them to the schema's components.
+_shaped_errors["default"] = {"model": TeiError | VoyageError, "description": "TEI and Voyage error shapes"}
 
 
-async def _rerank(
-    call: RerankCall, store: StoreDep, settings: SettingsDep, tenant: str, return_documents: bool
-) -> RerankResponse:
-    if len(call.documents) > settings.max_documents_per_rerank:
+async def note_shape(request: Request) -> None:
+    """Record the call's shape before anything can fail, so that every error is answered in it."""
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    request.state.shape = shape_of(request.url.path, body, request.headers)
+
+
+async def answer(call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool) -> Answer:
+    """Run a call as an interactive job and wait for it: its answer, or the error it met."""
+    requests = call.requests(return_documents)
+    pairs = sum(len(r.documents) for r in requests)
+    if pairs > settings.max_documents_per_rerank:
         raise TooLarge(
             f"a rerank call takes at most {settings.max_documents_per_rerank} documents; this one has "
-            f"{len(call.documents)}: submit a bulk job (/v1/jobs) for more"
+            f"{pairs}: submit a bulk job (/v1/jobs or /v1/batches) for more"
         )
-    request = call.as_request(return_documents if call.return_documents is None else call.return_documents)
     job = await store.submit(
-        JobCreate(requests=[request], priority=9),
-        tenant,
-        interactive=True,
-        max_prompt_tokens=call.truncate_prompt_tokens,
+        JobCreate(requests=requests, priority=9), tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens
     )
-    job = await store.wait(job.id, tenant, call.timeout or settings.interactive_timeout_s)
+    timeout = getattr(call, "timeout", None) or settings.interactive_timeout_s
+    job = await store.wait(job.id, tenant, timeout)
     if job.status is JobStatus.failed and job.error is not None:
         if job.error.code == "invalid_input":
             raise InvalidRequest(job.error.message)
         raise JobFailed(f"scoring failed: {job.error.message}", job_id=job.id)
     if job.status is JobStatus.cancelled:
         raise JobNotFinished(f"job {job.id} was cancelled")
-    results = (await store.results(job.id, tenant)).data[0].results
-    return RerankResponse(
-        id=job.id,
-        model=settings.model,
-        results=results,
-        usage=RerankUsage(prompt_tokens=job.tokens, total_tokens=job.tokens),
-        meta=RerankMeta(tokens=TokenCounts(input_tokens=job.tokens)),
-    )
+    results = (await store.results(job.id, tenant)).data
+    return Answer(job_id=job.id, model=settings.model, results=results, tokens=job.tokens)
 
 
-@router.post("/v1/rerank", responses=_errors, response_model_exclude_none=True)
-async def rerank_v1(call: RerankCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> RerankResponse:
-    """Rerank documents for one query and answer in this response (Jina, vLLM, Cohere v1 shape)."""
+async def _rerank(
+    call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool
+) -> BaseModel | list[Any]:
+    done = await answer(call, store, settings, tenant, return_documents)
+    return render(call.shape, done, call.render_options())
+
+
+_Body = Annotated[RerankBody, Body()]
+_RerankAnswer = RerankResponse | VoyageResponse | list[TeiRank]
+_shaped = {"dependencies": [Depends(note_shape)], "response_model_exclude_none": True}
+
+
+@router.post("/v1/rerank", responses=_shaped_errors, response_model=_RerankAnswer, **_shaped)  # type: ignore[arg-type]
+async def rerank_v1(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+    """Rerank documents for one query and answer in this response: the Cohere v1, Jina and vLLM shape, the Voyage
+    shape when the body has `top_k`, the TEI shape when it has `texts`."""
     return await _rerank(call, store, settings, tenant, return_documents=True)
 
 
-@router.post("/rerank", responses=_errors, response_model_exclude_none=True, include_in_schema=False)
-async def rerank_bare(call: RerankCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> RerankResponse:
-    """Same as /v1/rerank (vLLM's path)."""
+@router.post("/rerank", responses=_shaped_errors, response_model=_RerankAnswer, **_shaped)  # type: ignore[arg-type]
+async def rerank_root(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+    """The root path TEI and vLLM clients call: TEI's shape when the body has `texts` (a bare array, best first),
+    Voyage's with `top_k`, vLLM's otherwise."""
     return await _rerank(call, store, settings, tenant, return_documents=True)
 
 
-@router.post("/v2/rerank", responses=_errors, response_model_exclude_none=True)
-async def rerank_v2(call: RerankCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> RerankResponse:
+@router.post("/v2/rerank", responses=_shaped_errors, response_model=_RerankAnswer, **_shaped)  # type: ignore[arg-type]
+async def rerank_v2(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Rerank, Cohere v2 shape: documents are returned only when `return_documents` is true."""
+    return await _rerank(call, store, settings, tenant, return_documents=False)
+
+
+@router.post("/v1/score", responses=_errors, response_model=ScoreResponse, **_shaped)  # type: ignore[arg-type]
+async def score_v1(call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+    """vLLM's score call: `text_1`/`text_2` (or `queries`/`documents`), one query against many documents or paired
+    one to one; scores in pair order."""
+    return await _rerank(call, store, settings, tenant, return_documents=False)
+
+
+@router.post("/score", responses=_errors, response_model=ScoreResponse, include_in_schema=False, **_shaped)  # type: ignore[arg-type]
+async def score_root(call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+    """Same as /v1/score (vLLM serves both)."""
     return await _rerank(call, store, settings, tenant, return_documents=False)

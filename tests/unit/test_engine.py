@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from schemas.chunks import PairOptions
 from schemas.errors import EngineLoadError
 from schemas.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 from schemas.settings import Settings
@@ -56,6 +57,19 @@ def test_long_documents_are_cut_from_their_end_to_max_length(engine, prompts, re
     )
     score = engine.score([ids])[0]
     assert score == pytest.approx(reference.score("w1", " ".join(words[:kept])), abs=1e-5)
+
+
+def test_truncate_left_keeps_the_documents_end(engine, prompts, reference) -> None:
+    """TEI's `truncation_direction: Left` and vLLM's `truncation_side: left`: the document loses its start."""
+    words = [f"w{i % 500}" for i in range(1000)]
+    ids = prompts.encode([Pair("w1", " ".join(words))], PairOptions(truncate_left=True))[0]
+    assert len(ids) == 256
+    assert ids[-len(prompts.suffix_ids) :] == prompts.suffix_ids
+    head = prompts.tokenizer.tokenize(f"<Instruct>: {DEFAULT_INSTRUCTION}\n<Query>: w1\n<Document>:")
+    kept = len(ids) - len(prompts.prefix_ids) - len(prompts.suffix_ids) - len(head)
+    assert engine.score([ids])[0] == pytest.approx(reference.score("w1", " ".join(words[-kept:])), abs=1e-5)
+    right = prompts.encode([Pair("w1", " ".join(words))])[0]
+    assert right != ids and right[: len(ids) - 50] != ids[: len(ids) - 50]
 
 
 def test_missing_model_gives_advice_not_a_traceback(tmp_path, prompts) -> None:
