@@ -7,6 +7,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
+@router.get("/health", include_in_schema=False)  # TEI's and vLLM's path
 async def healthz() -> dict[str, str]:
     """The API process is up."""
     return {"status": "ok"}

@@ -44,3 +44,21 @@ async def tei_info(settings: SettingsDep) -> TeiInfo:
         version=version("rerankfarm"),
         model_dtype=settings.dtype,
     )
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "rerankfarm"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+@router.get("/v1/models")
+async def models(settings: SettingsDep) -> ModelList:
+    """The one model this farm serves, as OpenAI-compatible clients list models (vLLM serves the same)."""
+    return ModelList(data=[ModelCard(id=settings.model)])

@@ -95,7 +95,8 @@ def test_tei_shape_options_info_and_errors(live_api, worker, reference) -> None:
     query, docs = _docs(35, 3)
     with httpx.Client(base_url=live_api, timeout=60) as http:
         info = http.get("/info").json()
-        assert "reranker" in info["model_type"] and info["max_input_length"] > 0
+        assert list(info["model_type"]) == ["reranker"] and info["max_input_length"] > 0  # what Dify checks
+        assert http.get("/health").status_code == 200
         body = {"query": query, "texts": docs, "raw_scores": True, "return_text": True, "truncation_direction": "LEFT"}
         ranks = http.post("/rerank", json=body).json()
         assert isinstance(ranks, list) and len(ranks) == 3
@@ -227,6 +228,7 @@ def test_openai_compatible_generic_payloads(live_api, worker) -> None:
     number of documents (or more): every document comes back, best first."""
     query, docs = _docs(39, 3)
     with httpx.Client(base_url=live_api, timeout=60) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [http.get("/info").json()["model_id"]]
         for path, top_n in [("/rerank", 3), ("/v1/rerank", 10)]:
             out = http.post(path, json={"model": "m", "query": query, "documents": docs, "top_n": top_n}).json()
             assert sorted(r["index"] for r in out["results"]) == [0, 1, 2]
