@@ -118,13 +118,13 @@ def read_plan(lines: Iterable[bytes], endpoint: str, defaults: dict[str, Any]) -
         shape = shape_of(url, body)
         try:
             call = CALLS[shape].model_validate(body)
+            requests = call.requests(url != "/v2/rerank")  # Cohere v2 returns documents only when asked
         except ValidationError as exc:
             fail(n, "invalid_request", describe_validation(exc.errors(), skip=SHAPE_TAGS), "body")
             continue
         if call.max_prompt_tokens is not None:
             fail(n, "invalid_request", "truncate_prompt_tokens is not served in batches: use max_tokens_per_doc")
             continue
-        requests = call.requests(url != "/v2/rerank")  # Cohere v2 returns documents only when asked
         plan.requests.extend(requests)
         plan.lines.append(json.dumps([custom_id, shape.value, call.render_options(), len(requests)]))
     if not plan.lines and not plan.errors:

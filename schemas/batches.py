@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.jobs import check_metadata
+
 BatchStatus = Literal[
     "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
 ]
@@ -57,6 +59,8 @@ class BatchCreate(BaseModel):
     request_params: dict[str, Any] | None = Field(
         None, description="Voyage: fields every line's body takes unless it sets them (the `model`, for one)."
     )
+
+    _small_metadata = field_validator("metadata")(check_metadata)
 
     @field_validator("endpoint")
     @classmethod

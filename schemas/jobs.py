@@ -79,6 +79,13 @@ class RerankRequest(LongDocuments):
         return ids if any(i is not None for i in ids) else None
 
 
+def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
+    """Jobs' and batches' metadata: small string pairs, returned as given."""
+    if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+        raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
+    return v
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -90,9 +97,7 @@ class JobCreate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _small_metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
-        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
-            raise ValueError("metadata holds at most 16 pairs, keys up to 64 and values up to 512 characters")
-        return v
+        return check_metadata(v)
 
     @model_validator(mode="after")
     def _unique_custom_ids(self) -> JobCreate:

@@ -114,6 +114,8 @@ class RerankCall(LongDocuments):
                 fields = self.rank_fields or ["text"]
                 if not any(isinstance(doc.get(f), str) and doc[f].strip() for f in fields):
                     raise ValueError(f"documents[{n}] has no text in {', '.join(fields)}")
+                if isinstance(doc.get("id"), str) and len(doc["id"]) > 256:
+                    raise ValueError(f"documents[{n}].id is longer than 256 characters")
         return self
 
     def _document(self, doc: str | dict[str, Any]) -> str | DocumentIn:
