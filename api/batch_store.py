@@ -26,6 +26,7 @@ from pydantic_core import to_jsonable_python
 
 from api.file_store import FileStore
 from api.job_store import JobStore
+from api.pagination import newest_first
 from schemas import keys
 from schemas.batches import (
     BATCH_ENDPOINTS,
@@ -45,7 +46,7 @@ from schemas.errors import BatchNotFound, FileNotFound, JobNotFinished, JobNotFo
 from schemas.jobs import Job, JobCreate, JobStatus, RequestResults, RerankRequest
 from schemas.rerank import CALLS, SHAPE_TAGS, Answer, Shape, render, shape_of
 from schemas.settings import Settings
-from store.job_state import as_str, decode_hash
+from store.job_state import decode_hash
 
 logger = logging.getLogger(__name__)
 
@@ -245,18 +246,8 @@ class BatchStore:
         return await self.get(batch_id, tenant)
 
     async def recent(self, tenant: str, limit: int, after: str | None) -> tuple[list[Batch], bool]:
-        ids = [as_str(i) for i in await self.redis.zrevrange(keys.tenant_batches_key(tenant), 0, -1)]
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
-        batches: list[Batch] = []
-        for batch_id in ids:
-            try:
-                batches.append(await self.get(batch_id, tenant))
-            except BatchNotFound:
-                await self.redis.zrem(keys.tenant_batches_key(tenant), batch_id)
-            if len(batches) > limit:
-                break
-        return batches[:limit], len(batches) > limit
+        index = keys.tenant_batches_key(tenant)
+        return await newest_first(self.redis, index, limit, after, lambda i: self.get(i, tenant), BatchNotFound)
 
     async def output_file(self, file_id: str, tenant: str) -> FileObject:
         batch_id = batch_of_output(file_id)

@@ -18,6 +18,7 @@ from typing import BinaryIO
 import anyio
 import redis.asyncio as aioredis
 
+from api.pagination import newest_first
 from schemas import keys
 from schemas.batches import FileObject
 from schemas.errors import FileNotFound, InvalidRequest
@@ -92,18 +93,8 @@ class FileStore:
         return read()
 
     async def recent(self, tenant: str, limit: int, after: str | None) -> tuple[list[FileObject], bool]:
-        ids = [as_str(i) for i in await self.redis.zrevrange(keys.tenant_files_key(tenant), 0, -1)]
-        if after is not None:
-            ids = ids[ids.index(after) + 1 :] if after in ids else []
-        files: list[FileObject] = []
-        for file_id in ids:
-            try:
-                files.append(await self.get(file_id, tenant))
-            except FileNotFound:
-                await self.redis.zrem(keys.tenant_files_key(tenant), file_id)
-            if len(files) > limit:
-                break
-        return files[:limit], len(files) > limit
+        index = keys.tenant_files_key(tenant)
+        return await newest_first(self.redis, index, limit, after, lambda i: self.get(i, tenant), FileNotFound)
 
     async def delete(self, file_id: str, tenant: str) -> None:
         await self.get(file_id, tenant)

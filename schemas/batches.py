@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -31,12 +32,24 @@ class FileObject(BaseModel):
     expires_at: int | None = None
 
 
-class FileList(BaseModel):
+class Page(BaseModel):
+    """A page of a list, OpenAI's way: `data`, `has_more`, and the first and last ids (the next page is `after`
+    the last)."""
+
     object: Literal["list"] = "list"
-    data: list[FileObject]
+    data: Sequence[FileObject | Batch]
     has_more: bool = False
     first_id: str | None = None
     last_id: str | None = None
+
+    @classmethod
+    def of(cls, data: Sequence[Any], has_more: bool) -> Self:
+        first, last = (data[0].id, data[-1].id) if data else (None, None)
+        return cls(data=data, has_more=has_more, first_id=first, last_id=last)
+
+
+class FileList(Page):
+    data: list[FileObject]
 
 
 class FileDeleted(BaseModel):
@@ -123,12 +136,8 @@ class Batch(BaseModel):
     progress: PairProgress | None = Field(None, description="The job's progress in pairs, as it goes.")
 
 
-class BatchList(BaseModel):
-    object: Literal["list"] = "list"
+class BatchList(Page):
     data: list[Batch]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
 
 
 class OutputResponse(BaseModel):

@@ -30,9 +30,7 @@ async def list_batches(
 ) -> BatchList:
     """The tenant's batches, newest first, a page at a time."""
     data, more = await batches.recent(tenant, limit, after)
-    return BatchList(
-        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return BatchList.of(data, more)
 
 
 @router.get("/{batch_id}", responses=_errors)

@@ -93,37 +93,38 @@ async def _rerank(
 
 _Body = Annotated[RerankBody, Body()]
 _RerankAnswer = RerankResponse | VoyageResponse | list[TeiRank]
-_shaped = {"dependencies": [Depends(note_shape)], "response_model_exclude_none": True}
+_rerank_route = {
+    "responses": _shaped_errors,
+    "response_model": _RerankAnswer,
+    "dependencies": [Depends(note_shape)],
+    "response_model_exclude_none": True,
+}
+_score_route = {
+    "responses": _errors,
+    "response_model": ScoreResponse,
+    "dependencies": [Depends(note_shape)],
+    "response_model_exclude_none": True,
+}
 
 
-@router.post("/v1/rerank", responses=_shaped_errors, response_model=_RerankAnswer, **_shaped)  # type: ignore[arg-type]
+@router.post("/v1/rerank", **_rerank_route)  # type: ignore[arg-type]
+@router.post("/rerank", **_rerank_route)  # type: ignore[arg-type]
 async def rerank_v1(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Rerank documents for one query and answer in this response: the Cohere v1, Jina and vLLM shape, the Voyage
-    shape when the body has `top_k`, the TEI shape when it has `texts`."""
+    shape when the body has `top_k`, the TEI shape (a bare array, best first) when it has `texts`. `/rerank` is the
+    root path TEI and vLLM clients call."""
     return await _rerank(call, store, settings, tenant, return_documents=True)
 
 
-@router.post("/rerank", responses=_shaped_errors, response_model=_RerankAnswer, **_shaped)  # type: ignore[arg-type]
-async def rerank_root(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
-    """The root path TEI and vLLM clients call: TEI's shape when the body has `texts` (a bare array, best first),
-    Voyage's with `top_k`, vLLM's otherwise."""
-    return await _rerank(call, store, settings, tenant, return_documents=True)
-
-
-@router.post("/v2/rerank", responses=_shaped_errors, response_model=_RerankAnswer, **_shaped)  # type: ignore[arg-type]
+@router.post("/v2/rerank", **_rerank_route)  # type: ignore[arg-type]
 async def rerank_v2(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Rerank, Cohere v2 shape: documents are returned only when `return_documents` is true."""
     return await _rerank(call, store, settings, tenant, return_documents=False)
 
 
-@router.post("/v1/score", responses=_errors, response_model=ScoreResponse, **_shaped)  # type: ignore[arg-type]
-async def score_v1(call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
-    """vLLM's score call: `text_1`/`text_2` (or `queries`/`documents`), one query against many documents or paired
-    one to one; scores in pair order."""
-    return await _rerank(call, store, settings, tenant, return_documents=False)
-
-
-@router.post("/score", responses=_errors, response_model=ScoreResponse, include_in_schema=False, **_shaped)  # type: ignore[arg-type]
-async def score_root(call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
-    """Same as /v1/score (vLLM serves both)."""
+@router.post("/v1/score", **_score_route)  # type: ignore[arg-type]
+@router.post("/score", include_in_schema=False, **_score_route)  # type: ignore[arg-type]
+async def score(call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+    """vLLM's score call (also on /score): `text_1`/`text_2` (or `queries`/`documents`), one query against many
+    documents or paired one to one; scores in pair order."""
     return await _rerank(call, store, settings, tenant, return_documents=False)

@@ -263,6 +263,8 @@ def test_files_belong_to_their_tenant_and_have_their_own_size_limit(redis_url, t
         wrong = c.post("/v1/files", files={"file": ("in.jsonl", lines)}, data={"purpose": "fine-tune"}, headers=a)
         assert wrong.status_code == 422 and "purpose" in wrong.json()["error"]["message"]
         assert c.post("/v1/files", files={"file": ("in.jsonl", lines)}, data={"purpose": "batch"}).status_code == 401
+        no_key = c.post("/rerank", json={"query": "w1", "texts": ["w2"]})  # a TEI client hears it in its shape
+        assert no_key.status_code == 401 and no_key.json()["error_type"] == "Unauthorized"
         for method, path in [("GET", ""), ("GET", "/content"), ("DELETE", "")]:
             assert c.request(method, f"/v1/files/{file_id}{path}", headers=b).status_code == 404
         assert c.get("/v1/files", headers=b).json()["data"] == []
