@@ -209,16 +209,17 @@ class TeiRerank(BaseModel):
     truncate: bool | None = Field(
         None, description="false: a too long text is an error; default true (TEI servers run with auto-truncate)."
     )
-    truncation_direction: str = Field("right", description="`left` or `right` (any case): which end is cut.")
-    raw_scores: bool = Field(False, description="The logit difference yes - no instead of P(yes).")
-    return_text: bool = Field(False, description="Include each text in the answer.")
+    # Clients send null for what they leave to the server: null means the default throughout.
+    truncation_direction: str | None = Field(None, description="`left` or `right` (any case): which end is cut.")
+    raw_scores: bool | None = Field(None, description="The logit difference yes - no instead of P(yes).")
+    return_text: bool | None = Field(None, description="Include each text in the answer.")
 
     @field_validator("truncation_direction")
     @classmethod
-    def _direction(cls, v: str) -> str:
-        if v.lower() not in ("left", "right"):
+    def _direction(cls, v: str | None) -> str | None:
+        if v is not None and v.lower() not in ("left", "right"):
             raise ValueError("truncation_direction is Left or Right")
-        return v.lower()
+        return v
 
     max_prompt_tokens: ClassVar[None] = None
 
@@ -227,14 +228,14 @@ class TeiRerank(BaseModel):
             RerankRequest(
                 query=self.query,
                 documents=list(self.texts),
-                return_documents=self.return_text,
+                return_documents=bool(self.return_text),
                 truncate=self.truncate is not False,
                 truncation_side=_side(self.truncation_direction),
             )
         ]
 
     def render_options(self) -> dict[str, Any]:
-        return {"raw_scores": self.raw_scores}
+        return {"raw_scores": bool(self.raw_scores)}
 
     @staticmethod
     def render(answer: Answer, raw_scores: bool = False) -> list[TeiRank]:
@@ -294,8 +295,8 @@ class VoyageRerank(BaseModel):
     documents: list[NonBlank] = Field(min_length=1)
     model: str | None = None
     top_k: int | None = Field(None, ge=1, description="Keep the k best documents; all when omitted.")
-    return_documents: bool = False
-    truncation: bool = Field(True, description="false: a too long prompt is an error, not cut.")
+    return_documents: bool | None = None
+    truncation: bool | None = Field(None, description="false: a too long prompt is an error, not cut.")
 
     max_prompt_tokens: ClassVar[None] = None
 
@@ -305,8 +306,8 @@ class VoyageRerank(BaseModel):
                 query=self.query,
                 documents=list(self.documents),
                 top_n=_top(self.top_k, len(self.documents)),
-                return_documents=self.return_documents,
-                truncate=self.truncation,
+                return_documents=bool(self.return_documents),
+                truncate=self.truncation is not False,
             )
         ]
 

@@ -234,6 +234,16 @@ def test_openai_compatible_generic_payloads(live_api, worker) -> None:
             assert sorted(r["index"] for r in out["results"]) == [0, 1, 2]
             scores = [r["relevance_score"] for r in out["results"]]
             assert scores == sorted(scores, reverse=True)
+        # Fields sent as null (LiteLLM and others leave them to the server) or as strings (RAGFlow's Xinference).
+        nulls = {"rank_fields": None, "max_chunks_per_doc": None, "return_documents": None, "top_n": None}
+        out = http.post("/v1/rerank", json={"query": query, "documents": docs, **nulls}).json()
+        assert len(out["results"]) == 3 and "document" in out["results"][0]
+        tei = {"query": query, "texts": docs, "raw_scores": None, "truncation_direction": None, "return_text": None}
+        assert [0 < r["score"] < 1 for r in http.post("/rerank", json=tei).json()] == [True] * 3
+        voyage = {"query": query, "documents": docs, "top_k": 2, "return_documents": None, "truncation": None}
+        assert len(http.post("/v1/rerank", json=voyage).json()["data"]) == 2
+        strings = {"query": query, "documents": docs, "return_documents": "true", "return_len": "true"}
+        assert "document" in http.post("/rerank", json=strings).json()["results"][0]
 
 
 def test_files_belong_to_their_tenant_and_have_their_own_size_limit(redis_url, tiny_model_dir, tmp_path) -> None:
