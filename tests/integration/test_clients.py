@@ -13,10 +13,12 @@ import cohere
 import httpx
 import openai
 import pytest
+import redis
 import voyageai
 from haystack import Document
 from haystack_integrations.components.rankers.huggingface_api import HuggingFaceTEIRanker
 
+from schemas import keys
 from schemas.rerank import raw_score
 from tests.conftest import random_text
 
@@ -286,3 +288,10 @@ def test_files_belong_to_their_tenant_and_have_their_own_size_limit(redis_url, t
         assert c.get(f"/v1/batches/{created['id']}", headers=b).status_code == 404
         assert c.get("/v1/batches", headers=b).json()["data"] == []
         assert c.post(f"/v1/batches/{created['id']}/cancel", headers=a).json()["status"] == "cancelled"
+        # A batch still queued past its completion window is expired (and its job cancelled) when next read.
+        late = c.post("/v1/batches", json=batch, headers=a).json()
+        assert late["status"] == "in_progress" and late["expires_at"] - late["created_at"] == 24 * 3600
+        redis.Redis.from_url(redis_url).hset(keys.batch_key(late["id"]), "expires_at", int(time.time()) - 1)
+        expired = c.get(f"/v1/batches/{late['id']}", headers=a).json()
+        assert expired["status"] == "expired" and expired["expired_at"] and expired["output_file_id"] is None
+        assert c.get(f"/v1/jobs/{late['job_id']}", headers=a).json()["status"] == "cancelled"
