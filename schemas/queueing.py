@@ -133,9 +133,15 @@ class LeaseRenewal(bootsteps.StartStopStep):
         options = parent.app.conf.broker_transport_options
         period = options["visibility_timeout"] / LEASE_RENEWALS
         client = redis.Redis.from_url(parent.app.conf.broker_url, socket_timeout=period)
+        # The consumer starts again after a lost connection. Messages delivered over the old one can no longer be
+        # acked (Celery says so), and one only prefetched may never run: renewing them would keep them from Redis's
+        # visibility restore forever. Their leases are left to run out, and they are delivered again.
+        stale = frozenset(held_delivery_tags())
         # A fresh event per start: a thread of an earlier start still leaving must not be woken back into its loop.
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(client, period, self._stop), name="lease", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(client, period, self._stop, stale), name="lease", daemon=True
+        )
         self._thread.start()
 
     def stop(self, parent: Any) -> None:
@@ -145,10 +151,11 @@ class LeaseRenewal(bootsteps.StartStopStep):
 
     shutdown = stop
 
-    def _run(self, client: redis.Redis, period: float, stop: threading.Event) -> None:
+    @staticmethod
+    def _run(client: redis.Redis, period: float, stop: threading.Event, stale: frozenset[str]) -> None:
         while not stop.wait(period):
             try:
-                renew(client, held_delivery_tags())
+                renew(client, [tag for tag in held_delivery_tags() if tag not in stale])
             except redis.RedisError as exc:  # Redis away: the messages wait there, and are renewed when it is back
                 logger.warning("lease renewal failed: %r", exc)
 
