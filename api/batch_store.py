@@ -142,8 +142,7 @@ class BatchStore:
 
     async def create(self, body: BatchCreate, tenant: str) -> Batch:
         """Validate the input file and queue its job; a file with bad lines gives a failed batch naming them."""
-        await self.files.get(body.input_file_id, tenant)
-        lines = await self.files.lines(body.input_file_id, tenant)
+        lines = await self.files.lines(body.input_file_id, tenant)  # 404 unless the tenant's own
         plan = await anyio.to_thread.run_sync(read_plan, lines, body.endpoint, body.request_params or {})
         now = int(time.time())
         record: dict[Any, Any] = {
@@ -249,7 +248,8 @@ class BatchStore:
         index = keys.tenant_batches_key(tenant)
         return await newest_first(self.redis, index, limit, after, lambda i: self.get(i, tenant), BatchNotFound)
 
-    async def output_file(self, file_id: str, tenant: str) -> FileObject:
+    async def _completed(self, file_id: str, tenant: str) -> Batch:
+        """The batch whose output file this is, once it has completed (404 for no such batch, 409 before)."""
         batch_id = batch_of_output(file_id)
         if batch_id is None:
             raise FileNotFound(file_id)
@@ -259,27 +259,29 @@ class BatchStore:
             raise FileNotFound(file_id) from None
         if batch.status != "completed":
             raise JobNotFinished(f"batch {batch_id} is {batch.status}: its output exists once it has completed")
+        return batch
+
+    async def output_file(self, file_id: str, tenant: str) -> FileObject:
+        batch = await self._completed(file_id, tenant)
         return FileObject(
             id=file_id,
             bytes=None,
             created_at=batch.completed_at or batch.created_at,
-            filename=f"{batch_id}_output.jsonl",
+            filename=f"{batch.id}_output.jsonl",
             purpose="batch_output",
         )
 
     async def output(self, file_id: str, tenant: str) -> AsyncIterator[str]:
         """The output file's lines: `{id, custom_id, response: {status_code, request_id, body}, error}`, the body in
         the shape of the line's call, written as the job's results are read."""
-        await self.output_file(file_id, tenant)
-        batch_id = batch_of_output(file_id)
-        assert batch_id is not None
-        record = await self._record(batch_id, tenant)
-        job_id = record["job_id"]
+        batch = await self._completed(file_id, tenant)
+        batch_id, job_id = batch.id, batch.job_id
+        assert job_id is not None  # a completed batch has its job
         entries = (await self.jobs.stream_results(job_id, tenant)).__aiter__()
 
         async def lines() -> AsyncIterator[str]:
             n = 0
-            for start in range(0, int(record["lines"]), LINES_PER_READ):
+            for start in range(0, batch.request_counts.total, LINES_PER_READ):
                 block = await self.redis.lrange(keys.batch_lines_key(batch_id), start, start + LINES_PER_READ - 1)
                 if not block:
                     raise JobNotFound(job_id)  # expired while read

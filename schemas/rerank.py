@@ -76,13 +76,27 @@ def _side(value: str | None) -> Literal["left", "right"]:
     return "left" if (value or "").lower() == "left" else "right"
 
 
+class ShapedCall(BaseModel):
+    """What every call shape has: its `shape`, fields of other clients ignored, and by default no prompt limit and
+    no render options (shapes with either override them)."""
+
+    shape: ClassVar[Shape]
+    # Client libraries send fields of their own (vLLM's priority, Cohere's max_chunks_per_doc...): accepted, ignored.
+    model_config = ConfigDict(extra="ignore")
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        return None
+
+    def render_options(self) -> dict[str, Any]:
+        return {}
+
+
 # --- Cohere, Jina, vLLM rerank, OpenAI-compatible generic -----------------------------------------------------------
 
 
-class RerankCall(LongDocuments):
+class RerankCall(LongDocuments, ShapedCall):
     shape: ClassVar[Shape] = Shape.rerank
-    # Client libraries send fields of their own (vLLM's priority, Cohere's max_chunks_per_doc...): accepted, ignored.
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(None, description="Accepted for compatibility; the farm serves its configured model.")
     query: NonBlank
@@ -149,9 +163,6 @@ class RerankCall(LongDocuments):
             )
         ]
 
-    def render_options(self) -> dict[str, Any]:
-        return {}
-
     @staticmethod
     def render(answer: Answer) -> RerankResponse:
         return RerankResponse(
@@ -198,11 +209,10 @@ class RerankResponse(BaseModel):
 # --- Hugging Face text-embeddings-inference --------------------------------------------------------------------------
 
 
-class TeiRerank(BaseModel):
+class TeiRerank(ShapedCall):
     """TEI's `POST /rerank`: every text is scored and answered, best first, as a bare array."""
 
     shape: ClassVar[Shape] = Shape.tei
-    model_config = ConfigDict(extra="ignore")
 
     query: NonBlank
     texts: list[NonBlank] = Field(min_length=1)
@@ -220,8 +230,6 @@ class TeiRerank(BaseModel):
         if v is not None and v.lower() not in ("left", "right"):
             raise ValueError("truncation_direction is Left or Right")
         return v
-
-    max_prompt_tokens: ClassVar[None] = None
 
     def requests(self, return_documents: bool = False) -> list[RerankRequest]:
         return [
@@ -287,9 +295,8 @@ class TeiInfo(BaseModel):
 # --- Voyage AI --------------------------------------------------------------------------------------------------------
 
 
-class VoyageRerank(BaseModel):
+class VoyageRerank(ShapedCall):
     shape: ClassVar[Shape] = Shape.voyage
-    model_config = ConfigDict(extra="ignore")
 
     query: NonBlank
     documents: list[NonBlank] = Field(min_length=1)
@@ -297,8 +304,6 @@ class VoyageRerank(BaseModel):
     top_k: int | None = Field(None, ge=1, description="Keep the k best documents; all when omitted.")
     return_documents: bool | None = None
     truncation: bool | None = Field(None, description="false: a too long prompt is an error, not cut.")
-
-    max_prompt_tokens: ClassVar[None] = None
 
     def requests(self, return_documents: bool = False) -> list[RerankRequest]:
         return [
@@ -310,9 +315,6 @@ class VoyageRerank(BaseModel):
                 truncate=self.truncation is not False,
             )
         ]
-
-    def render_options(self) -> dict[str, Any]:
-        return {}
 
     @staticmethod
     def render(answer: Answer) -> VoyageResponse:
@@ -354,12 +356,11 @@ class VoyageError(BaseModel):
 # --- vLLM score -------------------------------------------------------------------------------------------------------
 
 
-class ScoreCall(BaseModel):
+class ScoreCall(ShapedCall):
     """vLLM's score call: one query against many documents, or queries and documents paired one to one. Scores come
     back in pair order."""
 
     shape: ClassVar[Shape] = Shape.score
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     text_1: NonBlank | list[NonBlank] | None = Field(None, description="The query, or queries (vLLM's older names).")
@@ -400,9 +401,6 @@ class ScoreCall(BaseModel):
             RerankRequest(query=q, documents=[d], instruction=self.instruction)
             for q, d in zip(queries, documents, strict=True)
         ]
-
-    def render_options(self) -> dict[str, Any]:
-        return {}
 
     @staticmethod
     def render(answer: Answer) -> ScoreResponse:

@@ -33,9 +33,7 @@ async def list_files(
 ) -> FileList:
     """The tenant's uploaded files, newest first."""
     data, more = await files.recent(tenant, limit, after)
-    return FileList(
-        data=data, has_more=more, first_id=data[0].id if data else None, last_id=data[-1].id if data else None
-    )
+    return FileList.of(data, more)
 
 
 @router.get("/{file_id}", responses=_errors)
