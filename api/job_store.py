@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from schemas import keys, metrics
-from schemas.chunks import ChunkResult, chunk_count, split_into_chunks
+from schemas.chunks import Chunk, ChunkRef, ChunkResult, chunk_count, split_into_chunks
 from schemas.errors import (
     InvalidRequest,
     JobNotFinished,
@@ -26,10 +27,11 @@ from schemas.errors import (
     WaitTimeout,
 )
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
-from schemas.queueing import INTERACTIVE_PRIORITY, bulk_queue_keys, celery_priority
+from schemas.queueing import batcher_priority, bulk_queue_keys, lane_of, publish
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
 from store import job_state
+from store.chunk_ledger import Ledger
 from store.job_state import JobRecord, as_str, decode_hash, now_iso
 from store.results import ResultAssembler
 from webhooks.ssrf import UnsafeURL, resolve_checked
@@ -37,6 +39,7 @@ from webhooks.ssrf import UnsafeURL, resolve_checked
 logger = logging.getLogger(__name__)
 
 STREAM_CHUNKS = 32  # chunk results read per Redis round trip while results are streamed
+REPLICAS_CHECK_S = 5.0  # how often submit asks the Redis primary how many replicas it has
 
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 
@@ -48,6 +51,9 @@ class JobStore:
         self.celery = celery
         self.settings = settings
         self.scripts = job_state.Scripts(client)
+        self.ledger = Ledger(client)
+        self._replica_count = 0
+        self._replicas_checked = -REPLICAS_CHECK_S
 
     def check_limits(self, body: JobCreate) -> None:
         s = self.settings
@@ -151,31 +157,39 @@ class JobStore:
                 "custom_id": r.custom_id,
                 "top_n": r.top_n,
                 "n": len(r.documents),
-                "texts": r.texts() if r.return_documents else None,
+                "echo": r.return_documents,  # texts come from the chunks' inputs (kept for such jobs)
                 "ids": r.document_ids(),
             }
             for r in body.requests
         ]
+        record.keep_input = int(any(r.return_documents for r in body.requests))
+        lane = lane_of(record.kind, body.priority)
+        level = batcher_priority(record.kind, body.priority)
+        chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         ttl = self.settings.result_ttl_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job_key(job_id), mapping=record.to_hash())
-            pipe.expire(keys.job_key(job_id), ttl)
-            pipe.set(keys.job_input_key(job_id), json.dumps({"requests": requests_meta}), ex=ttl)
+            job_state.create(pipe, record, {"requests": requests_meta}, chunk_list, ttl)
+            await self.ledger.open_chunks(pipe, job_id, chunks, lane, ttl)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
             pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
-            pipe.sadd(keys.tenant_inflight_key(tenant), job_id)
-            await pipe.execute()
+            replies = await pipe.execute()
+        first_seq = int(replies[-3])
+        refs = [
+            ChunkRef(job_id=job_id, index=c.index, tenant=tenant, priority=level, lane=lane, seq=first_seq + c.index)
+            for c in chunk_list
+        ]
+        del chunk_list
         try:
-            await anyio.to_thread.run_sync(
-                self._enqueue, job_id, tenant, body, interactive, chunk_size, max_prompt_tokens
-            )
+            await self.replicated(job_id)
+            await anyio.to_thread.run_sync(publish, self.celery, refs)
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
             # The one path to a final state: the job leaves its tenant's in-flight set, a waiter and a webhook
             # hear of it. (Chunks sent before the failure find the job failed and are skipped.)
-            move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
-            if await self.scripts.run(move):
-                metrics.JOBS_FINISHED.labels("failed").inc()
+            with contextlib.suppress(Exception):
+                move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
+                if await self.scripts.run(move):
+                    metrics.JOBS_FINISHED.labels("failed").inc()
             raise Unavailable("the job queue is unreachable; retry later") from exc
         metrics.JOBS_SUBMITTED.labels(record.kind).inc()
         logger.info(
@@ -188,29 +202,25 @@ class JobStore:
         )
         return record.to_job()
 
-    def _enqueue(
-        self,
-        job_id: str,
-        tenant: str,
-        body: JobCreate,
-        interactive: bool,
-        chunk_size: int,
-        max_prompt_tokens: int | None,
-    ) -> None:
-        # Celery on Redis: step 0 is served first; the interactive queue has a consumer of its own in every worker.
-        priority = 0 if interactive else celery_priority(body.priority)
-        queue = keys.QUEUE_INTERACTIVE if interactive else keys.QUEUE_BULK
-        batch_priority = INTERACTIVE_PRIORITY if interactive else body.priority
-        chunks = split_into_chunks(job_id, body.requests, chunk_size, batch_priority, max_prompt_tokens, tenant)
-        with self.celery.producer_or_acquire() as producer:
-            for chunk in chunks:
-                self.celery.send_task(
-                    keys.TASK_SCORE_CHUNK,
-                    args=[chunk.model_dump()],
-                    queue=queue,
-                    priority=priority,
-                    producer=producer,
-                )
+    async def replicated(self, job_id: str) -> None:
+        """Where the Redis primary has replicas, wait (WAIT) until one has the job's writes, so that a failover
+        cannot forget a job answered 202. Raises Unavailable when none confirms within the wait."""
+        wait_ms = self.settings.redis_replica_wait_ms
+        if not wait_ms or not await self._replicas():
+            return
+        acked = int(await self.redis.execute_command("WAIT", 1, wait_ms))
+        if acked < 1:
+            metrics.REQUESTS_REFUSED.labels("not_replicated").inc()
+            raise Unavailable(f"job {job_id} did not reach a Redis replica within {wait_ms} ms")
+
+    async def _replicas(self) -> int:
+        """The primary's connected replicas, asked at most every REPLICAS_CHECK_S."""
+        now = time.monotonic()
+        if now - self._replicas_checked > REPLICAS_CHECK_S:
+            info = await self.redis.info("replication")
+            self._replica_count = int(info.get("connected_slaves", 0))
+            self._replicas_checked = now
+        return self._replica_count
 
     async def _record(self, job_id: str, tenant: str) -> JobRecord:
         """The job's record; JobNotFound for unknown ids and for another tenant's jobs alike."""
@@ -278,10 +288,15 @@ class JobStore:
         async def results() -> AsyncIterator[RequestResults]:
             for start in range(0, record.chunks_total, STREAM_CHUNKS):
                 indexes = list(range(start, min(start + STREAM_CHUNKS, record.chunks_total)))
-                for raw in await self.redis.hmget(keys.job_scores_key(job_id), indexes):
-                    if raw is None:  # expired while being read: end the stream short rather than invent scores
-                        raise JobNotFound(job_id)
-                    for entry in assembler.add(ChunkResult.model_validate_json(raw)):
+                raw_scores = await self.redis.hmget(keys.job_scores_key(job_id), indexes)
+                raw_inputs: list[Any] = [None] * len(indexes)
+                if assembler.needs_inputs:
+                    raw_inputs = await self.redis.hmget(keys.job_chunks_key(job_id), indexes)
+                for raw, raw_chunk in zip(raw_scores, raw_inputs, strict=True):
+                    if raw is None or (assembler.needs_inputs and raw_chunk is None):
+                        raise JobNotFound(job_id)  # expired while being read: end the stream short
+                    chunk_input = Chunk.model_validate_json(raw_chunk) if raw_chunk is not None else None
+                    for entry in assembler.add(ChunkResult.model_validate_json(raw), chunk_input):
                         yield entry
             assembler.check_complete()
 

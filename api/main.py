@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from celery import Celery
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +26,7 @@ from schemas.errors import RerankError, describe_validation
 from schemas.queueing import celery_config
 from schemas.rerank import SHAPE_TAGS, Shape, error_payload
 from schemas.settings import Settings, get_settings
+from store.connect import async_redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,9 @@ logger = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    client = aioredis.from_url(settings.redis_url, health_check_interval=30, socket_timeout=10)
+    client = async_redis_client(settings.redis_url, health_check_interval=30, socket_timeout=10)
     # Waits block a connection on BLPOP for up to the request's timeout: a client of their own, no socket timeout.
-    waiter = aioredis.from_url(settings.redis_url, health_check_interval=30)
+    waiter = async_redis_client(settings.redis_url, health_check_interval=30)
     sender = Celery("rerankfarm-api")
     sender.conf.update(celery_config(settings))
     app.state.store = JobStore(client, sender, settings, waiter)

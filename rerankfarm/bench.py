@@ -189,11 +189,10 @@ def run_latency(url: str, bulk_requests: list[dict[str, Any]], calls: int, docs:
 
 def _worker_stats(redis_url: str) -> dict[str, float]:
     """The batcher counters of every worker, from their heartbeats."""
-    import redis
-
     from schemas import keys
+    from store.connect import redis_client
 
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     totals = {"batches": 0.0, "padded_tokens": 0.0, "real_tokens": 0.0, "engine_s": 0.0}
     for key in client.scan_iter(match=keys.WORKER_KEY_PATTERN):
         info = json.loads(client.get(key) or "{}")

@@ -112,12 +112,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    import redis
-
     from store import api_keys as auth
+    from store.connect import redis_client
 
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_client(settings.redis_url, decode_responses=True)
     if args.action == "create":
         try:
             key, info = auth.create_key(client, args.tenant)

@@ -2,6 +2,7 @@
 
 A job's pairs are numbered request by request, document by document; chunk k holds pairs
 [k * chunk_size, (k + 1) * chunk_size). Concatenating the chunks' scores in chunk order gives every pair's score.
+A chunk's input (`Chunk`) is stored once, with its job (`rerank:job:{id}:chunks`); its message is a `ChunkRef`.
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ class Chunk(BaseModel):
     @property
     def size(self) -> int:
         return sum(len(s.documents) for s in self.segments)
+
+
+class ChunkRef(BaseModel):
+    """A chunk message: which chunk, and where and how often it was sent. No document text travels through the
+    broker; the worker reads the chunk's input from the job store when it takes the message."""
+
+    job_id: str
+    index: int
+    tenant: str = "default"
+    priority: int  # the batcher's level (0..9 bulk, INTERACTIVE_PRIORITY)
+    lane: str  # the Redis list it was pushed to (queue, with its priority step)
+    seq: int  # its sequence number in that lane
+    send: int = 1  # 1 for the first send, +1 for each re-send
+
+    @property
+    def member(self) -> str:
+        return f"{self.job_id}:{self.index}"
 
 
 def split_into_chunks(

@@ -39,6 +39,31 @@ def job_input_key(job_id: str) -> str:
     return f"{NAMESPACE}:job:{job_id}:input"
 
 
+def job_chunks_key(job_id: str) -> str:
+    """Hash: chunk index -> the chunk's input (`schemas.chunks.Chunk` JSON). The only copy of a job's texts: chunk
+    messages carry a `ChunkRef`. Dropped when the job ends unless its results must echo documents."""
+    return f"{NAMESPACE}:job:{job_id}:chunks"
+
+
+def job_ledger_key(job_id: str) -> str:
+    """Hash: per chunk index i, `i:sends` (times sent), `i:seq` (its place in its lane when last sent), `i:holder`
+    and `i:taken_at` (the worker that last took it, and when). `store.chunk_ledger` reads and writes it."""
+    return f"{NAMESPACE}:job:{job_id}:ledger"
+
+
+# Sorted set: "{job id}:{chunk index}" of every chunk sent and not yet recorded -> the last time something vouched
+# for it (sent, taken, renewed by its live holder, or seen waiting in its queue). `store.chunk_ledger`.
+CHUNKS_OPEN = f"{NAMESPACE}:chunks:open"
+RECOVERY_LOCK = f"{NAMESPACE}:recovery:lock"  # held by the one process that looks for lost chunks
+
+
+def lane_key(lane: str) -> str:
+    """Hash: a queue lane's (one Redis list of kombu's) `sent` counter (sequence numbers given at send) and `taken`
+    (the highest sequence number a worker has taken). Lanes are FIFO, so a chunk whose number is at most `taken`
+    has left its list."""
+    return f"{NAMESPACE}:lane:{lane}"
+
+
 def job_scores_key(job_id: str) -> str:
     """Hash: chunk index -> ChunkResult JSON. HSETNX makes a redelivered chunk count once."""
     return f"{NAMESPACE}:job:{job_id}:scores"

@@ -14,6 +14,11 @@ REQUESTS_REFUSED = Counter("rerank_requests_refused_total", "Requests refused by
 QUEUE_DEPTH = Gauge("rerank_queue_depth", "Messages waiting in a queue (read from Redis at scrape).", ["queue"])
 WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")
 
+CHUNKS_RECOVERED = Counter(
+    "rerank_chunks_recovered_total",
+    "Lost chunks found by the ledger's recovery: sent again, or given up (their job failed).",
+    ["outcome"],
+)
 PAIRS_SCORED = Counter("rerank_pairs_scored_total", "Pairs scored by this worker.")
 TOKENS_SCORED = Counter("rerank_tokens_scored_total", "Prompt tokens scored by this worker (without padding).")
 BATCH_PAIRS = Histogram("rerank_batch_pairs", "Pairs per engine call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))

@@ -1,5 +1,5 @@
-"""Celery configuration shared by the API (which only sends) and the workers (which consume), and the lease that
-live workers keep on the messages they hold.
+"""Celery configuration shared by the API (which only sends) and the workers (which consume), the lanes chunk
+messages travel in, and the lease that live workers keep on the messages they hold.
 
 The lease. kombu's Redis transport records every message a worker takes in the `unacked` hash and its delivery time
 in the `unacked_index` sorted set; each worker's sweep (`restore_visible`, every `unacked_restore_interval`) puts
@@ -7,6 +7,12 @@ back on its queue any message whose time is older than `visibility_timeout`. The
 lease (`RERANK_VISIBILITY_TIMEOUT_S`, 20 s) and every live worker moves its messages' times forward every lease / 4
 (`ZADD XX`: a message acked or restored meanwhile is not brought back). A worker that dies stops renewing, so its
 chunks are queued again within the lease plus one sweep; a live worker's chunk keeps its lease however long it runs.
+The same renewal vouches for the chunks in the farm's own ledger (`store.chunk_ledger`), which finds the chunks
+that kombu loses (a pop before its unacked record, a late ack, a failover) and sends them again.
+
+Lanes. kombu keeps one Redis list per queue and priority step; `lane_for` names it. Each chunk message carries its
+lane and a sequence number in it (`schemas.chunks.ChunkRef`), which the ledger uses to tell a chunk still waiting
+in its list from one that left it.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import redis
 from celery import Celery, bootsteps
 from celery.worker import state
 
-from schemas.keys import QUEUE_BULK, TASK_SCORE_CHUNK
+from schemas.chunks import ChunkRef
+from schemas.keys import QUEUE_BULK, QUEUE_INTERACTIVE, TASK_SCORE_CHUNK
 from schemas.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,6 +49,34 @@ def celery_priority(job_priority: int) -> int:
     return 9 - job_priority
 
 
+def lane_for(queue: str, step: int) -> str:
+    """The Redis list kombu pushes a message of this queue and priority step to."""
+    return queue if step == 0 else f"{queue}:{step}"
+
+
+def lane_of(kind: str, job_priority: int) -> str:
+    """The lane of a job's chunks: interactive chunks have one queue of their own, bulk chunks a step per priority."""
+    return QUEUE_INTERACTIVE if kind == "interactive" else lane_for(QUEUE_BULK, celery_priority(job_priority))
+
+
+def batcher_priority(kind: str, job_priority: int) -> int:
+    return INTERACTIVE_PRIORITY if kind == "interactive" else job_priority
+
+
+def publish(app: Celery, refs: list[ChunkRef]) -> None:
+    """Send chunk messages, each to its lane, in the order given (the order of their sequence numbers)."""
+    with app.producer_or_acquire() as producer:
+        for ref in refs:
+            queue, _, step = ref.lane.partition(":")
+            app.send_task(
+                TASK_SCORE_CHUNK,
+                args=[ref.model_dump()],
+                queue=queue,
+                priority=int(step or 0),
+                producer=producer,
+            )
+
+
 # kombu's names (its defaults, spelled out because the lease writes to the index).
 UNACKED_KEY = "unacked"
 UNACKED_INDEX_KEY = "unacked_index"
@@ -51,7 +86,11 @@ LEASE_RENEWALS = 4  # renewals per lease length: a live worker can miss three in
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
+    from store.connect import broker
+
+    broker_url, broker_options = broker(settings.redis_url)
     transport = {
+        **broker_options,
         "visibility_timeout": settings.visibility_timeout_s,
         "unacked_key": UNACKED_KEY,
         "unacked_index_key": UNACKED_INDEX_KEY,
@@ -67,7 +106,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "sep": ":",
     }
     return {
-        "broker_url": settings.redis_url,
+        "broker_url": broker_url,
+        "rerank_redis_url": settings.redis_url,  # the farm's own clients (the lease) connect with this
         "broker_transport_options": transport,
         "broker_connection_retry_on_startup": True,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
@@ -96,19 +136,31 @@ def worker_argv(hostname: str, queues: list[str], concurrency: int, loglevel: st
     return argv + (["--task-events"] if task_events else [])
 
 
-# Delivery tags of messages this process holds outside Celery's task pool (workers.interactive's consumer).
-held_elsewhere: set[str] = set()
+# Messages this process holds outside Celery's task pool (workers.interactive's consumer): delivery tag -> the
+# message's chunk reference (None until it is read).
+held_elsewhere: dict[str, ChunkRef | None] = {}
+
+
+def held_messages() -> dict[str, ChunkRef | None]:
+    """Every message this worker process holds unacked, reserved or running (Celery's worker state keeps them in
+    `requests`), and those held outside the pool: delivery tag -> its chunk reference (None for other tasks)."""
+    held: dict[str, ChunkRef | None] = dict(held_elsewhere)
+    for request in list(state.requests.values()):
+        tag = getattr(request.message, "delivery_tag", None)
+        if not tag:
+            continue
+        ref = None
+        if request.name == TASK_SCORE_CHUNK and request.args:
+            try:
+                ref = ChunkRef.model_validate(request.args[0])
+            except ValueError:
+                ref = None
+        held[str(tag)] = ref
+    return held
 
 
 def held_delivery_tags() -> list[str]:
-    """The delivery tags of every message this worker process holds unacked: reserved, running, or waiting for a
-    retry's countdown (Celery's worker state keeps them all in `requests`), and those held outside the pool."""
-    tags = list(held_elsewhere)
-    for request in list(state.requests.values()):
-        tag = getattr(request.message, "delivery_tag", None)
-        if tag:
-            tags.append(str(tag))
-    return tags
+    return list(held_messages())
 
 
 def renew(client: redis.Redis, tags: list[str], now: float | None = None) -> int:
@@ -132,7 +184,9 @@ class LeaseRenewal(bootsteps.StartStopStep):
     def start(self, parent: Any) -> None:
         options = parent.app.conf.broker_transport_options
         period = options["visibility_timeout"] / LEASE_RENEWALS
-        client = redis.Redis.from_url(parent.app.conf.broker_url, socket_timeout=period)
+        from store.connect import redis_client
+
+        client = redis_client(parent.app.conf.rerank_redis_url, socket_timeout=period)
         # The consumer starts again after a lost connection. Messages delivered over the old one can no longer be
         # acked (Celery says so), and one only prefetched may never run: renewing them would keep them from Redis's
         # visibility restore forever. Their leases are left to run out, and they are delivered again.
@@ -153,9 +207,14 @@ class LeaseRenewal(bootsteps.StartStopStep):
 
     @staticmethod
     def _run(client: redis.Redis, period: float, stop: threading.Event, stale: frozenset[str]) -> None:
+        from store.chunk_ledger import Ledger
+
+        ledger = Ledger(client)
         while not stop.wait(period):
             try:
-                renew(client, [tag for tag in held_delivery_tags() if tag not in stale])
+                held = {tag: ref for tag, ref in held_messages().items() if tag not in stale}
+                renew(client, list(held))
+                ledger.renew(ref for ref in held.values() if ref is not None)
             except redis.RedisError as exc:  # Redis away: the messages wait there, and are renewed when it is back
                 logger.warning("lease renewal failed: %r", exc)
 

@@ -19,8 +19,15 @@ class Settings(BaseSettings):
 
     redis_url: str = Field(
         "redis://localhost:6379/0",
-        description="Redis used as Celery broker, job store and result store. `rerankfarm up` starts an embedded "
-        "redis-server instead when this variable is not set.",
+        description="Redis used as Celery broker, job store and result store: `redis://...`, or Redis Sentinel as "
+        "`sentinel://HOST:PORT;sentinel://HOST:PORT/DB?master_name=NAME` (`store/connect.py`). `rerankfarm up` "
+        "starts an embedded redis-server instead when this variable is not set.",
+    )
+    redis_replica_wait_ms: int = Field(
+        2000,
+        ge=0,
+        description="Where the Redis primary has replicas, the API answers 202 only once one has the job "
+        "(Redis WAIT, up to this many ms; 503 otherwise), so a failover cannot forget an accepted job. 0: no wait.",
     )
     model: str = Field(
         DEFAULT_MODEL, description="Hugging Face model id or local directory of a Qwen3-Reranker checkpoint."
@@ -138,7 +145,10 @@ class Settings(BaseSettings):
         "the chunk (a stuck engine).",
     )
     chunk_max_retries: int = Field(
-        3, ge=0, description="Retries of a chunk whose engine call failed before its job is marked failed."
+        3,
+        ge=0,
+        description="A chunk is sent at most this + 1 times (engine failures, and chunks the farm found lost and "
+        "sent again) before its job is marked failed.",
     )
     max_requests_per_job: int = Field(10_000, ge=1, description="Max queries (requests) in one bulk job.")
     max_documents_per_request: int = Field(10_000, ge=1, description="Max documents for one query.")
@@ -251,7 +261,9 @@ class Settings(BaseSettings):
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs."""
+    """The URL without its password, for logs (each part of a `sentinel://...;sentinel://...` URL)."""
+    if ";" in url:
+        return ";".join(redact_url(part) for part in url.split(";"))
     parts = urlsplit(url)
     if parts.password is None:
         return url

@@ -1,26 +1,30 @@
 """A job's state: its record in Redis, every move between states, and the Lua scripts that make each move atomic.
 
-This is the one place that knows the job hash. The API's and the workers' job stores read and write jobs through it.
+This is the one place that knows the job hash. The API's and the workers' job stores read and write jobs through it;
+`store.chunk_ledger` keeps the chunks' own state (sent, re-sent, renewed) beside it.
 
     queued ──first chunk taken──▶ running ──last chunk recorded──▶ succeeded
        │                             │
        └──────── cancel, fail ───────┴──▶ cancelled | failed
 
-Every move into a final state goes through `FINISH` or `RECORD_CHUNK`, whose shared prelude `finalize` runs in the
-same script: it takes the job out of its tenant's in-flight set, pushes the status to the done-list when someone
-waits on the job (an interactive call), and schedules the webhook event the job asked for. Nothing can set a final
-state without those three following.
+`TAKE` (a worker takes a chunk) is the one move from queued to running. Every move into a final state goes through
+`FINISH` or `RECORD_CHUNK`, whose shared prelude `finalize` runs in the same script: it takes the job out of its
+tenant's in-flight set, pushes the status to the done-list when someone waits on the job (an interactive call),
+schedules the webhook event the job asked for, and drops the chunks' ledger and inputs (the inputs are kept when
+results echo documents). Nothing can set a final state without those following.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from schemas import keys
+from schemas.chunks import Chunk
 from schemas.jobs import ErrorInfo, Job, JobStatus, Progress
 from schemas.webhooks import WebhookAttempt, WebhookStatus
 
@@ -66,6 +70,7 @@ class JobRecord:
     webhook_event: str = ""  # the event being (or last) delivered
     webhook_state: str = ""
     webhook_attempt: int = 0
+    keep_input: int = 0  # 1: results echo documents, read from the chunks' inputs, which then outlive the job's end
 
     def to_hash(self) -> dict[Any, Any]:
         """The fields to HSET (empty ones are left out: a missing field reads as its default)."""
@@ -114,7 +119,7 @@ class JobRecord:
 
 
 # The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, webhooks due
-# set, the tenant's in-flight set.
+# set, the tenant's in-flight set, chunk inputs, chunk ledger, open chunks.
 def script_keys(job_id: str, tenant: str) -> list[str]:
     return [
         keys.job_key(job_id),
@@ -124,6 +129,9 @@ def script_keys(job_id: str, tenant: str) -> list[str]:
         keys.job_done_key(job_id),
         keys.WEBHOOKS_DUE,
         keys.tenant_inflight_key(tenant),
+        keys.job_chunks_key(job_id),
+        keys.job_ledger_key(job_id),
+        keys.CHUNKS_OPEN,
     ]
 
 
@@ -143,28 +151,33 @@ local function finalize(status)
     redis.call('HSET', KEYS[1], 'webhook_event', 'job.' .. status, 'webhook_state', 'pending', 'webhook_attempt', 0)
     redis.call('ZADD', KEYS[6], redis.call('TIME')[1], id)
   end
+  redis.call('DEL', KEYS[9])
+  if redis.call('HGET', KEYS[1], 'keep_input') ~= '1' then redis.call('DEL', KEYS[8]) end
+  if id then
+    for i = 0, tonumber(redis.call('HGET', KEYS[1], 'chunks_total') or '0') - 1 do
+      redis.call('ZREM', KEYS[10], id .. ':' .. i)
+    end
+  end
 end
 """
 
 # ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, done-list ttl.
-# HSETNX makes a chunk count once however often it is delivered; the last chunk finishes the job. Returns
-# 'finished', 'recorded', 'duplicate' (already counted), or 'missing' (the job expired).
+# HSETNX makes a chunk count once however often it is delivered (first write wins); a recorded chunk leaves the open
+# set; the last chunk finishes the job. Returns 'finished', 'recorded', 'duplicate' (already counted), or 'missing'
+# (the job expired).
 RECORD_CHUNK = (
     _FINALIZE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
+redis.call('ZREM', KEYS[10], redis.call('HGET', KEYS[1], 'id') .. ':' .. ARGV[1])
 redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
 local done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-if status == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[5])
-  status = 'running'
-end
-if status == 'running' and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
+if (status == 'queued' or status == 'running') and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
   finalize('succeeded')
   return 'finished'
@@ -173,13 +186,28 @@ return 'recorded'
 """
 )
 
-# ARGV: now. Returns 1 when the job moved from queued to running.
-MARK_RUNNING = """
-if redis.call('HGET', KEYS[1], 'status') == 'queued' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-  return 1
+# A worker takes a chunk message. KEYS: job, scores, ledger, open chunks, chunk inputs, the message's lane.
+# ARGV: chunk index, worker, now (ISO), now (unix), the message's sequence number in its lane.
+# Raises the lane's high-water mark of taken sequence numbers, then returns the job's final status (or 'gone') when
+# the chunk needs no scoring, 'duplicate' when it is recorded already; else marks the chunk held by this worker,
+# moves a queued job to running and returns {'taken', the chunk's input JSON, 1 when the job started now}.
+TAKE = """
+local taken = tonumber(redis.call('HGET', KEYS[6], 'taken') or '0')
+if tonumber(ARGV[5]) > taken then redis.call('HSET', KEYS[6], 'taken', ARGV[5]) end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status ~= 'queued' and status ~= 'running' then return {status} end
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'duplicate'} end
+local input = redis.call('HGET', KEYS[5], ARGV[1])
+if not input then return {'gone'} end
+redis.call('HSET', KEYS[3], ARGV[1] .. ':holder', ARGV[2], ARGV[1] .. ':taken_at', ARGV[3])
+redis.call('ZADD', KEYS[4], 'XX', ARGV[4], redis.call('HGET', KEYS[1], 'id') .. ':' .. ARGV[1])
+local started = 0
+if status == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3])
+  started = 1
 end
-return 0
+return {'taken', input, started}
 """
 
 # ARGV: final status ('failed' or 'cancelled'), error code, error message, now, done-list ttl. Only a job that is
@@ -206,7 +234,7 @@ class Move(NamedTuple):
 
     script: str
     keys: list[str]
-    args: list[str | int]
+    args: Sequence[str | int | float]
 
 
 def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: int, worker: str, tokens: int,
@@ -215,8 +243,24 @@ def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: 
     return Move(RECORD_CHUNK, script_keys(job_id, tenant), args)
 
 
-def mark_running(job_id: str) -> Move:
-    return Move(MARK_RUNNING, [keys.job_key(job_id)], [now_iso()])
+def create(pipe: Any, record: JobRecord, summary: Mapping[str, Any], chunks: Sequence[Chunk], ttl_s: int) -> None:
+    """Queue on `pipe` (the creating transaction) a new job's writes: its record, its input summary (per request
+    custom_id, top_n, document count, ids, whether results echo documents), each chunk's input, and its place in
+    its tenant's in-flight set. `store.chunk_ledger.Ledger.open_chunks` adds the chunks' first sends to the same
+    transaction."""
+    pipe.hset(keys.job_key(record.id), mapping=record.to_hash())
+    pipe.expire(keys.job_key(record.id), ttl_s)
+    pipe.set(keys.job_input_key(record.id), json.dumps(summary), ex=ttl_s)
+    if chunks:
+        pipe.hset(keys.job_chunks_key(record.id), mapping={c.index: c.model_dump_json() for c in chunks})
+        pipe.expire(keys.job_chunks_key(record.id), ttl_s)
+    pipe.sadd(keys.tenant_inflight_key(record.tenant), record.id)
+
+
+def take(job_id: str, index: int, worker: str, lane: str, seq: int) -> Move:
+    move_keys = [keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_ledger_key(job_id), keys.CHUNKS_OPEN]
+    move_keys += [keys.job_chunks_key(job_id), keys.lane_key(lane)]
+    return Move(TAKE, move_keys, [index, worker, now_iso(), time.time(), seq])
 
 
 def fail(job_id: str, tenant: str, code: str, message: str) -> Move:
@@ -238,7 +282,7 @@ class Scripts:
     _registered: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for lua in (RECORD_CHUNK, MARK_RUNNING, FINISH):
+        for lua in (RECORD_CHUNK, TAKE, FINISH):
             self._registered[lua] = self.client.register_script(lua)
 
     def run(self, move: Move) -> Any:

@@ -26,6 +26,7 @@ from schemas import keys, metrics
 from schemas.queueing import celery_config, keep_leases, worker_argv
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import WebhookState, event_payload
+from store.connect import redis_client
 from store.job_state import JobRecord
 from store.results import assemble_results
 from webhooks import delivery
@@ -54,8 +55,9 @@ def build_body(client: redis.Redis, settings: Settings, record: JobRecord, event
     if event == "job.succeeded" and record.total <= settings.webhook_inline_results_max_pairs:
         raw_input = client.get(keys.job_input_key(record.id))
         raw_chunks = client.hgetall(keys.job_scores_key(record.id))
+        raw_inputs = client.hgetall(keys.job_chunks_key(record.id)) if record.keep_input else None
         if raw_input is not None and len(raw_chunks) == record.chunks_total:
-            assembled = assemble_results(record.id, record.chunks_total, raw_input, raw_chunks)
+            assembled = assemble_results(record.id, record.chunks_total, raw_input, raw_chunks, raw_inputs)
             results = assembled.model_dump(mode="json", exclude_none=True)["data"]
     payload = event_payload(event, job, f"{base}/v1/jobs/{record.id}/results", results, at)
     return json.dumps(payload, separators=(",", ":"))
@@ -119,7 +121,7 @@ _client: redis.Redis | None = None
 def _redis() -> redis.Redis:
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(get_settings().redis_url, health_check_interval=30, socket_timeout=30)
+        _client = redis_client(get_settings().redis_url, health_check_interval=30, socket_timeout=30)
     return _client
 
 
@@ -133,7 +135,7 @@ class Dispatcher:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=30)
+        self.client = redis_client(settings.redis_url, socket_timeout=30)
         self._claim = self.client.register_script(_CLAIM)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="webhook-dispatcher", daemon=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import logging
-import time
 from typing import Any
 
 import redis
@@ -23,6 +22,7 @@ from celery import Celery, bootsteps
 from celery.worker import control
 from kombu import Consumer, Exchange, Message, Queue
 
+from schemas.chunks import ChunkRef
 from schemas.keys import QUEUE_INTERACTIVE
 from schemas.queueing import held_elsewhere
 from schemas.settings import get_settings
@@ -62,7 +62,7 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
 
     def on_message(self, body: Any, message: Message) -> None:
         """On the consumer's event loop: hand the chunk to a pool thread at once."""
-        held_elsewhere.add(str(message.delivery_tag))
+        held_elsewhere[str(message.delivery_tag)] = None  # its lease is renewed from now on; its chunk's once read
         future = self.pool.submit(self.run, body, message)
         self.in_hand.add(future)
         future.add_done_callback(self.in_hand.discard)
@@ -72,38 +72,27 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
         try:
             try:
                 args, _kwargs, _embed = body  # Celery's message protocol 2
-                chunk = dict(args[0])
+                ref = ChunkRef.model_validate(args[0])
             except (TypeError, ValueError, IndexError, KeyError):
                 logger.error("interactive message dropped: not a chunk message: %.200r", body)
                 message.ack()
                 return
+            held_elsewhere[tag] = ref
             try:
-                self.score(chunk)
+                tasks.score(ref.model_dump(), self.hostname)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 logger.warning("interactive chunk given back: Redis unavailable (%r)", exc)
                 message.requeue()
                 return
             except Exception as exc:  # a bug, not the engine (score retries and fails those): the caller learns it
-                logger.exception("interactive chunk of job %s failed", chunk.get("job_id"))
-                job_id, tenant = str(chunk.get("job_id")), str(chunk.get("tenant", "default"))
+                logger.exception("interactive chunk of job %s failed", ref.job_id)
                 with contextlib.suppress(Exception):
-                    runtime.get().store.fail(job_id, "internal_error", f"scoring failed: {exc!r}", tenant)
+                    runtime.get().store.fail(ref.job_id, "internal_error", f"scoring failed: {exc!r}", ref.tenant)
             message.ack()
         except Exception as exc:  # the channel went away (worker stopping): kombu restores what was not acked
             logger.warning("interactive chunk not acked: %r", exc)
         finally:
-            held_elsewhere.discard(tag)
-
-    def score(self, chunk: dict[str, Any]) -> None:
-        """`tasks.score`, with its engine retries made here (an interactive caller is waiting)."""
-        retries = 0
-        while True:
-            try:
-                tasks.score(chunk, self.hostname, retries)
-                return
-            except tasks.Retry as retry:
-                retries += 1
-                time.sleep(min(retry.countdown, 2))
+            held_elsewhere.pop(tag, None)
 
     def stop(self, c: Any) -> None:
         concurrent.futures.wait(list(self.in_hand), timeout=STOP_WAIT_S)

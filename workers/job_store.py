@@ -1,4 +1,5 @@
-"""What a worker writes about jobs: each chunk's scores and the job's moves, through `store.job_state`."""
+"""What a worker writes about jobs: each chunk's take and scores and the job's moves, through `store.job_state`, and
+a chunk's re-send through `store.chunk_ledger`."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from datetime import datetime
 import redis
 
 from schemas import keys
-from schemas.chunks import ChunkResult
+from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
 from store import job_state
+from store.chunk_ledger import Ledger
 from store.job_state import as_str
 
 
@@ -18,6 +20,7 @@ class WorkerJobStore:
         self.redis = client
         self.ttl = result_ttl_s
         self.scripts = job_state.Scripts(client)
+        self.ledger = Ledger(client)
 
     def status(self, job_id: str) -> str | None:
         value = self.redis.hget(keys.job_key(job_id), "status")
@@ -28,8 +31,22 @@ class WorkerJobStore:
         status = self.status(job_id)
         return status is None or JobStatus(status).final
 
-    def mark_running(self, job_id: str) -> bool:
-        return bool(self.scripts.run(job_state.mark_running(job_id)))
+    def take(self, ref: ChunkRef, worker: str) -> tuple[str, Chunk | None, bool]:
+        """Take a chunk message: (outcome, the chunk's input, whether the job started now). Outcome 'taken' comes
+        with the input; else the job's final status, 'gone' (expired) or 'duplicate' (recorded already)."""
+        reply = self.scripts.run(job_state.take(ref.job_id, ref.index, worker, ref.lane, ref.seq))
+        outcome = as_str(reply[0])
+        if outcome != "taken":
+            return outcome, None, False
+        return outcome, Chunk.model_validate_json(reply[1]), bool(int(reply[2]))
+
+    def resend(self, ref: ChunkRef, max_sends: int) -> tuple[str, ChunkRef | None]:
+        """Count another send of the chunk this message delivered: ('sent', the new message to publish), or
+        'exhausted' (sent `max_sends` times), 'raced' (sent again by someone else), 'recorded' or 'gone'."""
+        outcome, seq, sends = self.ledger.resend(ref.job_id, ref.index, ref.lane, ref.send, max_sends)
+        if outcome != "sent":
+            return outcome, None
+        return outcome, ref.model_copy(update={"seq": seq, "send": sends})
 
     def record_chunk(self, job_id: str, index: int, result: ChunkResult, worker: str, tenant: str = "default") -> str:
         """Store a chunk's result; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""

@@ -41,6 +41,38 @@ def worker_name(prefix: str | None, gpu: str | None) -> str:
     return f"{prefix}-{base}" if prefix else base
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send `sig` to this process when the thread that started it ends (Linux; a no-op
+    elsewhere). Used by the launcher's children, so that a launcher killed with SIGKILL takes its workers along."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def guard_group() -> None:
+    """Fork a reaper that ends this process's whole process group when this process dies, however it dies: the
+    engine processes vLLM starts (each a grandchild of the launcher, in the worker's group) would otherwise be
+    reparented to init and live on, holding the model's memory. Call it early, before any thread starts."""
+    if not sys.platform.startswith("linux") or os.getpgrp() != os.getpid():
+        return  # only a group leader (as the launcher starts workers) owns its group
+    parent = os.getpid()
+    if os.fork() != 0:
+        return
+    try:  # the reaper: no Python state of the worker is touched from here on
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM, signal.SIGINT})
+        die_with_parent(signal.SIGUSR1)
+        if os.getppid() == parent:  # else the worker died before the signal was asked for
+            signal.sigwait({signal.SIGUSR1})
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    finally:
+        os._exit(0)
+
+
 def end_group(pid: int) -> None:
     """SIGKILL what is left of a worker's process group once the worker has exited, so that no engine process it
     started lives on holding memory (a GPU's above all) that the restarted worker needs."""
@@ -59,8 +91,9 @@ class _Child:
 
     def spawn(self) -> None:
         # Its own process group: whatever the worker starts (vLLM's engine processes when RERANK_VLLM_IN_PROCESS
-        # is false) can be ended with it, even after the worker itself was killed.
-        self.process = subprocess.Popen(self.args, env=self.env, start_new_session=True)
+        # is false) can be ended with it, even after the worker itself was killed (`end_group`, or the worker's
+        # own reaper, `guard_group`). It dies with the launcher: a SIGKILLed launcher leaves nothing running.
+        self.process = subprocess.Popen(self.args, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
         self.started = time.monotonic()
         logger.info(
             "started worker %s (pid %d, CUDA_VISIBLE_DEVICES=%s)",

@@ -18,26 +18,35 @@ from schemas.keys import QUEUE_BULK
 from schemas.queueing import worker_argv
 from schemas.settings import get_settings
 from workers import runtime
+from workers.launcher import guard_group
+from workers.recovery import Recovery
 
 logger = logging.getLogger("workers")
 _heartbeat: runtime.Heartbeat | None = None
+_recovery: Recovery | None = None
 
 
 @signals.worker_ready.connect
 def _on_ready(sender: object = None, **_: object) -> None:
-    global _heartbeat
+    global _heartbeat, _recovery
+    from workers.celery_app import app
+
     hostname = getattr(sender, "hostname", "unknown")
-    _heartbeat = runtime.Heartbeat(runtime.get(), hostname)
+    rt = runtime.get()
+    _heartbeat = runtime.Heartbeat(rt, hostname)
     _heartbeat.start()
+    _recovery = Recovery(rt.settings, app, rt.store.redis, hostname)
+    _recovery.start()
     logger.info("worker %s consuming", hostname)
 
 
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: object) -> None:
+    if _recovery is not None:
+        _recovery.stop()
     if _heartbeat is not None:
         _heartbeat.stop()
-    if runtime._runtime is not None:
-        runtime._runtime.close()
+    runtime.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="INFO")
     parser.add_argument("--metrics-port", type=int, default=0, help="serve /metrics on this port (0: off)")
     args = parser.parse_args(argv)
+    guard_group()  # before any thread: the worker's engine processes end with it
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
     logger.info("worker %s: redis=%s model=%s", args.name, settings.redacted_redis_url(), settings.model)

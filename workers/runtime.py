@@ -20,6 +20,7 @@ from redis.retry import Retry
 from schemas import keys, metrics
 from schemas.queueing import INTERACTIVE_PRIORITY
 from schemas.settings import Settings
+from store.connect import redis_client
 from store.job_state import now_iso
 from workers.batcher import Batcher
 from workers.engines.base import Engine
@@ -56,7 +57,7 @@ def start(settings: Settings) -> Runtime:
         if _runtime is None:
             prompts = PromptBuilder.from_pretrained(settings.model, settings.max_length)
             engine = load_engine(settings, prompts)
-            client = redis.Redis.from_url(
+            client = redis_client(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )
             _runtime = Runtime(
@@ -82,6 +83,12 @@ def outage_retry(settings: Settings) -> dict[str, Any]:
     return {"retry": Retry(backoff, retries=retries), "retry_on_error": [redis.ConnectionError, redis.TimeoutError]}
 
 
+def close() -> None:
+    """Free the runtime's engine, if it was started."""
+    if _runtime is not None:
+        _runtime.close()
+
+
 def get() -> Runtime:
     if _runtime is None:
         raise RuntimeError("worker runtime not started: run workers through `rerankfarm worker`")
@@ -94,7 +101,7 @@ class Heartbeat:
     def __init__(self, runtime: Runtime, hostname: str) -> None:
         self.runtime = runtime
         self.hostname = hostname
-        self.client = redis.Redis.from_url(runtime.settings.redis_url)
+        self.client = redis_client(runtime.settings.redis_url)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self.info = {

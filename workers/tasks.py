@@ -1,5 +1,6 @@
 """Scoring one chunk of a job (`score`), and the Celery task that runs it for bulk chunks. Interactive chunks run
-the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the batcher and the job store."""
+the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the batcher and the job store.
+A message names its chunk (`ChunkRef`); the chunk's input is read from the job store as the chunk is taken."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from celery import Task
 from celery.exceptions import Reject
 
 from schemas import metrics
-from schemas.chunks import Chunk
+from schemas.chunks import ChunkRef
 from schemas.keys import TASK_SCORE_CHUNK
+from schemas.queueing import publish
 from workers import runtime, scoring
 from workers.batcher import Cancelled, Submission
 from workers.celery_app import app
@@ -25,23 +27,14 @@ logger = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.5  # how often a waiting task asks whether its job was cancelled (one HGET per chunk in flight)
 
 
-class Retry(Exception):
-    """The engine call failed and the chunk has attempts left: run it again after `countdown` seconds."""
-
-    def __init__(self, exc: BaseException, countdown: float) -> None:
-        super().__init__(repr(exc))
-        self.exc, self.countdown = exc, countdown
-
-
-@app.task(name=TASK_SCORE_CHUNK, bind=True, max_retries=None)
+@app.task(name=TASK_SCORE_CHUNK, bind=True)
 def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
     try:
-        return score(chunk, self.request.hostname or "unknown", self.request.retries)
-    except Retry as retry:
-        raise self.retry(exc=retry.exc, countdown=retry.countdown) from retry.exc
+        return score(chunk, self.request.hostname or "unknown")
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         # Redis stayed away longer than the store's retries: give the message back rather than ack a lost chunk.
-        # If Redis is still down, the message stays unacked there and the sweep restores it.
+        # If Redis is still down, the message stays unacked there and the sweep restores it; the ledger holds the
+        # chunk open either way.
         logger.warning("chunk of job %s given back: Redis unavailable (%r)", chunk.get("job_id"), exc)
         raise Reject(exc, requeue=True) from exc
 
@@ -63,52 +56,47 @@ def _wait(submission: Submission, is_cancelled: Callable[[], bool], timeout: flo
             logger.warning("cancellation check failed: %r", exc)
 
 
-def score(chunk: dict[str, Any], hostname: str, retries: int) -> str:
-    """Score one chunk and record it; returns the outcome. Raises Retry when the engine failed and attempts are left,
-    and redis-py's errors when Redis stayed away (the caller gives the message back)."""
+def score(message: dict[str, Any], hostname: str) -> str:
+    """Take the chunk a message names, score it and record it; returns the outcome. A failed engine call sends the
+    chunk again (after a backoff) while its sends allow, else fails the job. Raises redis-py's errors when Redis
+    stayed away (the caller gives the message back)."""
     rt = runtime.get()
-    c = Chunk.model_validate(chunk)
-    store, job_id = rt.store, c.job_id
-    logger.info("job %s chunk %d taken", job_id, c.index)
-    if store.should_skip(job_id):
-        logger.info("job %s chunk %d skipped: job is %s", job_id, c.index, store.status(job_id) or "gone")
+    ref = ChunkRef.model_validate(message)
+    store, job_id = rt.store, ref.job_id
+    logger.info("job %s chunk %d taken", job_id, ref.index)
+    outcome, chunk, started = store.take(ref, hostname)
+    if chunk is None:
+        logger.info("job %s chunk %d skipped: job is %s", job_id, ref.index, outcome)
         return "skipped"
-    if store.mark_running(job_id):
+    if started:
         logger.info("job %s running", job_id)
-    started = time.perf_counter()
+    started_at = time.perf_counter()
     try:
-        prepared = scoring.prepare(rt.prompts, c)
+        prepared = scoring.prepare(rt.prompts, chunk)
     except Exception as exc:  # input the tokenizer rejects will fail again: no retry
-        logger.warning("job %s chunk %d: input rejected: %r", job_id, c.index, exc)
-        message = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
-        if store.fail(job_id, "invalid_input", f"chunk {c.index}: {message}", c.tenant):
+        logger.warning("job %s chunk %d: input rejected: %r", job_id, ref.index, exc)
+        message_text = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
+        if store.fail(job_id, "invalid_input", f"chunk {ref.index}: {message_text}", ref.tenant):
             metrics.JOBS_FINISHED.labels("failed").inc()
         return "failed"
-    submission = rt.batcher.submit(prepared.prompts, c.priority)
+    submission = rt.batcher.submit(prepared.prompts, ref.priority)
     try:
-        # Bounded, so that a stuck engine gives the chunk up (and retries it) instead of holding it for ever.
+        # Bounded, so that a stuck engine gives the chunk up (and sends it again) instead of holding it for ever.
         scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.chunk_timeout_s)
     except Cancelled:
-        logger.info("job %s chunk %d dropped: job is %s", job_id, c.index, store.status(job_id))
+        logger.info("job %s chunk %d dropped: job is %s", job_id, ref.index, store.status(job_id))
         return "cancelled"
     except (Exception, FutureTimeout) as exc:
-        if retries < rt.settings.chunk_max_retries:
-            logger.warning("job %s chunk %d: engine failed (%r), retry %d", job_id, c.index, exc, retries + 1)
-            raise Retry(exc, countdown=min(2**retries, 30)) from exc
-        message = f"chunk {c.index} failed after {retries + 1} attempts: {exc!r}"
-        if store.fail(job_id, "engine_error", message, c.tenant):
-            metrics.JOBS_FINISHED.labels("failed").inc()
-        logger.error("job %s failed: chunk %d: %r", job_id, c.index, exc)
-        return "failed"
+        return _send_again_or_fail(ref, exc)
     result = scoring.aggregate(prepared, scores)
-    outcome = store.record_chunk(job_id, c.index, result, hostname, c.tenant)
+    outcome = store.record_chunk(job_id, ref.index, result, hostname, ref.tenant)
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,
-        c.index,
+        ref.index,
         prepared.pairs,
         result.tokens,
-        time.perf_counter() - started,
+        time.perf_counter() - started_at,
         outcome,
     )
     if outcome == "finished":
@@ -118,3 +106,24 @@ def score(chunk: dict[str, Any], hostname: str, retries: int) -> str:
             metrics.JOB_LATENCY.labels(latency[0]).observe(latency[1])
         logger.info("job %s succeeded", job_id)
     return outcome
+
+
+def _send_again_or_fail(ref: ChunkRef, exc: BaseException) -> str:
+    """An engine call failed: the chunk is sent again through the ledger (its sends count its attempts) after a
+    backoff, or its job fails once it was sent RERANK_CHUNK_MAX_RETRIES + 1 times."""
+    rt = runtime.get()
+    max_sends = rt.settings.chunk_max_retries + 1
+    if ref.send < max_sends:
+        logger.warning("job %s chunk %d: engine failed (%r), sending it again", ref.job_id, ref.index, exc)
+        time.sleep(min(2 ** (ref.send - 1), 30))
+    outcome, again = rt.store.resend(ref, max_sends)
+    if again is not None:
+        publish(app, [again])
+        return "sent again"
+    if outcome == "exhausted":
+        message = f"chunk {ref.index} failed after {ref.send} attempts: {exc!r}"
+        if rt.store.fail(ref.job_id, "engine_error", message, ref.tenant):
+            metrics.JOBS_FINISHED.labels("failed").inc()
+        logger.error("job %s failed: chunk %d: %r", ref.job_id, ref.index, exc)
+        return "failed"
+    return outcome  # recorded, sent again or ended meanwhile

@@ -41,6 +41,21 @@ def chunk_events(log: str, job_id: str) -> tuple[Counter[int], Counter[tuple[int
     return taken, outcomes
 
 
+def kill_with_chunks_in_hand(worker: WorkerProcess, job_id: str, timeout: float = 60) -> set[int]:
+    """SIGKILL the worker as soon as its log shows a chunk of the job taken and not finished; returns the chunks it
+    held (read from its log after the kill)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
+        if any(not any(o[0] == i for o in outcomes) for i in taken):
+            break
+        assert time.monotonic() < deadline, "the worker never held a chunk of the job"
+        time.sleep(0.01)
+    worker.kill()
+    taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
+    return {i for i in taken if not any(o[0] == i for o in outcomes)}
+
+
 def _assert_scores_match_the_reference(client: TestClient, job: dict, body: dict, reference: Reference) -> None:
     data = client.get(f"/v1/jobs/{job['id']}/results").json()["data"]
     for request, entry in zip(body["requests"], data, strict=True):
@@ -80,8 +95,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
         first = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
         job = client.post("/v1/jobs", json=body).json()
         wait_for(client, job["id"], until=("running",), timeout=60)
-        time.sleep(1)
-        first.kill()
+        kill_with_chunks_in_hand(first, job["id"])
         progress_at_kill = client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"]
         assert progress_at_kill < 600
 
@@ -90,7 +104,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
         while client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"] <= progress_at_kill + 20:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        second.kill()
+        kill_with_chunks_in_hand(second, job["id"])
 
         third = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
         try:
@@ -135,11 +149,8 @@ def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_set
         with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=10))) as client:
             job = client.post("/v1/jobs", json=body).json()
             wait_for(client, job["id"], until=("running",), timeout=60)
-            time.sleep(2)
-            doomed.kill()
+            in_flight = kill_with_chunks_in_hand(doomed, job["id"])
             killed_at = time.monotonic()
-            taken, outcomes = chunk_events(doomed.log_path.read_text(errors="replace"), job["id"])
-            in_flight = {i for i in taken if not any(o[0] == i for o in outcomes)}
             assert in_flight, "the worker was killed with no chunk in hand: the test proved nothing"
             retaken_after: dict[int, float] = {}
             while set(retaken_after) != in_flight:
@@ -160,16 +171,17 @@ def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_set
 
 
 def test_a_chunk_scored_for_longer_than_the_lease_is_never_handed_out_twice(redis_url, tiny_model_dir, log_dir) -> None:
-    """A 5 s lease, one chunk that takes several leases to score, and a second idle worker sweeping every 5 s:
-    the holder keeps renewing, so the chunk is taken once and scored once."""
+    """A 5 s lease, one chunk that takes several leases to score, and a second idle worker sweeping every 5 s (and
+    looking for lost chunks: the recovery's grace is two leases): the holder keeps renewing, so the chunk is taken
+    once and scored once, never sent again."""
     rng = random.Random(46)
-    body = {"requests": [{"query": "slow", "documents": [random_text(rng, 200, 300) for _ in range(2500)]}]}
+    body = {"requests": [{"query": "slow", "documents": [random_text(rng, 200, 300) for _ in range(6000)]}]}
     redis_url = other_db(redis_url, 13)
     redis.Redis.from_url(redis_url).flushdb()
     lease = {"RERANK_VISIBILITY_TIMEOUT_S": "5", "RERANK_VLLM_MAX_NUM_BATCHED_TOKENS": "2048"}
     holder = WorkerProcess(redis_url, tiny_model_dir, log_dir, concurrency=1, **lease).start()
     try:
-        with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=2500))) as client:
+        with TestClient(create_app(farm_settings(redis_url, tiny_model_dir, chunk_size=6000))) as client:
             job = client.post("/v1/jobs", json=body).json()
             wait_for(client, job["id"], until=("running",), timeout=60)
             idle = WorkerProcess(redis_url, tiny_model_dir, log_dir, concurrency=1, **lease).start()
@@ -186,6 +198,7 @@ def test_a_chunk_scored_for_longer_than_the_lease_is_never_handed_out_twice(redi
     [seconds] = re.findall(rf"job {job['id']} chunk 0: \d+ pairs, \d+ tokens in ([\d.]+)s", log)
     assert float(seconds) > 2 * 5, f"the chunk took {seconds} s: not long enough to outlast the lease"
     assert chunk_events(idle.log_path.read_text(errors="replace"), job["id"]) == (Counter(), Counter())
+    assert "sent again" not in log + idle.log_path.read_text(errors="replace")
 
 
 def test_redis_killed_and_restarted_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -> None:
@@ -271,13 +284,13 @@ def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
 
 
 def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, tiny_model_dir, log_dir) -> None:
-    """Two extra copies of one chunk (what a redelivery looks like) reach a real worker ahead of the rest: one copy
-    is recorded, the others are dropped as duplicates, and the job's counts are exact."""
+    """Two extra messages for one chunk (what a redelivery, or a re-send beside a restored message, looks like)
+    reach a real worker ahead of the rest: one copy is recorded, the others are dropped (at the take, or by the
+    record's first-write-wins), and the job's counts are exact."""
     from celery import Celery
 
-    from schemas.chunks import split_into_chunks
-    from schemas.jobs import JobCreate
-    from schemas.queueing import celery_config
+    from schemas.chunks import ChunkRef
+    from schemas.queueing import celery_config, publish
 
     url = other_db(redis_url, 7)
     redis.Redis.from_url(url).flushdb()
@@ -286,13 +299,10 @@ def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, 
     settings = farm_settings(url, tiny_model_dir, chunk_size=10)
     with TestClient(create_app(settings)) as client:
         job = client.post("/v1/jobs", json=body).json()  # no worker yet: every chunk waits in the queue
-        [copy] = [
-            c for c in split_into_chunks(job["id"], JobCreate.model_validate(body).requests, 10, 5) if c.index == 3
-        ]
+        copy = ChunkRef(job_id=job["id"], index=3, priority=5, lane=keys.QUEUE_INTERACTIVE, seq=0)
         sender = Celery("test-sender")
         sender.conf.update(celery_config(settings))
-        for _ in range(2):  # the interactive queue is consumed first: the copies arrive while the job runs
-            sender.send_task(keys.TASK_SCORE_CHUNK, args=[copy.model_dump()], queue=keys.QUEUE_INTERACTIVE)
+        publish(sender, [copy, copy])  # the interactive queue is consumed first: the copies arrive while the job runs
         worker = WorkerProcess(url, tiny_model_dir, log_dir, concurrency=1).start()
         try:
             done = wait_for(client, job["id"], timeout=120)
@@ -304,5 +314,4 @@ def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, 
     taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job["id"])
     assert taken[3] == 3  # delivered three times
     assert outcomes[(3, "duplicate")] + outcomes[(3, "skipped")] == 2, outcomes
-    assert outcomes[(3, "duplicate")] >= 1, outcomes  # the Lua HSETNX dropped a copy the job was still waiting on
     assert outcomes[(3, "recorded")] + outcomes[(3, "finished")] == 1

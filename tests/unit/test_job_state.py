@@ -63,10 +63,20 @@ def test_record_round_trips_through_the_hash(r) -> None:
     assert job.progress.total == 4 and job.error is None
 
 
+def take(scripts: job_state.Scripts, index: int, job_id: str = "job_1", seq: int = 1) -> list[Any]:
+    return scripts.run(job_state.take(job_id, index, "w@h", "rerank.bulk:4", seq))
+
+
 def test_chunks_move_a_job_from_queued_to_running_to_succeeded_counting_each_once(r, scripts) -> None:
     new_job(r)
-    assert record(r, scripts, 0) == "recorded"
+    r.hset(keys.job_chunks_key("job_1"), mapping={0: "input 0", 1: "input 1"})
+    r.zadd(keys.CHUNKS_OPEN, {"job_1:0": 1.0, "job_1:1": 1.0})
+    assert take(scripts, 0) == [b"taken", b"input 0", 1]  # the first take starts the job
     assert stored(r).status == "running" and stored(r).started_at
+    assert take(scripts, 1, seq=2)[2] == 0  # only once
+    assert record(r, scripts, 0) == "recorded"
+    assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") is None  # recorded: no longer open
+    assert take(scripts, 0) == [b"duplicate"]
     assert record(r, scripts, 0) == "duplicate"  # a redelivered chunk counts once
     assert stored(r).completed == 2 and stored(r).chunks_done == 1
     assert record(r, scripts, 1) == "finished"
@@ -78,11 +88,31 @@ def test_chunks_move_a_job_from_queued_to_running_to_succeeded_counting_each_onc
     assert record(r, scripts, 0, job_id="job_gone") == "missing"
 
 
-def test_mark_running_moves_only_a_queued_job(r, scripts) -> None:
+def test_take_marks_the_holder_vouches_for_the_chunk_and_raises_the_lanes_mark(r, scripts) -> None:
     new_job(r)
-    assert scripts.run(job_state.mark_running("job_1")) == 1
-    assert scripts.run(job_state.mark_running("job_1")) == 0
-    assert stored(r).status == "running"
+    r.hset(keys.job_chunks_key("job_1"), mapping={0: "input 0"})
+    r.zadd(keys.CHUNKS_OPEN, {"job_1:0": 1.0})
+    assert take(scripts, 0, seq=7)[0] == b"taken"
+    ledger = r.hgetall(keys.job_ledger_key("job_1"))
+    assert ledger[b"0:holder"] == b"w@h" and ledger[b"0:taken_at"]
+    assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") > 1.0
+    assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"7"
+    assert take(scripts, 0, seq=3)[0] == b"taken"  # an older message of the lane leaves the mark where it was
+    assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"7"
+    assert take(scripts, 0, job_id="job_gone") == [b"gone"]
+    assert scripts.run(job_state.cancel("job_1", "acme")) == 1
+    assert take(scripts, 0, seq=9) == [b"cancelled"]  # a final job's chunks need no scoring
+    assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"9"  # the lane moved on all the same
+
+
+def test_a_final_move_drops_the_ledger_and_the_inputs_unless_results_echo_them(r, scripts) -> None:
+    for job_id, keep in (("job_1", 0), ("job_2", 1)):
+        new_job(r, job_id=job_id, keep_input=keep)
+        r.hset(keys.job_chunks_key(job_id), mapping={0: "input 0"})
+        r.hset(keys.job_ledger_key(job_id), mapping={"0:sends": 1})
+        assert scripts.run(job_state.cancel(job_id, "acme")) == 1
+        assert not r.exists(keys.job_ledger_key(job_id))
+        assert bool(r.exists(keys.job_chunks_key(job_id))) == bool(keep)
 
 
 @pytest.mark.parametrize("move", ["fail", "cancel"])
@@ -140,7 +170,7 @@ def test_enqueue_failure_ends_the_job_through_the_one_final_path() -> None:
     async def scenario() -> tuple[str, JobRecord, fakeredis.aioredis.FakeRedis]:
         server = fakeredis.FakeServer()
         client = fakeredis.aioredis.FakeRedis(server=server)
-        settings = Settings(auth="off", rate_limit_per_minute=0)
+        settings = Settings(auth="off", rate_limit_per_minute=0, redis_replica_wait_ms=0)
         store = JobStore(client, _UnreachableQueue(), settings, client)  # type: ignore[arg-type]
         body = JobCreate.model_validate({"requests": [{"query": "q", "documents": ["a", "b"]}]})
         with pytest.raises(Unavailable):
@@ -235,6 +265,9 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
         keys.job_done_key("job_9"),
         keys.WEBHOOKS_DUE,
         keys.tenant_inflight_key("acme"),
+        keys.job_chunks_key("job_9"),
+        keys.job_ledger_key("job_9"),
+        keys.CHUNKS_OPEN,
     ]
     assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
     failed = job_state.fail("job_9", "acme", "code", "m" * 5000)

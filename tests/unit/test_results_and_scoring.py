@@ -48,22 +48,31 @@ def test_rank_carries_texts_ids_and_winning_windows_of_the_right_documents() -> 
     assert (second.index, second.id, second.document and second.document.text, second.window) == (0, "id-a", "a", None)
 
 
-def _meta(custom_id: str | None, n: int, top_n: int | None = None, texts=None, ids=None) -> dict:
-    return {"custom_id": custom_id, "top_n": top_n, "n": n, "texts": texts, "ids": ids}
+def _meta(custom_id: str | None, n: int, top_n: int | None = None, echo: bool = False, ids=None) -> dict:
+    return {"custom_id": custom_id, "top_n": top_n, "n": n, "echo": echo, "ids": ids}
+
+
+def _input(index: int, *segments: tuple[int, list[str]]) -> str:
+    parts = [Segment(request=r, query="q", instruction=None, documents=docs) for r, docs in segments]
+    return Chunk(job_id="job_x", index=index, priority=5, segments=parts).model_dump_json()
 
 
 def test_assemble_results_joins_chunks_in_index_order_and_splits_them_per_request() -> None:
-    raw_input = json.dumps({"requests": [_meta("q1", 3, top_n=2, texts=["a", "b", "c"]), _meta("q2", 2)]})
+    """The first request's pairs straddle two chunks; its texts come from the chunks' inputs, the second request
+    (which does not echo documents) gets none."""
+    raw_input = json.dumps({"requests": [_meta("q1", 3, top_n=2, echo=True), _meta("q2", 2)]})
     chunks = {  # stored out of order, keys as Redis gives them (bytes)
-        b"1": ChunkResult(scores=[0.4, 0.8]).model_dump_json(),
-        b"0": ChunkResult(scores=[0.1, 0.9, 0.5]).model_dump_json(),
+        b"1": ChunkResult(scores=[0.5, 0.4, 0.8]).model_dump_json(),
+        b"0": ChunkResult(scores=[0.1, 0.9]).model_dump_json(),
     }
-    results = assemble_results("job_x", 2, raw_input, chunks)
+    inputs = {b"1": _input(1, (0, ["c"]), (1, ["d", "e"])), b"0": _input(0, (0, ["a", "b"]))}
+    results = assemble_results("job_x", 2, raw_input, chunks, inputs)
     assert results.id == "job_x"
     q1, q2 = results.data
     assert q1.custom_id == "q1" and [(r.index, r.relevance_score) for r in q1.results] == [(1, 0.9), (2, 0.5)]
     assert [r.document.text for r in q1.results if r.document] == ["b", "c"]
     assert q2.custom_id == "q2" and [(r.index, r.relevance_score) for r in q2.results] == [(1, 0.8), (0, 0.4)]
+    assert all(r.document is None for r in q2.results)
 
 
 def test_assemble_results_echoes_document_ids() -> None:

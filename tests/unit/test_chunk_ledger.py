@@ -1,0 +1,139 @@
+"""The chunk ledger and the recovery that reads it, on fakeredis (with Lua): which chunks count as lost, waiting or
+closed, the re-send's compare-and-set and its cap, and the one-process lock."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import fakeredis
+import pytest
+
+from schemas import keys
+from schemas.queueing import lane_of
+from schemas.settings import Settings
+from store import job_state
+from store.chunk_ledger import Ledger
+from store.job_state import JobRecord
+from workers.recovery import Recovery
+
+LANE = lane_of("bulk", 5)  # rerank.bulk:4
+NOW = 10_000.0
+GRACE = 40.0
+
+
+class RecordingCelery:
+    """Stands in for the Celery app `publish` sends through: keeps what would have been sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[dict[str, Any], str, int]] = []
+
+    def producer_or_acquire(self) -> Any:
+        return contextlib.nullcontext(None)
+
+    def send_task(self, name: str, args: list[Any], queue: str, priority: int, producer: Any) -> None:
+        assert name == keys.TASK_SCORE_CHUNK
+        self.sent.append((args[0], queue, priority))
+
+
+@pytest.fixture
+def r() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+def new_job(r: fakeredis.FakeRedis, chunks: int, job_id: str = "job_1", at: float = NOW - 100) -> int:
+    """A running bulk job (priority 5) whose chunks were all sent at `at`; returns chunk 0's sequence number."""
+    record = JobRecord(id=job_id, tenant="acme", priority=5, created_at=job_state.now_iso(), total=chunks,
+                       chunks_total=chunks, request_count=1, status="running")  # fmt: skip
+    r.hset(keys.job_key(job_id), mapping=record.to_hash())
+    ledger = Ledger(r)
+    with r.pipeline(transaction=True) as pipe:
+        ledger.open_chunks(pipe, job_id, chunks, LANE, 3600)
+        [first] = pipe.execute()
+    r.zadd(keys.CHUNKS_OPEN, {f"{job_id}:{i}": at for i in range(chunks)})
+    return int(first)
+
+
+def test_open_gives_each_chunk_its_place_in_the_lane_and_opens_it(r) -> None:
+    assert new_job(r, 3) == 1
+    assert new_job(r, 2, job_id="job_2") == 4  # the lane's numbers go on across jobs
+    ledger = r.hgetall(keys.job_ledger_key("job_2"))
+    assert (ledger[b"0:seq"], ledger[b"1:seq"], ledger[b"1:sends"]) == (b"4", b"5", b"1")
+    assert r.zcard(keys.CHUNKS_OPEN) == 5 and r.hget(keys.lane_key(LANE), "sent") == b"5"
+
+
+def test_a_chunk_still_in_its_queue_is_waiting_not_lost(r) -> None:
+    new_job(r, 2)
+    r.hset(keys.lane_key(LANE), "taken", 0)
+    r.rpush(LANE, "a message")  # the lane holds messages: chunks above the mark are in it
+    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    assert (sweep.lost, sweep.waiting) == ([], 2)
+    assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") == NOW  # vouched for: looked at again a grace from now
+
+
+def test_taken_and_not_renewed_or_never_in_the_list_is_lost(r) -> None:
+    new_job(r, 3)
+    r.hset(keys.lane_key(LANE), "taken", 2)  # chunks 0 and 1 left the list (taken); chunk 2 did not
+    r.hset(keys.job_ledger_key("job_1"), "0:holder", "w1@h")
+    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    assert [(lost.index, lost.holder, lost.lane) for lost in sweep.lost][:2] == [(0, "w1@h", LANE), (1, None, LANE)]
+    assert [lost.index for lost in sweep.lost] == [0, 1, 2]  # the lane is empty: chunk 2 never reached it
+    assert sweep.waiting == 0
+    r.rpush(LANE, "a message")
+    assert [lost.index for lost in Ledger(r).find_lost(GRACE, lane_of, now=NOW).lost] == [0, 1]
+
+
+def test_a_chunk_vouched_for_within_the_grace_is_not_looked_at(r) -> None:
+    new_job(r, 2, at=NOW - GRACE + 1)
+    r.hset(keys.lane_key(LANE), "taken", 99)
+    assert Ledger(r).find_lost(GRACE, lane_of, now=NOW).lost == []
+
+
+def test_recorded_chunks_and_ended_jobs_leave_the_open_set(r) -> None:
+    new_job(r, 2)
+    new_job(r, 1, job_id="job_2")
+    r.hset(keys.job_scores_key("job_1"), "0", "{}")
+    r.hset(keys.job_key("job_2"), "status", "cancelled")
+    r.hset(keys.lane_key(LANE), "taken", 99)
+    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    assert [lost.member for lost in sweep.lost] == ["job_1:1"] and sweep.closed == 2
+    assert r.zrange(keys.CHUNKS_OPEN, 0, -1) == [b"job_1:1"]
+
+
+def test_resend_is_a_compare_and_set_on_the_send_count_and_stops_at_the_cap(r) -> None:
+    new_job(r, 1)
+    ledger = Ledger(r)
+    r.hset(keys.job_ledger_key("job_1"), "0:holder", "w1@h")
+    assert ledger.resend("job_1", 0, LANE, sends=1, max_sends=3) == ("sent", 2, 2)
+    assert r.hget(keys.job_ledger_key("job_1"), "0:holder") is None  # nobody holds the new message yet
+    assert ledger.resend("job_1", 0, LANE, sends=1, max_sends=3)[0] == "raced"  # someone sent it meanwhile
+    assert ledger.resend("job_1", 0, LANE, sends=2, max_sends=3) == ("sent", 3, 3)
+    assert ledger.resend("job_1", 0, LANE, sends=3, max_sends=3) == ("exhausted", 0, 3)
+    r.hset(keys.job_scores_key("job_1"), "0", "{}")
+    assert ledger.resend("job_1", 0, LANE, sends=3, max_sends=3)[0] == "recorded"
+    assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") is None
+
+
+def test_recovery_sends_lost_chunks_again_and_fails_a_job_whose_chunk_is_sent_too_often(r) -> None:
+    new_job(r, 2)
+    r.hset(keys.lane_key(LANE), "taken", 2)
+    r.hset(keys.job_ledger_key("job_1"), "1:sends", 4)  # chunk 1 was sent 4 times: RERANK_CHUNK_MAX_RETRIES=3
+    celery = RecordingCelery()
+    recovery = Recovery(Settings(visibility_timeout_s=20), celery, r, "w@h")  # type: ignore[arg-type]
+    assert recovery.sweep_once(now=NOW) == 1
+    [(message, queue, priority)] = celery.sent
+    assert (message["job_id"], message["index"], message["send"], message["seq"]) == ("job_1", 0, 2, 3)
+    assert (queue, priority, message["lane"], message["priority"]) == ("rerank.bulk", 4, LANE, 5)
+    record = JobRecord.from_hash(r.hgetall(keys.job_key("job_1")))
+    assert record.status == "failed" and record.error_code == "chunk_lost" and "4 times" in record.error_message
+    assert r.zcard(keys.CHUNKS_OPEN) == 0  # the failed job's chunks are no longer open
+
+
+def test_one_recovery_at_a_time(r) -> None:
+    settings = Settings()
+    first = Recovery(settings, RecordingCelery(), r, "a@h")  # type: ignore[arg-type]
+    second = Recovery(settings, RecordingCelery(), r, "b@h")  # type: ignore[arg-type]
+    assert first.holds_lock() and not second.holds_lock()
+    assert first.holds_lock()  # extended by its holder
+    r.delete(keys.RECOVERY_LOCK)  # expired (its holder froze or died)
+    assert second.holds_lock() and not first.holds_lock()

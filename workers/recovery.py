@@ -1,0 +1,120 @@
+"""Recovery of lost chunks: one process of the farm at a time sends again what the broker lost.
+
+Every scoring worker runs a `Recovery` thread; the one holding `rerank:recovery:lock` (SET NX with a TTL of three
+periods, extended each period while it lives) looks at the chunk ledger every `SWEEP_INTERVAL_S` seconds
+(`store.chunk_ledger.Ledger.find_lost`) and sends again each chunk that nobody vouched for in two leases
+(`2 * RERANK_VISIBILITY_TIMEOUT_S`) and that is not waiting in its queue. A chunk sent RERANK_CHUNK_MAX_RETRIES + 1
+times fails its job (`chunk_lost`). A frozen holder of the lock loses it when it expires; if it wakes up and sweeps
+once more before noticing, the ledger's re-send is a compare-and-set on the chunk's send count, so a chunk is sent
+again once per look, not twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import redis
+from celery import Celery
+
+from schemas import keys, metrics
+from schemas.chunks import ChunkRef
+from schemas.queueing import SWEEP_INTERVAL_S, batcher_priority, lane_of, publish
+from schemas.settings import Settings
+from store import job_state
+from store.chunk_ledger import Ledger, Lost
+
+logger = logging.getLogger(__name__)
+
+# KEYS: the lock. ARGV: token, ttl ms. Takes the lock, or extends it when this token holds it; 1 when held.
+_HOLD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Recovery:
+    def __init__(self, settings: Settings, app: Celery, client: redis.Redis, name: str) -> None:
+        self.app = app
+        self.client = client
+        self.ledger = Ledger(client)
+        self.scripts = job_state.Scripts(client)
+        self.grace_s = 2.0 * settings.visibility_timeout_s
+        self.max_sends = settings.chunk_max_retries + 1
+        self.period_s = float(SWEEP_INTERVAL_S)
+        self.token = f"{name}:{uuid.uuid4().hex[:8]}"
+        self._hold = client.register_script(_HOLD)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def holds_lock(self) -> bool:
+        return bool(self._hold(keys=[keys.RECOVERY_LOCK], args=[self.token, int(self.period_s * 3000)]))
+
+    def sweep_once(self, now: float | None = None) -> int:
+        """One look at the ledger (lock or not: the caller decides). Returns how many chunks were sent again."""
+        sweep = self.ledger.find_lost(self.grace_s, lane_of, now=now)
+        sent = 0
+        for lost in sweep.lost:
+            sent += self._recover(lost)
+        if sweep.lost or sweep.closed:
+            logger.info(
+                "recovery: %d lost chunk(s), %d sent again, %d waiting in their queue, %d closed",
+                len(sweep.lost),
+                sent,
+                sweep.waiting,
+                sweep.closed,
+            )
+        return sent
+
+    def _recover(self, lost: Lost) -> int:
+        outcome, seq, sends = self.ledger.resend(lost.job_id, lost.index, lost.lane, lost.sends, self.max_sends)
+        if outcome == "sent":
+            ref = ChunkRef(
+                job_id=lost.job_id,
+                index=lost.index,
+                tenant=lost.tenant,
+                priority=batcher_priority(lost.kind, lost.priority),
+                lane=lost.lane,
+                seq=seq,
+                send=sends,
+            )
+            publish(self.app, [ref])
+            metrics.CHUNKS_RECOVERED.labels("sent_again").inc()
+            logger.warning(
+                "job %s chunk %d lost (last held by %s): sent again (send %d)",
+                lost.job_id,
+                lost.index,
+                lost.holder or "no worker",
+                sends,
+            )
+            return 1
+        if outcome == "exhausted":
+            message = (
+                f"chunk {lost.index} was sent {sends} times and never scored (RERANK_CHUNK_MAX_RETRIES="
+                f"{self.max_sends - 1}): its workers kept dying or losing it"
+            )
+            if self.scripts.run(job_state.fail(lost.job_id, lost.tenant, "chunk_lost", message)):
+                metrics.JOBS_FINISHED.labels("failed").inc()
+                metrics.CHUNKS_RECOVERED.labels("given_up").inc()
+                logger.error("job %s failed: %s", lost.job_id, message)
+        return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                if self.holds_lock():
+                    self.sweep_once()
+            except Exception as exc:  # Redis or the broker away: look again next period
+                logger.warning("recovery sweep failed: %r", exc)
