@@ -40,9 +40,17 @@ class EmbeddedRedis:
     """redis-server on 127.0.0.1 and a free port, in its own data directory; AOF optional (for restart tests)."""
 
     def __init__(
-        self, port: int | None = None, data_dir: str | None = None, appendonly: bool = False, fsync_always: bool = False
+        self,
+        port: int | None = None,
+        data_dir: str | None = None,
+        appendonly: bool = False,
+        fsync_always: bool = False,
+        bind: tuple[str, ...] = ("127.0.0.1",),
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.port = port or free_port()
+        self.bind = bind  # the tests also bind a network namespace's veth address
+        self.extra_args = extra_args  # e.g. --replicaof HOST PORT
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="rerankfarm-redis-")
         self.appendonly = appendonly
         self.fsync_always = fsync_always  # AOF fsync after every write: a SIGKILL loses nothing acknowledged
@@ -58,7 +66,7 @@ class EmbeddedRedis:
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            *self.bind,
             "--dir",
             self.data_dir,
             "--save",
@@ -69,6 +77,7 @@ class EmbeddedRedis:
             "always" if self.fsync_always else "everysec",
             "--loglevel",
             "warning",
+            *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)

@@ -59,6 +59,12 @@ def lane_of(kind: str, job_priority: int) -> str:
     return QUEUE_INTERACTIVE if kind == "interactive" else lane_for(QUEUE_BULK, celery_priority(job_priority))
 
 
+def resend_lane(lane: str) -> str:
+    """Where a chunk sent again goes: a bulk chunk to the bulk queue's first step, served before every other, so
+    that it does not wait behind the backlog a second time; an interactive chunk to its own queue."""
+    return lane.partition(":")[0]
+
+
 def batcher_priority(kind: str, job_priority: int) -> int:
     return INTERACTIVE_PRIORITY if kind == "interactive" else job_priority
 

@@ -5,7 +5,9 @@ unacked, a late ack of a redelivered message deletes the record another worker d
 had not reached the replica. So each chunk's state lives with its job, and recovery reads that, never the broker:
 
 - `rerank:job:{id}:chunks`: each chunk's input (the only copy of the texts; a message carries a `ChunkRef`).
-- `rerank:job:{id}:ledger`: per chunk, how often it was sent, its sequence number in its lane, who took it, when.
+- `rerank:job:{id}:ledger`: per chunk, how often it was sent, its sequence number in its lane (and the lane, once
+  sent again: a re-sent bulk chunk goes to the first priority step, `schemas.queueing.resend_lane`), who took it,
+  when.
 - `rerank:chunks:open` (sorted set): every chunk sent and not recorded, scored with the last time something vouched
   for it: its send, its take (`store.job_state.TAKE`), its live holder's renewal (every lease / 4, with the lease of
   kombu's message: `workers.lease`), or a check that found it still waiting in its queue.
@@ -46,10 +48,10 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return first
 """
 
-# KEYS: job, scores, ledger, open chunks, lane. ARGV: chunk index, member, now (unix), the send count the caller saw,
-# the most sends allowed. Returns {'sent', seq, sends} after counting a new send; {'gone'} (job ended or expired) or
-# {'recorded'}, both taking the chunk out of the open set; {'raced'} when someone else sent it meanwhile;
-# {'exhausted', sends} when it was sent as often as allowed.
+# KEYS: job, scores, ledger, open chunks, the lane to send to. ARGV: chunk index, member, now (unix), the send count
+# the caller saw, the most sends allowed, that lane's name. Returns {'sent', seq, sends} after counting a new send;
+# {'gone'} (job ended or expired) or {'recorded'}, both taking the chunk out of the open set; {'raced'} when someone
+# else sent it meanwhile; {'exhausted', sends} when it was sent as often as allowed.
 RESEND = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then
@@ -64,7 +66,7 @@ local sends = tonumber(redis.call('HGET', KEYS[3], ARGV[1] .. ':sends') or '0')
 if sends ~= tonumber(ARGV[4]) then return {'raced'} end
 if sends >= tonumber(ARGV[5]) then return {'exhausted', sends} end
 local seq = redis.call('HINCRBY', KEYS[5], 'sent', 1)
-redis.call('HSET', KEYS[3], ARGV[1] .. ':sends', sends + 1, ARGV[1] .. ':seq', seq)
+redis.call('HSET', KEYS[3], ARGV[1] .. ':sends', sends + 1, ARGV[1] .. ':seq', seq, ARGV[1] .. ':lane', ARGV[6])
 redis.call('HDEL', KEYS[3], ARGV[1] .. ':holder', ARGV[1] .. ':taken_at')
 redis.call('ZADD', KEYS[4], ARGV[3], ARGV[2])
 return {'sent', seq, sends + 1}
@@ -141,13 +143,13 @@ class Ledger:
     def resend(
         self, job_id: str, index: int, lane: str, sends: int, max_sends: int
     ) -> tuple[str, int, int]:  # fmt: skip
-        """Count one more send of the chunk (when `sends` is still what the caller saw). Returns (outcome, seq,
-        sends): outcome 'sent' (publish it now with that seq and send number), 'exhausted', 'raced', 'recorded' or
+        """Count one more send of the chunk, into `lane`, when `sends` is still what the caller saw. Returns (outcome,
+        seq, sends): outcome 'sent' (publish it now with that seq and send number), 'exhausted', 'raced', 'recorded' or
         'gone' (then seq and sends are 0, or the sends so far for 'exhausted')."""
         move_keys = [keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_ledger_key(job_id)]
         move_keys += [keys.CHUNKS_OPEN, keys.lane_key(lane)]
         member = f"{job_id}:{index}"
-        reply = self._resend(keys=move_keys, args=[index, member, time.time(), sends, max_sends])
+        reply = self._resend(keys=move_keys, args=[index, member, time.time(), sends, max_sends, lane])
         outcome = as_str(reply[0])
         if outcome == "sent":
             return outcome, int(reply[1]), int(reply[2])
@@ -167,13 +169,13 @@ class Ledger:
         with self.client.pipeline(transaction=False) as pipe:
             for job_id, index in parsed:
                 pipe.hmget(keys.job_key(job_id), "status", "kind", "priority", "tenant")
-                pipe.hmget(keys.job_ledger_key(job_id), f"{index}:sends", f"{index}:seq", f"{index}:holder")
+                pipe.hmget(keys.job_ledger_key(job_id), *(f"{index}:{f}" for f in ("sends", "seq", "holder", "lane")))
                 pipe.hexists(keys.job_scores_key(job_id), str(index))
             replies = pipe.execute()
         closed: list[str] = []
         suspects: list[Lost] = []
         for n, (job_id, index) in enumerate(parsed):
-            (status, kind, priority, tenant), (sends, seq, holder), recorded = replies[3 * n : 3 * n + 3]
+            (status, kind, priority, tenant), (sends, seq, holder, lane), recorded = replies[3 * n : 3 * n + 3]
             if status is None or JobStatus(as_str(status)).final or recorded:
                 closed.append(members[n])
                 continue
@@ -188,7 +190,7 @@ class Ledger:
                     job_priority,
                     int(sends or 0),
                     int(seq or 0),
-                    lane_of(job_kind, job_priority),
+                    as_str(lane) if lane is not None else lane_of(job_kind, job_priority),
                     None if holder is None else as_str(holder),
                 )
             )

@@ -171,7 +171,8 @@ RECORD_CHUNK = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
-redis.call('ZREM', KEYS[10], redis.call('HGET', KEYS[1], 'id') .. ':' .. ARGV[1])
+local id = redis.call('HGET', KEYS[1], 'id')
+if id then redis.call('ZREM', KEYS[10], id .. ':' .. ARGV[1]) end
 redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
@@ -201,7 +202,8 @@ if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return {'duplicate'} end
 local input = redis.call('HGET', KEYS[5], ARGV[1])
 if not input then return {'gone'} end
 redis.call('HSET', KEYS[3], ARGV[1] .. ':holder', ARGV[2], ARGV[1] .. ':taken_at', ARGV[3])
-redis.call('ZADD', KEYS[4], 'XX', ARGV[4], redis.call('HGET', KEYS[1], 'id') .. ':' .. ARGV[1])
+local id = redis.call('HGET', KEYS[1], 'id')
+if id then redis.call('ZADD', KEYS[4], 'XX', ARGV[4], id .. ':' .. ARGV[1]) end
 local started = 0
 if status == 'queued' then
   redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3])

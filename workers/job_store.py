@@ -10,6 +10,7 @@ import redis
 from schemas import keys
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
+from schemas.queueing import resend_lane
 from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import as_str
@@ -43,10 +44,11 @@ class WorkerJobStore:
     def resend(self, ref: ChunkRef, max_sends: int) -> tuple[str, ChunkRef | None]:
         """Count another send of the chunk this message delivered: ('sent', the new message to publish), or
         'exhausted' (sent `max_sends` times), 'raced' (sent again by someone else), 'recorded' or 'gone'."""
-        outcome, seq, sends = self.ledger.resend(ref.job_id, ref.index, ref.lane, ref.send, max_sends)
+        lane = resend_lane(ref.lane)
+        outcome, seq, sends = self.ledger.resend(ref.job_id, ref.index, lane, ref.send, max_sends)
         if outcome != "sent":
             return outcome, None
-        return outcome, ref.model_copy(update={"seq": seq, "send": sends})
+        return outcome, ref.model_copy(update={"lane": lane, "seq": seq, "send": sends})
 
     def record_chunk(self, job_id: str, index: int, result: ChunkResult, worker: str, tenant: str = "default") -> str:
         """Store a chunk's result; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""

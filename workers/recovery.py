@@ -20,7 +20,7 @@ from celery import Celery
 
 from schemas import keys, metrics
 from schemas.chunks import ChunkRef
-from schemas.queueing import SWEEP_INTERVAL_S, batcher_priority, lane_of, publish
+from schemas.queueing import SWEEP_INTERVAL_S, batcher_priority, lane_of, publish, resend_lane
 from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Ledger, Lost
@@ -79,14 +79,15 @@ class Recovery:
         return sent
 
     def _recover(self, lost: Lost) -> int:
-        outcome, seq, sends = self.ledger.resend(lost.job_id, lost.index, lost.lane, lost.sends, self.max_sends)
+        lane = resend_lane(lost.lane)
+        outcome, seq, sends = self.ledger.resend(lost.job_id, lost.index, lane, lost.sends, self.max_sends)
         if outcome == "sent":
             ref = ChunkRef(
                 job_id=lost.job_id,
                 index=lost.index,
                 tenant=lost.tenant,
                 priority=batcher_priority(lost.kind, lost.priority),
-                lane=lost.lane,
+                lane=lane,
                 seq=seq,
                 send=sends,
             )

@@ -4,13 +4,8 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +15,8 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from rerankfarm.chaos import FarmWorker
 from rerankfarm.embedded_redis import EmbeddedRedis
-from schemas import keys
 from schemas.settings import Settings
 from tests.conftest import VLLM_TEST_ENV
 
@@ -45,80 +40,23 @@ def other_db(url: str, db: int) -> str:
     return f"{base}/{db}"
 
 
-class WorkerProcess:
-    """`rerankfarm worker` as a user starts it, logging to a file."""
+class WorkerProcess(FarmWorker):
+    """`rerankfarm worker` as a user starts it (`rerankfarm.chaos.FarmWorker`), with the tests' engine settings and
+    a 1 s heartbeat. `kill()` SIGKILLs its launcher, and the worker with it: a node lost, no warm shutdown."""
 
     def __init__(
         self, redis_url: str, model_dir: Path, log_dir: Path, name: str | None = None, concurrency: int = 2, **env: str
     ) -> None:
-        self.name = name or f"t{uuid.uuid4().hex[:6]}"
+        test_env = {"RERANK_WORKER_HEARTBEAT_S": "1", "RERANK_WORKER_METRICS_PORT": "0", **VLLM_TEST_ENV, **env}
+        super().__init__(redis_url, model_dir, log_dir, name, concurrency, test_env)
         self.concurrency = concurrency
-        self.node = f"{self.name}-cpu"  # the launcher's name for a CPU worker; its hostname is NODE@host
-        self.redis = redis.Redis.from_url(redis_url)
-        self.log_path = log_dir / f"worker-{self.name}.log"
-        self.env = dict(
-            os.environ,
-            RERANK_REDIS_URL=redis_url,
-            RERANK_MODEL=str(model_dir),
-            CUDA_VISIBLE_DEVICES="",
-            RERANK_WORKER_HEARTBEAT_S="1",
-            **{"RERANK_WORKER_METRICS_PORT": "0", **VLLM_TEST_ENV, **env},
-        )
-        self.args = [
-            sys.executable,
-            "-m",
-            "rerankfarm.cli",
-            "worker",
-            "--name",
-            self.name,
-            "--concurrency",
-            str(concurrency),
-        ]
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> WorkerProcess:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not self.alive_hostnames():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"worker {self.name} did not start:\n{self.log()}")
-            time.sleep(0.2)
+        try:
+            super().start(timeout)
+        except RuntimeError as exc:
+            raise AssertionError(str(exc)) from None
         return self
-
-    def alive_hostnames(self) -> list[str]:
-        found = [k.decode().split(":", 2)[2] for k in self.redis.scan_iter(match=keys.WORKER_KEY_PATTERN)]
-        return [h for h in found if h.startswith(f"{self.node}@")]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-    def pid(self) -> int:
-        """The Celery worker process (the launcher's child), from its heartbeat."""
-        [hostname] = self.alive_hostnames()
-        info = self.redis.get(keys.worker_key(hostname))
-        assert info is not None
-        return int(json.loads(info)["pid"])
-
-    def kill(self) -> None:
-        """SIGKILL the worker process and its launcher: a node lost, no warm shutdown."""
-        hostnames = self.alive_hostnames()
-        os.kill(self.pid(), signal.SIGKILL)
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-        for hostname in hostnames:
-            self.redis.delete(keys.worker_key(hostname))  # its heartbeat would linger until its TTL
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from schemas import keys
-from schemas.chunks import ChunkResult
+from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration
@@ -23,15 +23,25 @@ def _job(store: WorkerJobStore, chunks: int, status: str = "queued") -> str:
     job_id = f"job_{uuid.uuid4().hex}"
     store.redis.hset(
         keys.job_key(job_id),
-        mapping={"status": status, "chunks_total": chunks, "completed": 0, "chunks_done": 0, "total": chunks * 2},
-    )
+        mapping={"id": job_id, "status": status, "chunks_total": chunks, "completed": 0, "chunks_done": 0,
+                 "total": chunks * 2},
+    )  # fmt: skip
+    inputs = {i: Chunk(job_id=job_id, index=i, priority=5, segments=[]).model_dump_json() for i in range(chunks)}
+    store.redis.hset(keys.job_chunks_key(job_id), mapping=inputs)
     return job_id
+
+
+def _ref(job_id: str, index: int) -> ChunkRef:
+    return ChunkRef(job_id=job_id, index=index, priority=5, lane="rerank.bulk:4", seq=index + 1)
 
 
 def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
     job_id = _job(store, chunks=2)
-    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w1@h") == "recorded"
+    outcome, chunk, started = store.take(_ref(job_id, 0), "w1@h")
+    assert (outcome, chunk is not None and chunk.index, started) == ("taken", 0, True)
     assert store.status(job_id) == "running"
+    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w1@h") == "recorded"
+    assert store.take(_ref(job_id, 0), "w2@h") == ("duplicate", None, False)
     assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w2@h") == "duplicate"
     assert store.record_chunk(job_id, 1, ChunkResult(scores=[0.3, 0.4], tokens=5), "w2@h") == "finished"
     record = store.redis.hgetall(keys.job_key(job_id))
@@ -44,6 +54,7 @@ def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
 def test_cancelled_job_stays_cancelled_and_is_skipped(store) -> None:
     job_id = _job(store, chunks=1, status="cancelled")
     assert store.should_skip(job_id)
+    assert store.take(_ref(job_id, 0), "w1@h") == ("cancelled", None, False)
     assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "recorded"
     assert store.status(job_id) == "cancelled"
     assert not store.fail(job_id, "engine_error", "late failure")

@@ -105,6 +105,7 @@ def test_resend_is_a_compare_and_set_on_the_send_count_and_stops_at_the_cap(r) -
     ledger = Ledger(r)
     r.hset(keys.job_ledger_key("job_1"), "0:holder", "w1@h")
     assert ledger.resend("job_1", 0, LANE, sends=1, max_sends=3) == ("sent", 2, 2)
+    assert r.hget(keys.job_ledger_key("job_1"), "0:lane") == LANE.encode()  # where find_lost looks for it now
     assert r.hget(keys.job_ledger_key("job_1"), "0:holder") is None  # nobody holds the new message yet
     assert ledger.resend("job_1", 0, LANE, sends=1, max_sends=3)[0] == "raced"  # someone sent it meanwhile
     assert ledger.resend("job_1", 0, LANE, sends=2, max_sends=3) == ("sent", 3, 3)
@@ -122,8 +123,9 @@ def test_recovery_sends_lost_chunks_again_and_fails_a_job_whose_chunk_is_sent_to
     recovery = Recovery(Settings(visibility_timeout_s=20), celery, r, "w@h")  # type: ignore[arg-type]
     assert recovery.sweep_once(now=NOW) == 1
     [(message, queue, priority)] = celery.sent
-    assert (message["job_id"], message["index"], message["send"], message["seq"]) == ("job_1", 0, 2, 3)
-    assert (queue, priority, message["lane"], message["priority"]) == ("rerank.bulk", 4, LANE, 5)
+    assert (message["job_id"], message["index"], message["send"], message["seq"]) == ("job_1", 0, 2, 1)
+    # to the front: the bulk queue's first step, served before the backlog it already waited behind once
+    assert (queue, priority, message["lane"], message["priority"]) == ("rerank.bulk", 0, "rerank.bulk", 5)
     record = JobRecord.from_hash(r.hgetall(keys.job_key("job_1")))
     assert record.status == "failed" and record.error_code == "chunk_lost" and "4 times" in record.error_message
     assert r.zcard(keys.CHUNKS_OPEN) == 0  # the failed job's chunks are no longer open
