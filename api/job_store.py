@@ -209,14 +209,14 @@ class JobStore:
         if not wait_ms or not await self._replicas():
             return
         acked = int(await self.redis.execute_command("WAIT", 1, wait_ms))
-        if acked < 1:
+        if acked < 1 and await self._replicas(fresh=True):  # (none now: a failover promoted the only one)
             metrics.REQUESTS_REFUSED.labels("not_replicated").inc()
             raise Unavailable(f"job {job_id} did not reach a Redis replica within {wait_ms} ms")
 
-    async def _replicas(self) -> int:
-        """The primary's connected replicas, asked at most every REPLICAS_CHECK_S."""
+    async def _replicas(self, fresh: bool = False) -> int:
+        """The primary's connected replicas, asked at most every REPLICAS_CHECK_S (or now, when `fresh`)."""
         now = time.monotonic()
-        if now - self._replicas_checked > REPLICAS_CHECK_S:
+        if fresh or now - self._replicas_checked > REPLICAS_CHECK_S:
             info = await self.redis.info("replication")
             self._replica_count = int(info.get("connected_slaves", 0))
             self._replicas_checked = now

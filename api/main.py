@@ -27,7 +27,7 @@ from schemas.errors import RerankError, describe_validation
 from schemas.queueing import celery_config
 from schemas.rerank import SHAPE_TAGS, Shape, error_payload
 from schemas.settings import Settings, get_settings
-from store.connect import async_redis_client
+from store.connect import async_redis_client, close_async
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        await client.aclose()
-        await waiter.aclose()
+        await close_async(client)
+        await close_async(waiter)
         sender.close()
 
 

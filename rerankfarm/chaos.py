@@ -159,10 +159,12 @@ class Report:
         return "\n".join(f"{k:<20} {v}" for k, v in rows)
 
 
-def _small_job(rng: random.Random) -> dict[str, Any]:
-    words = [f"w{rng.randrange(500)}" for _ in range(rng.randint(1, 4))]
-    docs = [" ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(2, 20))) for _ in range(rng.randint(1, 4))]
-    return {"requests": [{"query": " ".join(words), "documents": docs}]}
+def _small_job(rng: random.Random, documents: tuple[int, int], words: tuple[int, int]) -> dict[str, Any]:
+    query = " ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(1, 4)))
+    docs = [
+        " ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(*words))) for _ in range(rng.randint(*documents))
+    ]
+    return {"requests": [{"query": query, "documents": docs}]}
 
 
 def recoveries(workers: list[FarmWorker]) -> list[float]:
@@ -197,9 +199,12 @@ def run(
     score_of: Callable[[str, str], float] | None = None,
     seed: int = 0,
     timeout: float = 600,
+    documents: tuple[int, int] = (1, 4),
+    words: tuple[int, int] = (2, 20),
 ) -> Report:
     """Submit `jobs` small jobs from `clients` threads while one of `workers` workers is SIGKILLed every
-    `kill_every` seconds and replaced; then count every job. `score_of(query, document)` checks every score."""
+    `kill_every` seconds and replaced; then count every job. A job is one query with `documents` (a range) of
+    `words` (a range) each. `score_of(query, document)` checks every score."""
     report = Report(jobs=jobs)
     started = time.monotonic()
     slots = [FarmWorker(redis_url, model, log_dir, env=worker_env).start() for _ in range(workers)]
@@ -212,7 +217,7 @@ def run(
         rng = random.Random(seed * 1000 + k)
         with httpx.Client(base_url=api_url, timeout=60) as http:
             for _ in range(jobs // clients + (1 if k < jobs % clients else 0)):
-                body = _small_job(rng)
+                body = _small_job(rng, documents, words)
                 r = http.post("/v1/jobs", json=body)
                 with lock:
                     if r.status_code == 202:
@@ -224,7 +229,10 @@ def run(
         slot = 0
         while not done.wait(kill_every):
             victim = slots[slot]
-            if victim.process is None or victim.process.poll() is not None:
+            # Only a worker that consumes: one killed while it loads its engine would take nothing with it.
+            while not done.is_set() and not victim.alive_hostnames():
+                time.sleep(0.2)
+            if done.is_set() or victim.process is None or victim.process.poll() is not None:
                 continue
             victim.kill()
             report.kills += 1
@@ -243,6 +251,7 @@ def run(
     for t in threads:
         t.join()
     pending = dict(submitted)
+    finished: list[tuple[str, dict[str, Any]]] = []
     deadline = time.monotonic() + timeout
     try:
         with httpx.Client(base_url=api_url, timeout=60) as http:
@@ -259,14 +268,16 @@ def run(
                     pairs = sum(len(r["documents"]) for r in body["requests"])
                     if job["progress"]["completed"] != pairs or sum(job["workers"].values()) != pairs:
                         report.counted_twice += 1
-                    if score_of is not None:
-                        report.wrong_scores += _wrong_scores(http, job_id, body, score_of)
+                    finished.append((job_id, body))
                 time.sleep(0.2)
     finally:
         done.set()
         chaos.join(kill_every + 130)
         for w in slots:
             w.stop()
+    if score_of is not None:  # once the workers are gone: the reference wants the CPU
+        with httpx.Client(base_url=api_url, timeout=60) as http:
+            report.wrong_scores = sum(_wrong_scores(http, job_id, body, score_of) for job_id, body in finished)
     report.lost += len(pending)
     time.sleep(2)  # a killed worker's reaper ends its group at once; give the kernel a moment
     report.left_running = sum(len(w.left_running()) for w in every)

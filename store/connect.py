@@ -69,6 +69,14 @@ def async_redis_client(url: str, **kwargs: Any) -> aioredis.Redis:
     return sentinel.master_for(target.master_name, db=target.db, password=target.password, **kwargs)
 
 
+async def close_async(client: aioredis.Redis) -> None:
+    """Close an asyncio client from `async_redis_client`, and the connections to its sentinels, if any."""
+    await client.aclose()
+    manager = getattr(client.connection_pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", []):
+        await sentinel.aclose()
+
+
 def broker(url: str) -> tuple[str, dict[str, Any]]:
     """kombu's broker URL and the transport options it needs besides the farm's own (the master's name)."""
     target = sentinel_target(url)

@@ -1,4 +1,4 @@
-"""A test-sized chaos soak (`rerankfarm.chaos`): many small jobs from several concurrent clients while a worker is
+"""A test-sized chaos soak (`rerankfarm.chaos`): many jobs from several concurrent clients while a worker is
 SIGKILLed every few seconds and replaced. Every accepted job must succeed, no pair may be counted twice, and every
 score must equal the reference's."""
 
@@ -15,6 +15,7 @@ pytestmark = pytest.mark.integration
 JOBS, KILL_EVERY_S = 600, 6.0
 
 
+@pytest.mark.timeout(900)
 def test_soak_with_workers_sigkilled_every_few_seconds(redis_url, tiny_model_dir, log_dir, reference) -> None:
     import redis
 
@@ -24,7 +25,17 @@ def test_soak_with_workers_sigkilled_every_few_seconds(redis_url, tiny_model_dir
     env = {**VLLM_TEST_ENV, "RERANK_WORKER_HEARTBEAT_S": "1", "RERANK_WORKER_METRICS_PORT": "0"}
     with serve(settings) as api:
         report = chaos.run(
-            api, url, tiny_model_dir, log_dir, JOBS, KILL_EVERY_S, worker_env=env, score_of=reference.score, seed=7
+            api,
+            url,
+            tiny_model_dir,
+            log_dir,
+            JOBS,
+            KILL_EVERY_S,
+            worker_env=env,
+            score_of=reference.score,
+            seed=7,
+            documents=(3, 8),  # enough work that kills find chunks in hand
+            words=(20, 60),
         )
     print(f"soak:\n{report.table()}")
     assert report.refused == []
