@@ -54,7 +54,6 @@ def job_ledger_key(job_id: str) -> str:
 # Sorted set: "{job id}:{chunk index}" of every chunk sent and not yet recorded -> the last time something vouched
 # for it (sent, taken, renewed by its live holder, or seen waiting in its queue). `store.chunk_ledger`.
 CHUNKS_OPEN = f"{NAMESPACE}:chunks:open"
-RECOVERY_LOCK = f"{NAMESPACE}:recovery:lock"  # held by the one process that looks for lost chunks
 
 
 def lane_key(lane: str) -> str:

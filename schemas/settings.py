@@ -135,7 +135,8 @@ class Settings(BaseSettings):
         ge=5,
         description="The lease on a chunk a worker holds: live workers renew it every quarter of this, so a chunk "
         "of a worker that died goes back to the queue within this plus 5 s (the sweep), and a live worker's chunk "
-        "is never handed out twice however long it runs. Raise it if workers and Redis can be cut off from each "
+        "is never handed out twice however long it runs. The farm's recovery sends again a chunk nobody vouched "
+        "for in twice this (a message the broker lost). Raise it if workers and Redis can be cut off from each "
         "other for longer.",
     )
     chunk_timeout_s: int = Field(

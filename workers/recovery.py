@@ -1,24 +1,26 @@
-"""Recovery of lost chunks: one process of the farm at a time sends again what the broker lost.
+"""Recovery of lost chunks: every scoring worker looks for what the broker lost, and a chunk is sent again once.
 
-Every scoring worker runs a `Recovery` thread; the one holding `rerank:recovery:lock` (SET NX with a TTL of three
-periods, extended each period while it lives) looks at the chunk ledger every `SWEEP_INTERVAL_S` seconds
-(`store.chunk_ledger.Ledger.find_lost`) and sends again each chunk that nobody vouched for in two leases
-(`2 * RERANK_VISIBILITY_TIMEOUT_S`) and that is not waiting in its queue. A chunk sent RERANK_CHUNK_MAX_RETRIES + 1
-times fails its job (`chunk_lost`). A frozen holder of the lock loses it when it expires; if it wakes up and sweeps
-once more before noticing, the ledger's re-send is a compare-and-set on the chunk's send count, so a chunk is sent
-again once per look, not twice.
+Every scoring worker runs a `Recovery` thread, which looks at the chunk ledger as it starts and then every
+`SWEEP_INTERVAL_S` seconds (`store.chunk_ledger.Ledger.find_lost`) and sends again each chunk that nobody vouched for
+in two leases (`2 * RERANK_VISIBILITY_TIMEOUT_S`) and that is not waiting in its queue. A chunk sent
+RERANK_CHUNK_MAX_RETRIES + 1 times fails its job (`chunk_lost`).
+
+There is no lock: the ledger's re-send is a compare-and-set on the chunk's send count, so when several workers find
+the same lost chunk, one sends it and the others are told 'raced'. (A lock held by one worker at a time starved
+recovery in the chaos run: with workers SIGKILLed every few seconds, the lock's holder kept dying before another
+could take it, and 4 jobs of 3,000 waited for ever.) The workers' looks are spread over the interval at random.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
-import uuid
 
 import redis
 from celery import Celery
 
-from schemas import keys, metrics
+from schemas import metrics
 from schemas.chunks import ChunkRef
 from schemas.queueing import SWEEP_INTERVAL_S, batcher_priority, lane_of, publish, resend_lane
 from schemas.settings import Settings
@@ -26,16 +28,6 @@ from store import job_state
 from store.chunk_ledger import Ledger, Lost
 
 logger = logging.getLogger(__name__)
-
-# KEYS: the lock. ARGV: token, ttl ms. Takes the lock, or extends it when this token holds it; 1 when held.
-_HOLD = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
 
 
 class Recovery:
@@ -47,8 +39,7 @@ class Recovery:
         self.grace_s = 2.0 * settings.visibility_timeout_s
         self.max_sends = settings.chunk_max_retries + 1
         self.period_s = float(SWEEP_INTERVAL_S)
-        self.token = f"{name}:{uuid.uuid4().hex[:8]}"
-        self._hold = client.register_script(_HOLD)
+        self.name = name
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
 
@@ -59,11 +50,8 @@ class Recovery:
         self._stop.set()
         self._thread.join(2)
 
-    def holds_lock(self) -> bool:
-        return bool(self._hold(keys=[keys.RECOVERY_LOCK], args=[self.token, int(self.period_s * 3000)]))
-
     def sweep_once(self, now: float | None = None) -> int:
-        """One look at the ledger (lock or not: the caller decides). Returns how many chunks were sent again."""
+        """One look at the ledger. Returns how many chunks this look sent again."""
         sweep = self.ledger.find_lost(self.grace_s, lane_of, now=now)
         sent = 0
         for lost in sweep.lost:
@@ -113,9 +101,10 @@ class Recovery:
         return 0
 
     def _run(self) -> None:
-        while not self._stop.wait(self.period_s):
+        wait = random.uniform(0, self.period_s)  # spread the workers' looks over the interval
+        while not self._stop.wait(wait):
             try:
-                if self.holds_lock():
-                    self.sweep_once()
+                self.sweep_once()
             except Exception as exc:  # Redis or the broker away: look again next period
                 logger.warning("recovery sweep failed: %r", exc)
+            wait = self.period_s

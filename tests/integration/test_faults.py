@@ -13,7 +13,8 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -58,6 +59,33 @@ def _held_chunks(worker: WorkerProcess, job_id: str, timeout: float = 60) -> set
         time.sleep(0.01)
 
 
+def _outlast_three_leases(
+    url: str,
+    model_dir: Path,
+    stalled: WorkerProcess,
+    other: WorkerProcess,
+    stall: Callable[[], object],
+    resume: Callable[[], object],
+    seed: int,
+) -> None:
+    """A job; once `stalled` holds chunks, `stall()` for three 5 s leases, during which `other` must take them, then
+    `resume()`; the job completes with every pair counted once."""
+    body = _body(seed, 4, 150)
+    with TestClient(create_app(farm_settings(url, model_dir, chunk_size=10))) as client:
+        job = client.post("/v1/jobs", json=body).json()
+        held = _held_chunks(stalled, job["id"])
+        stall()
+        try:
+            time.sleep(15)
+            taken_by_other, _ = chunk_events(other.log_path.read_text(errors="replace"), job["id"])
+        finally:
+            resume()
+        assert held & set(taken_by_other), (held, taken_by_other)  # scored by the other meanwhile
+        done = wait_for(client, job["id"], timeout=180)
+        assert done["status"] == "succeeded", done
+        _assert_every_pair_scored_once(client, job, body, url)
+
+
 def test_a_chunk_message_lost_from_its_queue_is_scored_again_within_60s(redis_url, tiny_model_dir, log_dir) -> None:
     """What a worker killed between kombu's BRPOP and its unacked record leaves: the message is nowhere in Redis's
     queues. With default settings the farm's ledger finds the chunk and sends it again; the job completes."""
@@ -94,22 +122,10 @@ def test_a_worker_frozen_past_two_leases_loses_nothing(redis_url, tiny_model_dir
     lease = {"RERANK_VISIBILITY_TIMEOUT_S": "5"}
     frozen = WorkerProcess(url, tiny_model_dir, log_dir, **lease).start()
     other = WorkerProcess(url, tiny_model_dir, log_dir, **lease).start()
-    body = _body(52, 4, 150)
+    pid = frozen.pid()
     try:
-        with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=10))) as client:
-            job = client.post("/v1/jobs", json=body).json()
-            held = _held_chunks(frozen, job["id"])
-            pid = frozen.pid()
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                time.sleep(15)
-                taken_by_other, _ = chunk_events(other.log_path.read_text(errors="replace"), job["id"])
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            assert held & set(taken_by_other), (held, taken_by_other)  # scored by the other while frozen
-            done = wait_for(client, job["id"], timeout=180)
-            assert done["status"] == "succeeded", done
-            _assert_every_pair_scored_once(client, job, body, url)
+        stop, cont = (lambda: os.kill(pid, signal.SIGSTOP)), (lambda: os.kill(pid, signal.SIGCONT))
+        _outlast_three_leases(url, tiny_model_dir, frozen, other, stop, cont, seed=52)
     finally:
         frozen.stop()
         other.stop()
@@ -185,21 +201,9 @@ def test_a_worker_cut_off_from_redis_longer_than_two_leases_loses_nothing(namesp
         cut.args = ["ip", "netns", "exec", ns, *cut.args]
         cut.start()
         near = WorkerProcess(url, tiny_model_dir, log_dir, **lease).start()
-        body = _body(53, 4, 150)
         try:
-            with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=10))) as client:
-                job = client.post("/v1/jobs", json=body).json()
-                held = _held_chunks(cut, job["id"])
-                _ip("link", "set", link, "down")
-                try:
-                    time.sleep(15)
-                    taken_near, _ = chunk_events(near.log_path.read_text(errors="replace"), job["id"])
-                finally:
-                    _ip("link", "set", link, "up")
-                assert held & set(taken_near), (held, taken_near)  # scored on this side while cut off
-                done = wait_for(client, job["id"], timeout=180)
-                assert done["status"] == "succeeded", done
-                _assert_every_pair_scored_once(client, job, body, url)
+            down, up = (lambda: _ip("link", "set", link, "down")), (lambda: _ip("link", "set", link, "up"))
+            _outlast_three_leases(url, tiny_model_dir, cut, near, down, up, seed=53)
         finally:
             cut.stop()
             near.stop()

@@ -131,11 +131,13 @@ def test_recovery_sends_lost_chunks_again_and_fails_a_job_whose_chunk_is_sent_to
     assert r.zcard(keys.CHUNKS_OPEN) == 0  # the failed job's chunks are no longer open
 
 
-def test_one_recovery_at_a_time(r) -> None:
+def test_two_workers_finding_the_same_lost_chunk_send_it_once(r) -> None:
+    new_job(r, 1)
+    r.hset(keys.lane_key(LANE), "taken", 1)
+    first, second = RecordingCelery(), RecordingCelery()
     settings = Settings()
-    first = Recovery(settings, RecordingCelery(), r, "a@h")  # type: ignore[arg-type]
-    second = Recovery(settings, RecordingCelery(), r, "b@h")  # type: ignore[arg-type]
-    assert first.holds_lock() and not second.holds_lock()
-    assert first.holds_lock()  # extended by its holder
-    r.delete(keys.RECOVERY_LOCK)  # expired (its holder froze or died)
-    assert second.holds_lock() and not first.holds_lock()
+    sweeps = [Recovery(settings, app, r, f"w{k}@h") for k, app in enumerate((first, second))]  # type: ignore[arg-type]
+    lost = [recovery.ledger.find_lost(recovery.grace_s, lane_of, now=NOW).lost for recovery in sweeps]
+    assert lost[0] == lost[1] and len(lost[0]) == 1  # both looked before either sent
+    assert [sweeps[k]._recover(lost[k][0]) for k in (0, 1)] == [1, 0]  # the second is told 'raced'
+    assert (len(first.sent), len(second.sent)) == (1, 0)
