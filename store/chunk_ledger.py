@@ -202,8 +202,9 @@ class Ledger:
             lane_replies = pipe.execute()
         taken = {lane: int(lane_replies[2 * k] or 0) for k, lane in enumerate(lanes)}
         queued = {lane: int(lane_replies[2 * k + 1]) for k, lane in enumerate(lanes)}
-        waiting = [s.member for s in suspects if s.seq > taken[s.lane] and queued[s.lane] > 0]
-        sweep.lost = [s for s in suspects if not (s.seq > taken[s.lane] and queued[s.lane] > 0)]
+        in_queue = [s.seq > taken[s.lane] and queued[s.lane] > 0 for s in suspects]
+        waiting = [s.member for s, queued_now in zip(suspects, in_queue, strict=True) if queued_now]
+        sweep.lost = [s for s, queued_now in zip(suspects, in_queue, strict=True) if not queued_now]
         with self.client.pipeline(transaction=False) as pipe:
             if closed:
                 pipe.zrem(keys.CHUNKS_OPEN, *closed)
@@ -212,6 +213,3 @@ class Ledger:
             pipe.execute()
         sweep.closed, sweep.waiting = len(closed), len(waiting)
         return sweep
-
-    def open_count(self) -> int:
-        return int(self.client.zcard(keys.CHUNKS_OPEN))

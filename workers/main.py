@@ -35,7 +35,7 @@ def _on_ready(sender: object = None, **_: object) -> None:
     rt = runtime.get()
     _heartbeat = runtime.Heartbeat(rt, hostname)
     _heartbeat.start()
-    _recovery = Recovery(rt.settings, app, rt.store.redis, hostname)
+    _recovery = Recovery(rt.settings, app, rt.store.redis)
     _recovery.start()
     logger.info("worker %s consuming", hostname)
 

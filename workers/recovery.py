@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class Recovery:
-    def __init__(self, settings: Settings, app: Celery, client: redis.Redis, name: str) -> None:
+    def __init__(self, settings: Settings, app: Celery, client: redis.Redis) -> None:
         self.app = app
         self.client = client
         self.ledger = Ledger(client)
@@ -39,7 +39,6 @@ class Recovery:
         self.grace_s = 2.0 * settings.visibility_timeout_s
         self.max_sends = settings.chunk_max_retries + 1
         self.period_s = float(SWEEP_INTERVAL_S)
-        self.name = name
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
 

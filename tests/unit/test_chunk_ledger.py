@@ -120,7 +120,7 @@ def test_recovery_sends_lost_chunks_again_and_fails_a_job_whose_chunk_is_sent_to
     r.hset(keys.lane_key(LANE), "taken", 2)
     r.hset(keys.job_ledger_key("job_1"), "1:sends", 4)  # chunk 1 was sent 4 times: RERANK_CHUNK_MAX_RETRIES=3
     celery = RecordingCelery()
-    recovery = Recovery(Settings(visibility_timeout_s=20), celery, r, "w@h")  # type: ignore[arg-type]
+    recovery = Recovery(Settings(visibility_timeout_s=20), celery, r)  # type: ignore[arg-type]
     assert recovery.sweep_once(now=NOW) == 1
     [(message, queue, priority)] = celery.sent
     assert (message["job_id"], message["index"], message["send"], message["seq"]) == ("job_1", 0, 2, 1)
@@ -136,7 +136,7 @@ def test_two_workers_finding_the_same_lost_chunk_send_it_once(r) -> None:
     r.hset(keys.lane_key(LANE), "taken", 1)
     first, second = RecordingCelery(), RecordingCelery()
     settings = Settings()
-    sweeps = [Recovery(settings, app, r, f"w{k}@h") for k, app in enumerate((first, second))]  # type: ignore[arg-type]
+    sweeps = [Recovery(settings, app, r) for app in (first, second)]  # type: ignore[arg-type]
     lost = [recovery.ledger.find_lost(recovery.grace_s, lane_of, now=NOW).lost for recovery in sweeps]
     assert lost[0] == lost[1] and len(lost[0]) == 1  # both looked before either sent
     assert [sweeps[k]._recover(lost[k][0]) for k in (0, 1)] == [1, 0]  # the second is told 'raced'
