@@ -102,8 +102,10 @@ class FarmWorker:
         assert info is not None
         return int(json.loads(info)["pid"])
 
-    def kill(self) -> None:
-        """SIGKILL the launcher: its worker dies with it (no warm shutdown), and so does the engine it started."""
+    def kill(self, settle_s: float = 10.0) -> None:
+        """SIGKILL the launcher: its worker dies with it (no warm shutdown), and so does the engine it started.
+        Returns once the worker's process group is gone (at most `settle_s`): the worker dies a moment after its
+        launcher (`PR_SET_PDEATHSIG`) and may record a chunk in that moment, so its log is final only then."""
         from schemas import keys
 
         hostnames = self.alive_hostnames()
@@ -113,6 +115,9 @@ class FarmWorker:
         self.process.kill()
         self.process.wait()
         self.killed_at = time.time()
+        deadline = time.monotonic() + settle_s
+        while self.left_running() and time.monotonic() < deadline:
+            time.sleep(0.02)
         for hostname in hostnames:
             self.redis.delete(keys.worker_key(hostname))  # its heartbeat would linger until its TTL
 

@@ -66,7 +66,10 @@ def score(message: dict[str, Any], hostname: str) -> str:
     logger.info("job %s chunk %d taken", job_id, ref.index)
     outcome, chunk, started = store.take(ref, hostname)
     if chunk is None:
-        logger.info("job %s chunk %d skipped: job is %s", job_id, ref.index, outcome)
+        if outcome == "duplicate":  # a second message for a chunk recorded already: counted once
+            logger.info("job %s chunk %d skipped: duplicate (recorded already)", job_id, ref.index)
+        else:
+            logger.info("job %s chunk %d skipped: job is %s", job_id, ref.index, outcome)
         return "skipped"
     if started:
         logger.info("job %s running", job_id)
