@@ -1,7 +1,7 @@
 """Batches (OpenAI's Batch API, Voyage's batch) as a thin layer over jobs: a batch is one job.
 
 Creating a batch reads its input file line by line: each line is a call (`url`, or the batch's endpoint, and its
-`body`) parsed by the same shape classes as the interactive routes (`schemas.rerank`), turned into the job's
+`body`) parsed by the same shape classes as the interactive routes (`api.shapes`), turned into the job's
 requests; any bad line fails the batch at validation, with the lines at fault listed, before anything is queued.
 What each line needs to render its answer (custom_id, shape, options, how many requests it became) is kept in a
 Redis list beside the batch. A batch's status is its job's; its output file is not stored but written as it is read,
@@ -27,6 +27,7 @@ from pydantic_core import to_jsonable_python
 from api.file_store import FileStore
 from api.job_store import JobStore
 from api.pagination import newest_first
+from api.shapes import CALLS, SHAPE_TAGS, Answer, Shape, render, shape_of
 from schemas import keys
 from schemas.batches import (
     BATCH_ENDPOINTS,
@@ -44,7 +45,6 @@ from schemas.batches import (
 )
 from schemas.errors import BatchNotFound, FileNotFound, JobNotFinished, JobNotFound, describe_validation
 from schemas.jobs import Job, JobCreate, JobStatus, RequestResults, RerankRequest
-from schemas.rerank import CALLS, SHAPE_TAGS, Answer, Shape, render, shape_of
 from schemas.settings import Settings
 from store.job_state import decode_hash
 

@@ -23,9 +23,9 @@ from api.file_store import FileStore
 from api.job_store import JobStore
 from api.limits import BodySizeLimit
 from api.routes import batches, files, health, info, jobs, metrics, playground, rerank
+from api.shapes import SHAPE_TAGS, Shape, error_payload
 from schemas.errors import RerankError, describe_validation
 from schemas.queueing import celery_config
-from schemas.rerank import SHAPE_TAGS, Shape, error_payload
 from schemas.settings import Settings, get_settings
 from store.connect import async_redis_client, close_async
 

@@ -1,10 +1,8 @@
 """Every Prometheus metric of the farm, in one place (prometheus-client). Each process exports its own: the API at
 /metrics, each worker on RERANK_WORKER_METRICS_PORT + its GPU's position (cpu: + 0), the webhook worker on
-RERANK_WEBHOOK_METRICS_PORT. Prometheus adds them up."""
+RERANK_WEBHOOK_METRICS_PORT (each process starts its own server). Prometheus adds them up."""
 
 from __future__ import annotations
-
-import logging
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -40,16 +38,3 @@ GPU_MEMORY_USED = Gauge("rerank_gpu_memory_used_bytes", "GPU memory in use (NVML
 GPU_UTILIZATION = Gauge("rerank_gpu_utilization_ratio", "GPU busy fraction (NVML), per worker.", ["worker", "gpu"])
 
 WEBHOOK_DELIVERIES = Counter("rerank_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"])
-
-logger = logging.getLogger(__name__)
-
-
-def serve(port: int, who: str) -> None:
-    """/metrics on `port` for this process; a port in use is logged, never fatal (metrics must not stop the work)."""
-    from prometheus_client import start_http_server
-
-    try:
-        start_http_server(port)
-        logger.info("%s: metrics on :%d/metrics", who, port)
-    except OSError as exc:
-        logger.warning("%s: no /metrics on port %d: %s", who, port, exc)

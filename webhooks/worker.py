@@ -21,15 +21,17 @@ from urllib.parse import urlsplit
 
 import redis
 from celery import Celery, signals
+from prometheus_client import start_http_server
 
 from schemas import keys, metrics
-from schemas.queueing import celery_config, keep_leases, worker_argv
+from schemas.queueing import celery_config, worker_argv
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import WebhookState, event_payload
 from store.connect import redis_client
 from store.job_state import JobRecord
 from store.results import assemble_results
 from webhooks import delivery
+from workers.lease import keep_leases
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ def deliver(client: redis.Redis, settings: Settings, job_id: str) -> str:
         else:
             pipe.zadd(keys.WEBHOOKS_DUE, {job_id: due})
         pipe.execute()
+    metrics.WEBHOOK_DELIVERIES.labels(state.value).inc()
     logger.info(
         "job %s %s: webhook attempt %d to %s: %s -> %s",
         job_id,
@@ -191,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     if settings.webhook_secret is None:
         logger.warning("RERANK_WEBHOOK_SECRET is not set: no webhook can be signed until it is")
     if settings.webhook_metrics_port:
-        metrics.serve(settings.webhook_metrics_port, "webhooks")
+        try:  # metrics must not stop the work: a port in use is logged
+            start_http_server(settings.webhook_metrics_port)
+        except OSError as exc:
+            logger.warning("webhooks: no /metrics on port %d: %s", settings.webhook_metrics_port, exc)
     app.worker_main(worker_argv("webhooks@%h", [keys.QUEUE_WEBHOOKS], args.concurrency, args.loglevel, False))
     return 0
 

@@ -5,7 +5,7 @@ until scored, seconds on a busy engine), a worker takes no interactive chunk unt
 step reads the interactive queue on a channel of its own (its own prefetch, `RERANK_INTERACTIVE_SLOTS`) and runs
 each chunk on a small thread pool of its own, through the same `workers.tasks.score` as the Celery task; the
 batcher then serves its pairs ahead of bulk pairs. Messages are Celery task messages (the API sends them with
-`send_task`), acked once their scores are stored, held under the same lease as Celery's (`schemas.queueing`).
+`send_task`), acked once their scores are stored, held under the same lease as Celery's (`workers.lease`).
 They are not Celery tasks on this side: Flower shows the queue (its length, through `active_queues`, extended here),
 not these chunks as tasks.
 """
@@ -24,9 +24,9 @@ from kombu import Consumer, Exchange, Message, Queue
 
 from schemas.chunks import ChunkRef
 from schemas.keys import QUEUE_INTERACTIVE
-from schemas.queueing import held_elsewhere
 from schemas.settings import get_settings
 from workers import runtime, tasks
+from workers.lease import held_elsewhere
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import logging
 import sys
 
 from celery import signals
+from prometheus_client import start_http_server
 
-from schemas import metrics
 from schemas.errors import EngineLoadError
 from schemas.keys import QUEUE_BULK
 from schemas.queueing import worker_argv
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rerankfarm worker {args.name}: cannot start: {exc.message}", file=sys.stderr)
         return 2
     if args.metrics_port:
-        metrics.serve(args.metrics_port, f"worker {args.name}")
+        try:  # metrics must not stop the work: a port in use is logged
+            start_http_server(args.metrics_port)
+        except OSError as exc:
+            logger.warning("worker %s: no /metrics on port %d: %s", args.name, args.metrics_port, exc)
     from workers.celery_app import app
     from workers.interactive import consume_interactive
 

@@ -4,8 +4,8 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from api.deps import SettingsDep
+from api.shapes import TeiInfo
 from schemas.prompt import DEFAULT_INSTRUCTION
-from schemas.rerank import TeiInfo
 
 router = APIRouter(tags=["info"])
 

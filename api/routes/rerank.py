@@ -1,5 +1,5 @@
 """The interactive calls: Cohere, Jina, vLLM, TEI, Voyage and OpenAI-compatible clients work against them unchanged.
-The shapes themselves (what each client sends and expects back) live in `schemas.rerank`."""
+The shapes themselves (what each client sends and expects back) live in `api.shapes`."""
 
 from typing import Annotated, Any
 
@@ -7,9 +7,7 @@ from fastapi import APIRouter, Body, Depends, Request
 from pydantic import BaseModel
 
 from api.deps import SettingsDep, StoreDep, TenantDep
-from schemas.errors import InvalidRequest, JobFailed, JobNotFinished, TooLarge
-from schemas.jobs import ErrorResponse, JobCreate, JobStatus
-from schemas.rerank import (
+from api.shapes import (
     Answer,
     Call,
     RerankBody,
@@ -23,6 +21,8 @@ from schemas.rerank import (
     render,
     shape_of,
 )
+from schemas.errors import InvalidRequest, JobFailed, JobNotFinished, TooLarge
+from schemas.jobs import ErrorResponse, JobCreate, JobStatus
 from schemas.settings import Settings
 
 router = APIRouter(tags=["rerank"])

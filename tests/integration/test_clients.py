@@ -18,8 +18,8 @@ import voyageai
 from haystack import Document
 from haystack_integrations.components.rankers.huggingface_api import HuggingFaceTEIRanker
 
+from api.shapes import raw_score
 from schemas import keys
-from schemas.rerank import raw_score
 from tests.conftest import random_text
 
 with warnings.catch_warnings():  # LlamaIndex's own models warn about their fields at import

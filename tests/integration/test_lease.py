@@ -1,4 +1,4 @@
-"""The lease on held messages, against kombu's real Redis transport: what `schemas.queueing` relies on.
+"""The lease on held messages, against kombu's real Redis transport: what `workers.lease` relies on.
 
 kombu records a taken message's delivery time in `unacked_index` and its sweep (`restore_visible`) queues again
 what is older than the visibility timeout. Renewing moves the time forward; a message acked meanwhile is not
@@ -13,9 +13,10 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from schemas.queueing import UNACKED_INDEX_KEY, UNACKED_KEY, celery_config, renew
+from schemas.queueing import UNACKED_INDEX_KEY, UNACKED_KEY, celery_config
 from schemas.settings import Settings
 from tests.integration.conftest import other_db
+from workers.lease import renew
 
 pytestmark = pytest.mark.integration
 

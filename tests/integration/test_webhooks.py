@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from api.main import create_app
@@ -235,8 +236,10 @@ def test_address_is_checked_again_at_delivery(redis_url, receiver) -> None:
         },
     )
     client.zadd(keys.WEBHOOKS_DUE, {job_id: 0})
+    failed_before = REGISTRY.get_sample_value("rerank_webhook_deliveries_total", {"outcome": "failed"}) or 0.0
     state = deliver(client, Settings(redis_url=redis_url, webhook_secret=SECRET, webhook_allowlist=""), job_id)
     assert state == "failed" and receiver.at("/never") == []
+    assert REGISTRY.get_sample_value("rerank_webhook_deliveries_total", {"outcome": "failed"}) == failed_before + 1
     attempt = json.loads(client.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)[0])
     assert "non-public" in attempt["error"]
     assert client.zscore(keys.WEBHOOKS_DUE, job_id) is None

@@ -9,9 +9,11 @@ import time
 
 import fakeredis
 
-from schemas import keys, queueing
+from schemas import keys
 from schemas.chunks import ChunkRef
-from schemas.queueing import UNACKED_INDEX_KEY, LeaseRenewal
+from schemas.queueing import UNACKED_INDEX_KEY
+from workers import lease
+from workers.lease import LeaseRenewal
 
 
 def _ref(index: int, seq: int) -> ChunkRef:
@@ -23,9 +25,9 @@ def test_renews_what_it_holds_but_not_what_came_over_a_lost_connection(monkeypat
     client.zadd(UNACKED_INDEX_KEY, {"old": 1.0, "new": 1.0, "acked-meanwhile": 1.0})
     client.zrem(UNACKED_INDEX_KEY, "acked-meanwhile")
     client.zadd(keys.CHUNKS_OPEN, {"job_1:0": 1.0, "job_1:1": 1.0})
-    monkeypatch.setattr(queueing, "held_elsewhere", {"old": _ref(0, 3)})
-    stale = frozenset(queueing.held_delivery_tags())  # what start() takes as stale: held before this start
-    queueing.held_elsewhere.update({"new": _ref(1, 8), "acked-meanwhile": _ref(2, 9), "unread": None})
+    monkeypatch.setattr(lease, "held_elsewhere", {"old": _ref(0, 3)})
+    stale = frozenset(lease.held_delivery_tags())  # what start() takes as stale: held before this start
+    lease.held_elsewhere.update({"new": _ref(1, 8), "acked-meanwhile": _ref(2, 9), "unread": None})
     stop = threading.Event()
     thread = threading.Thread(target=LeaseRenewal._run, args=(client, 0.01, stop, stale), daemon=True)
     thread.start()
