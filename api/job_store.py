@@ -317,11 +317,13 @@ class JobStore:
             )
         return job
 
-    async def cancel(self, job_id: str, tenant: str) -> Job:
+    async def cancel(self, job_id: str, tenant: str, code: str = "", reason: str = "") -> Job:
+        """Cancel a job that is not final yet: its chunks are dropped wherever they wait (queue, batcher, engine).
+        `code` and `reason` say why when the farm, not the job's owner, cancels it."""
         await self._record(job_id, tenant)
-        if await self.scripts.run(job_state.cancel(job_id, tenant)):
+        if await self.scripts.run(job_state.cancel(job_id, tenant, code, reason)):
             metrics.JOBS_FINISHED.labels("cancelled").inc()
-            logger.info("job %s cancelled", job_id)
+            logger.info("job %s cancelled%s", job_id, f": {reason}" if reason else "")
         return await self.get(job_id, tenant)
 
     async def queue_depths(self) -> dict[str, int]:

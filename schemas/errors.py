@@ -80,6 +80,14 @@ class WaitTimeout(RerankError):
     status = 504
 
 
+class CallerGone(RerankError):
+    """The caller hung up before its answer was ready (nginx's 499): nobody reads this answer, only logs and metrics
+    see it."""
+
+    code = "client_closed_request"
+    status = 499
+
+
 class JobFailed(RerankError):
     code = "job_failed"
     status = 502

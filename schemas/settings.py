@@ -161,8 +161,8 @@ class Settings(BaseSettings):
     interactive_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="Seconds /v1/rerank waits before answering 504 with the job id (the job goes on and can be "
-        "polled). A request's `timeout` overrides it.",
+        description="Seconds /v1/rerank waits before answering 504 with the job id; the job is then cancelled "
+        "(nobody will read its answer), its pairs dropped. A request's `timeout` overrides it.",
     )
     interactive_slots: int = Field(
         4,

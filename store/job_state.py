@@ -270,8 +270,9 @@ def fail(job_id: str, tenant: str, code: str, message: str) -> Move:
     return Move(FINISH, script_keys(job_id, tenant), args)
 
 
-def cancel(job_id: str, tenant: str) -> Move:
-    args: list[str | int] = [JobStatus.cancelled.value, "", "", now_iso(), keys.DONE_TTL_S]
+def cancel(job_id: str, tenant: str, code: str = "", message: str = "") -> Move:
+    """A cancel by its owner (no reason), or by the farm with one (an interactive call nobody waits for)."""
+    args: list[str | int] = [JobStatus.cancelled.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
     return Move(FINISH, script_keys(job_id, tenant), args)
 
 

@@ -1,6 +1,7 @@
 """The interactive calls: Cohere, Jina, vLLM, TEI, Voyage and OpenAI-compatible clients work against them unchanged.
 The shapes themselves (what each client sends and expects back) live in `api.shapes`."""
 
+import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Request
@@ -21,8 +22,8 @@ from api.shapes import (
     render,
     shape_of,
 )
-from schemas.errors import InvalidRequest, JobFailed, JobNotFinished, TooLarge
-from schemas.jobs import ErrorResponse, JobCreate, JobStatus
+from schemas.errors import CallerGone, InvalidRequest, JobFailed, JobNotFinished, TooLarge, WaitTimeout
+from schemas.jobs import ErrorResponse, Job, JobCreate, JobStatus
 from schemas.settings import Settings
 
 router = APIRouter(tags=["rerank"])
@@ -60,7 +61,42 @@ async def note_shape(request: Request) -> None:
     request.state.shape = shape_of(request.url.path, body, request.headers)
 
 
-async def answer(call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool) -> Answer:
+HANGUP_POLL_S = 0.2  # how often a waiting call looks whether its caller is still connected
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns once the caller has closed its connection."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(HANGUP_POLL_S)
+
+
+async def wait_for_caller(request: Request, store: StoreDep, job_id: str, tenant: str, timeout: float) -> Job:
+    """The job once it is final. When the wait runs out, or the caller hangs up first, nobody will read the answer:
+    the job is cancelled, so its pairs leave the queue, the batcher and the engine instead of taking engine time
+    (as TEI and vLLM drop a request whose client has gone)."""
+    waiting = asyncio.ensure_future(store.wait(job_id, tenant, timeout))
+    watching = asyncio.ensure_future(_hung_up(request))
+    try:
+        done, _ = await asyncio.wait({waiting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+        watching.cancel()
+        await asyncio.gather(waiting, watching, return_exceptions=True)  # their outcomes are read from `done`
+    if waiting in done:
+        try:
+            return waiting.result()
+        except WaitTimeout:
+            await store.cancel(job_id, tenant, "timeout", f"the call's wait of {timeout:g}s ran out")
+            raise WaitTimeout(
+                f"job {job_id} did not finish within {timeout:g}s and was cancelled", job_id=job_id
+            ) from None
+    await store.cancel(job_id, tenant, CallerGone.code, "the caller hung up before its answer was ready")
+    raise CallerGone(f"the caller of job {job_id} hung up", job_id=job_id)
+
+
+async def answer(
+    request: Request, call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool
+) -> Answer:
     """Run a call as an interactive job and wait for it: its answer, or the error it met."""
     requests = call.requests(return_documents)
     pairs = sum(len(r.documents) for r in requests)
@@ -73,7 +109,7 @@ async def answer(call: Call, store: StoreDep, settings: Settings, tenant: str, r
         JobCreate(requests=requests, priority=9), tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens
     )
     timeout = getattr(call, "timeout", None) or settings.interactive_timeout_s
-    job = await store.wait(job.id, tenant, timeout)
+    job = await wait_for_caller(request, store, job.id, tenant, timeout)
     if job.status is JobStatus.failed and job.error is not None:
         if job.error.code == "invalid_input":
             raise InvalidRequest(job.error.message)
@@ -85,9 +121,9 @@ async def answer(call: Call, store: StoreDep, settings: Settings, tenant: str, r
 
 
 async def _rerank(
-    call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool
+    request: Request, call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool
 ) -> BaseModel | list[Any]:
-    done = await answer(call, store, settings, tenant, return_documents)
+    done = await answer(request, call, store, settings, tenant, return_documents)
     return render(call.shape, done, call.render_options())
 
 
@@ -109,22 +145,22 @@ _score_route = {
 
 @router.post("/v1/rerank", **_rerank_route)  # type: ignore[arg-type]
 @router.post("/rerank", **_rerank_route)  # type: ignore[arg-type]
-async def rerank_v1(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+async def rerank_v1(request: Request, call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Rerank documents for one query and answer in this response: the Cohere v1, Jina and vLLM shape, the Voyage
     shape when the body has `top_k`, the TEI shape (a bare array, best first) when it has `texts`. `/rerank` is the
     root path TEI and vLLM clients call."""
-    return await _rerank(call, store, settings, tenant, return_documents=True)
+    return await _rerank(request, call, store, settings, tenant, return_documents=True)
 
 
 @router.post("/v2/rerank", **_rerank_route)  # type: ignore[arg-type]
-async def rerank_v2(call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+async def rerank_v2(request: Request, call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Rerank, Cohere v2 shape: documents are returned only when `return_documents` is true."""
-    return await _rerank(call, store, settings, tenant, return_documents=False)
+    return await _rerank(request, call, store, settings, tenant, return_documents=False)
 
 
 @router.post("/v1/score", **_score_route)  # type: ignore[arg-type]
 @router.post("/score", include_in_schema=False, **_score_route)  # type: ignore[arg-type]
-async def score(call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+async def score(request: Request, call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
     """vLLM's score call (also on /score): `text_1`/`text_2` (or `queries`/`documents`), one query against many
     documents or paired one to one; scores in pair order."""
-    return await _rerank(call, store, settings, tenant, return_documents=False)
+    return await _rerank(request, call, store, settings, tenant, return_documents=False)

@@ -3,7 +3,10 @@ long documents."""
 
 from __future__ import annotations
 
+import json
 import random
+import re
+import socket
 import threading
 import time
 
@@ -13,9 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from schemas import keys
 from schemas.prompt import PREFIX, SUFFIX, format_body
 from tests.conftest import random_text
-from tests.integration.conftest import farm_settings, other_db, wait_for
+from tests.integration.conftest import farm_settings, other_db, serve, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -95,7 +99,8 @@ def test_interactive_request_behind_a_large_bulk_job_returns_before_it_ends(clie
     client.post(f"/v1/jobs/{bulk['id']}/cancel")
 
 
-def test_timeout_answers_504_with_the_job_id_and_the_job_goes_on(redis_url, tiny_model_dir) -> None:
+def test_timeout_answers_504_with_the_job_id_and_cancels_the_job(redis_url, tiny_model_dir) -> None:
+    """Nobody reads the answer of a call that timed out: its job is cancelled, so no worker scores it later."""
     with TestClient(create_app(farm_settings(other_db(redis_url, 5), tiny_model_dir))) as lonely:
         started = time.monotonic()
         r = lonely.post("/v1/rerank", json={"query": "w1", "documents": ["w2", "w3"], "timeout": 0.5})
@@ -104,7 +109,58 @@ def test_timeout_answers_504_with_the_job_id_and_the_job_goes_on(redis_url, tiny
         error = r.json()["error"]
         assert error["code"] == "timeout" and error["job_id"] in error["message"]
         job = lonely.get(f"/v1/jobs/{error['job_id']}").json()
-        assert job["status"] == "queued" and job["kind"] == "interactive"
+        assert job["status"] == "cancelled" and job["kind"] == "interactive", job
+        assert job["error"]["code"] == "timeout"
+
+
+def test_a_caller_that_hangs_up_has_its_pairs_dropped(redis_url, tiny_model_dir, worker) -> None:
+    """A client sends a large interactive call over a plain socket and closes it once the worker holds the call's
+    chunk (one chunk of 1000 pairs: seconds of engine time here): the API cancels the job at once, and the worker
+    drops the pairs it holds in the batcher and the engine instead of scoring pairs nobody will read."""
+    rng = random.Random(26)
+    body = json.dumps({"query": "w1 w2", "documents": _docs(rng, 1000, 200, 300)}).encode()
+    settings = farm_settings(redis_url, tiny_model_dir, interactive_chunk_size=1000)
+    with serve(settings) as url, httpx.Client(base_url=url, timeout=30) as http:
+
+        def recent() -> list[dict]:
+            return http.get("/v1/jobs", params={"limit": 100}).json()["data"]
+
+        before = {j["id"] for j in recent()}
+        host, port = url.removeprefix("http://").split(":")
+        caller = socket.create_connection((host, int(port)))
+        head = f"POST /v1/rerank HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        caller.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while not (new := [j for j in recent() if j["id"] not in before]):
+            assert time.monotonic() < deadline, "the call never became a job"
+            time.sleep(0.05)
+        [job] = new
+        while f"job {job['id']} chunk 0 taken" not in worker.log_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "no worker took the call's chunk"
+            time.sleep(0.02)
+        scored_before = _pairs_scored(worker)
+        caller.close()  # the caller hangs up while its pairs are in the engine
+        hung_up = time.monotonic()
+        while job["status"] != "cancelled":
+            assert time.monotonic() - hung_up < 5, job
+            time.sleep(0.1)
+            job = http.get(f"/v1/jobs/{job['id']}").json()
+        assert job["error"]["code"] == "client_closed_request"
+        dropped = rf"job {job['id']} chunk 0 dropped: job is cancelled"
+        while not re.search(dropped, worker.log_path.read_text(errors="replace")):
+            assert time.monotonic() - hung_up < 10, "the worker went on scoring the pairs of a call nobody waits for"
+            time.sleep(0.1)
+        job = http.get(f"/v1/jobs/{job['id']}").json()
+        time.sleep(2)  # two heartbeats: the count below is fresh
+    assert job["progress"]["completed"] == 0, job  # the chunk was never recorded
+    scored = _pairs_scored(worker) - scored_before
+    assert scored < 500, f"the engine scored {scored} of the 1000 pairs after the caller left"
+
+
+def _pairs_scored(worker) -> int:
+    """Pairs the worker's engine has scored, from its heartbeat (updated every second in the tests)."""
+    [hostname] = worker.alive_hostnames()
+    return int(json.loads(worker.redis.get(keys.worker_key(hostname)))["pairs_scored"])
 
 
 def test_a_job_finishing_during_the_wait_wakes_the_waiter_at_once(redis_url, tiny_model_dir, worker) -> None:
