@@ -190,6 +190,7 @@ class JobStore:
                 move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
                 if await self.scripts.run(move):
                     metrics.JOBS_FINISHED.labels("failed").inc()
+                    metrics.JOBS_FAILED.labels("enqueue_failed").inc()
             raise Unavailable("the job queue is unreachable; retry later") from exc
         metrics.JOBS_SUBMITTED.labels(record.kind).inc()
         logger.info(

@@ -25,6 +25,7 @@ from api.limits import BodySizeLimit
 from api.routes import batches, files, health, info, jobs, metrics, playground, rerank
 from api.shapes import SHAPE_TAGS, Shape, error_payload
 from schemas.errors import RerankError, describe_validation
+from schemas.metrics import REQUEST_FAILURES
 from schemas.queueing import celery_config
 from schemas.settings import Settings, get_settings
 from store.connect import async_redis_client, close_async
@@ -70,6 +71,7 @@ def _error(
     """Every error answer: in the shape of the client's call (TEI, Voyage) where a rerank route noted one, in the
     farm's `{"error": {code, message}}` elsewhere."""
     shape: Shape | None = getattr(request.state, "shape", None)
+    REQUEST_FAILURES.labels(code).inc()
     return JSONResponse(error_payload(shape, status, code, message, **details), status_code=status, headers=headers)
 
 

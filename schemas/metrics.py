@@ -8,7 +8,19 @@ from prometheus_client import Counter, Gauge, Histogram
 
 JOBS_SUBMITTED = Counter("rerank_jobs_submitted_total", "Jobs accepted by the API.", ["kind"])
 JOBS_FINISHED = Counter("rerank_jobs_finished_total", "Jobs that reached a final state.", ["status"])
+JOBS_FAILED = Counter(
+    "rerank_jobs_failed_total",
+    "Jobs that failed, by cause (the job's error code: invalid_input, engine_error, chunk_lost, internal_error, "
+    "enqueue_failed).",
+    ["cause"],
+)
 REQUESTS_REFUSED = Counter("rerank_requests_refused_total", "Requests refused by a limit.", ["reason"])
+REQUEST_FAILURES = Counter(
+    "rerank_request_failures_total",
+    "API requests answered with an error, by cause (the error code of the answer: invalid_request, overloaded, "
+    "timeout, client_closed_request, unavailable, ...).",
+    ["cause"],
+)
 QUEUE_DEPTH = Gauge("rerank_queue_depth", "Messages waiting in a queue (read from Redis at scrape).", ["queue"])
 WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")
 

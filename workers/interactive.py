@@ -13,7 +13,6 @@ not these chunks as tasks.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import logging
 from typing import Any
 
@@ -25,7 +24,7 @@ from kombu import Consumer, Exchange, Message, Queue
 from schemas.chunks import ChunkRef
 from schemas.keys import QUEUE_INTERACTIVE
 from schemas.settings import get_settings
-from workers import runtime, tasks
+from workers import tasks
 from workers.lease import held_elsewhere
 
 logger = logging.getLogger(__name__)
@@ -79,15 +78,11 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
                 return
             held_elsewhere[tag] = ref
             try:
-                tasks.score(ref.model_dump(), self.hostname)
+                tasks.score(ref.model_dump(), self.hostname)  # a bug fails the job there: the caller learns it
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 logger.warning("interactive chunk given back: Redis unavailable (%r)", exc)
                 message.requeue()
                 return
-            except Exception as exc:  # a bug, not the engine (score retries and fails those): the caller learns it
-                logger.exception("interactive chunk of job %s failed", ref.job_id)
-                with contextlib.suppress(Exception):
-                    runtime.get().store.fail(ref.job_id, "internal_error", f"scoring failed: {exc!r}", ref.tenant)
             message.ack()
         except Exception as exc:  # the channel went away (worker stopping): kombu restores what was not acked
             logger.warning("interactive chunk not acked: %r", exc)

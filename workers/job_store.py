@@ -7,7 +7,7 @@ from datetime import datetime
 
 import redis
 
-from schemas import keys
+from schemas import keys, metrics
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
 from schemas.queueing import resend_lane
@@ -58,7 +58,13 @@ class WorkerJobStore:
         return as_str(self.scripts.run(move))
 
     def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:
-        return bool(self.scripts.run(job_state.fail(job_id, tenant, code, message)))
+        """Fail a job that is not final yet, with its cause (`code`) and reason; returns whether it moved. Counted
+        in `rerank_jobs_failed_total` by cause."""
+        failed = bool(self.scripts.run(job_state.fail(job_id, tenant, code, message)))
+        if failed:
+            metrics.JOBS_FINISHED.labels("failed").inc()
+            metrics.JOBS_FAILED.labels(code).inc()
+        return failed
 
     def latency(self, job_id: str) -> tuple[str, float] | None:
         """(kind, seconds from creation to finish) of a finished job."""

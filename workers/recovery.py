@@ -24,8 +24,8 @@ from schemas import metrics
 from schemas.chunks import ChunkRef
 from schemas.queueing import SWEEP_INTERVAL_S, batcher_priority, lane_of, publish, resend_lane
 from schemas.settings import Settings
-from store import job_state
-from store.chunk_ledger import Ledger, Lost
+from store.chunk_ledger import Lost
+from workers.job_store import WorkerJobStore
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ class Recovery:
     def __init__(self, settings: Settings, app: Celery, client: redis.Redis) -> None:
         self.app = app
         self.client = client
-        self.ledger = Ledger(client)
-        self.scripts = job_state.Scripts(client)
+        self.store = WorkerJobStore(client, settings.result_ttl_s)
+        self.ledger = self.store.ledger
         self.grace_s = 2.0 * settings.visibility_timeout_s
         self.max_sends = settings.chunk_max_retries + 1
         self.period_s = float(SWEEP_INTERVAL_S)
@@ -93,8 +93,7 @@ class Recovery:
                 f"chunk {lost.index} was sent {sends} times and never scored (RERANK_CHUNK_MAX_RETRIES="
                 f"{self.max_sends - 1}): its workers kept dying or losing it"
             )
-            if self.scripts.run(job_state.fail(lost.job_id, lost.tenant, "chunk_lost", message)):
-                metrics.JOBS_FINISHED.labels("failed").inc()
+            if self.store.fail(lost.job_id, "chunk_lost", message, lost.tenant):
                 metrics.CHUNKS_RECOVERED.labels("given_up").inc()
                 logger.error("job %s failed: %s", lost.job_id, message)
         return 0

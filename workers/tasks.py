@@ -16,6 +16,7 @@ from celery.exceptions import Reject
 
 from schemas import metrics
 from schemas.chunks import ChunkRef
+from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
 from schemas.queueing import publish
 from workers import runtime, scoring
@@ -59,9 +60,23 @@ def _wait(submission: Submission, is_cancelled: Callable[[], bool], timeout: flo
 def score(message: dict[str, Any], hostname: str) -> str:
     """Take the chunk a message names, score it and record it; returns the outcome. A failed engine call sends the
     chunk again (after a backoff) while its sends allow, else fails the job. Raises redis-py's errors when Redis
-    stayed away (the caller gives the message back)."""
-    rt = runtime.get()
+    stayed away (the caller gives the message back). Any other error is a bug: the job fails with `internal_error`
+    and the traceback is logged, rather than the chunk going round through re-sends."""
     ref = ChunkRef.model_validate(message)
+    try:
+        return _score(ref, hostname)
+    except (redis.ConnectionError, redis.TimeoutError):
+        raise
+    except Exception as exc:
+        logger.exception("job %s chunk %d: scoring failed", ref.job_id, ref.index)
+        runtime.get().store.fail(
+            ref.job_id, "internal_error", f"chunk {ref.index}: scoring failed: {exc!r}", ref.tenant
+        )
+        return "failed"
+
+
+def _score(ref: ChunkRef, hostname: str) -> str:
+    rt = runtime.get()
     store, job_id = rt.store, ref.job_id
     logger.info("job %s chunk %d taken", job_id, ref.index)
     outcome, chunk, started = store.take(ref, hostname)
@@ -76,11 +91,9 @@ def score(message: dict[str, Any], hostname: str) -> str:
     started_at = time.perf_counter()
     try:
         prepared = scoring.prepare(rt.prompts, chunk)
-    except Exception as exc:  # input the tokenizer rejects will fail again: no retry
-        logger.warning("job %s chunk %d: input rejected: %r", job_id, ref.index, exc)
-        message_text = getattr(exc, "message", None) or f"the tokenizer rejected the input ({exc!r})"
-        if store.fail(job_id, "invalid_input", f"chunk {ref.index}: {message_text}", ref.tenant):
-            metrics.JOBS_FINISHED.labels("failed").inc()
+    except InvalidInput as exc:  # input the limits reject fails again: no retry
+        logger.warning("job %s chunk %d: input rejected: %s", job_id, ref.index, exc.message)
+        store.fail(job_id, "invalid_input", f"chunk {ref.index}: {exc.message}", ref.tenant)
         return "failed"
     submission = rt.batcher.submit(prepared.prompts, ref.priority)
     try:
@@ -125,8 +138,7 @@ def _send_again_or_fail(ref: ChunkRef, exc: BaseException) -> str:
         return "sent again"
     if outcome == "exhausted":
         message = f"chunk {ref.index} failed after {ref.send} attempts: {exc!r}"
-        if rt.store.fail(ref.job_id, "engine_error", message, ref.tenant):
-            metrics.JOBS_FINISHED.labels("failed").inc()
+        rt.store.fail(ref.job_id, "engine_error", message, ref.tenant)
         logger.error("job %s failed: chunk %d: %r", ref.job_id, ref.index, exc)
         return "failed"
     return outcome  # recorded, sent again or ended meanwhile

@@ -8,6 +8,7 @@ import re
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import psutil
 import pytest
@@ -44,19 +45,40 @@ def chunk_events(log: str, job_id: str) -> tuple[Counter[int], Counter[tuple[int
     return taken, outcomes
 
 
-def kill_with_chunks_in_hand(worker: WorkerProcess, job_id: str, timeout: float = 60) -> tuple[set[int], set[int]]:
-    """SIGKILL the worker as soon as its log shows a chunk of the job taken and not finished. Returns, once the
-    worker is gone, the chunks it held (taken and not recorded: Redis says, not the log) and the chunks it recorded
-    without logging it (it was killed between the two, or recorded in the moment it outlived its launcher)."""
+def stall_holding(
+    worker: WorkerProcess, job_id: str, stall: Callable[[], object], resume: Callable[[], object], timeout: float = 60
+) -> set[int]:
+    """Stall the worker (`stall()`: freeze it, cut its network) while it holds a chunk of the job that is not
+    recorded, and return those chunks. Whenever its log shows a chunk taken and not finished, the worker is stalled
+    and Redis asked: with such a chunk held, it stays stalled (it can record nothing more); else it is resumed and
+    the look repeated (its chunk was recorded just before the stall)."""
     deadline = time.monotonic() + timeout
     while True:
+        assert time.monotonic() < deadline, "the worker never held an unrecorded chunk of the job"
         taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
         if any(not any(o[0] == i for o in outcomes) for i in taken):
-            break
-        assert time.monotonic() < deadline, "the worker never held a chunk of the job"
+            stall()
+            held, _ = _held_and_unlogged(worker, job_id)
+            if held:
+                return held
+            resume()
         time.sleep(0.01)
-    worker.kill()
+
+
+def kill_with_chunks_in_hand(worker: WorkerProcess, job_id: str) -> tuple[set[int], set[int]]:
+    """SIGKILL the worker while it holds a chunk of the job that is not recorded (frozen first: `stall_holding`).
+    Returns, once the worker is gone, the chunks it held (taken, not recorded) and those it recorded without logging
+    it."""
+    pid = worker.pid()
+    stall_holding(worker, job_id, lambda: os.kill(pid, signal.SIGSTOP), lambda: os.kill(pid, signal.SIGCONT))
+    worker.kill()  # the launcher; its frozen worker dies with it
     assert not worker.left_running(), worker.left_running()
+    return _held_and_unlogged(worker, job_id)
+
+
+def _held_and_unlogged(worker: WorkerProcess, job_id: str) -> tuple[set[int], set[int]]:
+    """Chunks of the job the worker's log shows taken and not finished: those not recorded (Redis says), and those
+    recorded (it was stopped between the record and its log line)."""
     taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
     unfinished = {i for i in taken if not any(o[0] == i for o in outcomes)}
     recorded = {int(i) for i in worker.redis.hkeys(keys.job_scores_key(job_id))}

@@ -27,7 +27,7 @@ from rerankfarm.embedded_redis import EmbeddedRedis, free_port
 from schemas.queueing import lane_of
 from tests.conftest import random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
-from tests.integration.test_crash_recovery import _assert_every_pair_scored_once, chunk_events
+from tests.integration.test_crash_recovery import _assert_every_pair_scored_once, chunk_events, stall_holding
 
 pytestmark = pytest.mark.integration
 
@@ -48,17 +48,6 @@ def _message_chunk(raw: bytes) -> tuple[str, int]:
     return args[0]["job_id"], args[0]["index"]
 
 
-def _held_chunks(worker: WorkerProcess, job_id: str, timeout: float = 60) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
-        held = {i for i in taken if not any(o[0] == i for o in outcomes)}
-        if held:
-            return held
-        assert time.monotonic() < deadline, "the worker never held a chunk of the job"
-        time.sleep(0.01)
-
-
 def _outlast_three_leases(
     url: str,
     model_dir: Path,
@@ -73,8 +62,7 @@ def _outlast_three_leases(
     body = _body(seed, 4, 150)
     with TestClient(create_app(farm_settings(url, model_dir, chunk_size=10))) as client:
         job = client.post("/v1/jobs", json=body).json()
-        held = _held_chunks(stalled, job["id"])
-        stall()
+        held = stall_holding(stalled, job["id"], stall, resume)
         try:
             time.sleep(15)
             taken_by_other, _ = chunk_events(other.log_path.read_text(errors="replace"), job["id"])

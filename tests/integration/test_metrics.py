@@ -49,6 +49,19 @@ def test_metrics_move_when_jobs_run(redis_url, tiny_model_dir, log_dir) -> None:
             "rerank_batch_pairs_bucket",
             (("le", "1.0"),),
         ) in after_worker
+
+        # Failures by cause: a request the API refuses, and a job its worker fails (input over the max length with
+        # truncation off).
+        assert client.post("/v1/jobs", json={"requests": []}).status_code == 422
+        huge = " ".join(f"w{i % 500}" for i in range(9000))
+        body = {"requests": [{"query": "w1", "documents": [huge], "truncate": False}]}
+        poison = client.post("/v1/jobs", json=body).json()
+        assert wait_for(client, poison["id"])["status"] == "failed"
+        refused = ("rerank_request_failures_total", (("cause", "invalid_request"),))
+        assert _samples(client.get("/metrics").text)[refused] == after_api.get(refused, 0) + 1
+        failed = ("rerank_jobs_failed_total", (("cause", "invalid_input"),))
+        worker_now = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        assert worker_now[failed] == after_worker.get(failed, 0) + 1
     finally:
         stack.close()
         worker.stop()

@@ -9,6 +9,7 @@ import redis
 
 from schemas import keys
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
+from schemas.errors import InvalidInput
 from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration
@@ -79,3 +80,28 @@ def test_final_state_of_a_waited_on_job_is_pushed_once(store) -> None:
     store.fail(failed, "invalid_input", "bad")
     assert store.redis.lrange(keys.job_done_key(failed), 0, -1) == [b"failed"]
     assert 0 < store.redis.ttl(keys.job_done_key(failed)) <= keys.DONE_TTL_S
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [(InvalidInput("a prompt has 9000 tokens, over the limit"), "invalid_input"), (KeyError("bug"), "internal_error")],
+)
+def test_input_the_limits_reject_and_a_bug_fail_the_job_with_their_own_cause(store, monkeypatch, error, code) -> None:
+    """A chunk the limits reject fails its job as `invalid_input`; any other error in scoring is a bug, reported as
+    `internal_error` (never as the caller's fault), and counted by cause."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from workers import runtime, scoring, tasks
+
+    def prepare(*_: object) -> None:
+        raise error
+
+    monkeypatch.setattr(runtime, "get", lambda: SimpleNamespace(store=store, prompts=None))
+    monkeypatch.setattr(scoring, "prepare", prepare)
+    job_id = _job(store, chunks=1)
+    before = REGISTRY.get_sample_value("rerank_jobs_failed_total", {"cause": code}) or 0.0
+    assert tasks.score(_ref(job_id, 0).model_dump(), "w1@h") == "failed"
+    assert store.redis.hget(keys.job_key(job_id), "error_code") == code.encode()
+    assert REGISTRY.get_sample_value("rerank_jobs_failed_total", {"cause": code}) == before + 1
