@@ -23,7 +23,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from schemas.jobs import DocumentIn, LongDocuments, NonBlank, RankedResult, RequestResults, RerankRequest
+from schemas.jobs import DocumentIn, LongDocuments, NonBlank, RankedResult, RequestResults, RerankRequest, Timings
 
 
 class Shape(StrEnum):
@@ -59,6 +59,7 @@ class Answer:
     model: str
     results: list[RequestResults]  # one entry per request of `requests()`, in order
     tokens: int
+    timings: Timings | None = None
 
 
 def raw_score(p: float) -> float:

@@ -121,6 +121,14 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class Timings(BaseModel):
+    """Where a started job's time went, in milliseconds (what TEI reports per call, in headers)."""
+
+    queue_ms: int = Field(description="From submission to the first chunk taken by a worker.")
+    tokenization_ms: int = Field(description="The slowest chunk's tokenization (a job's chunks run in parallel).")
+    inference_ms: int = Field(description="The slowest chunk's wait for its scores: the batcher and the engine.")
+
+
 class Job(BaseModel):
     id: str
     object: Literal["rerank.job"] = "rerank.job"
@@ -137,6 +145,7 @@ class Job(BaseModel):
     error: ErrorInfo | None = None
     workers: dict[str, int] = Field(default_factory=dict, description="Pairs scored by each worker (hostname).")
     webhook: WebhookStatus | None = None
+    timings: Timings | None = Field(None, description="Once a worker took its first chunk.")
 
 
 class JobList(BaseModel):

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 from schemas import keys
 from schemas.chunks import Chunk
-from schemas.jobs import ErrorInfo, Job, JobStatus, Progress
+from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, Timings
 from schemas.webhooks import WebhookAttempt, WebhookStatus
 
 
@@ -71,6 +71,8 @@ class JobRecord:
     webhook_state: str = ""
     webhook_attempt: int = 0
     keep_input: int = 0  # 1: results echo documents, read from the chunks' inputs, which then outlive the job's end
+    tokenize_ms: int = 0  # the slowest recorded chunk's tokenization
+    inference_ms: int = 0  # the slowest recorded chunk's wait for its scores
 
     def to_hash(self) -> dict[Any, Any]:
         """The fields to HSET (empty ones are left out: a missing field reads as its default)."""
@@ -100,6 +102,12 @@ class JobRecord:
                 event=self.webhook_event or None,
                 attempts=[WebhookAttempt.model_validate_json(a) for a in attempts],
             )
+        created = datetime.fromisoformat(self.created_at)
+        started = datetime.fromisoformat(self.started_at) if self.started_at else None
+        timings = None
+        if started is not None:
+            queue_ms = round((started - created).total_seconds() * 1000)
+            timings = Timings(queue_ms=queue_ms, tokenization_ms=self.tokenize_ms, inference_ms=self.inference_ms)
         return Job(
             id=self.id,
             status=JobStatus(self.status),
@@ -107,14 +115,15 @@ class JobRecord:
             tokens=self.tokens,
             priority=self.priority,
             metadata=json.loads(self.metadata or "null"),
-            created_at=datetime.fromisoformat(self.created_at),
-            started_at=datetime.fromisoformat(self.started_at) if self.started_at else None,
+            created_at=created,
+            started_at=started,
             finished_at=datetime.fromisoformat(self.finished_at) if self.finished_at else None,
             progress=Progress(completed=self.completed, total=self.total),
             request_count=self.request_count,
             error=ErrorInfo(code=self.error_code, message=self.error_message) if self.error_code else None,
             workers=dict(workers or {}),
             webhook=webhook,
+            timings=timings,
         )
 
 
@@ -161,10 +170,10 @@ local function finalize(status)
 end
 """
 
-# ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, done-list ttl.
-# HSETNX makes a chunk count once however often it is delivered (first write wins); a recorded chunk leaves the open
-# set; the last chunk finishes the job. Returns 'finished', 'recorded', 'duplicate' (already counted), or 'missing'
-# (the job expired).
+# ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, tokenization ms, inference ms,
+# done-list ttl. HSETNX makes a chunk count once however often it is delivered (first write wins); a recorded chunk
+# leaves the open set; the job keeps the slowest chunk's timings; the last chunk finishes the job. Returns
+# 'finished', 'recorded', 'duplicate' (already counted), or 'missing' (the job expired).
 RECORD_CHUNK = (
     _FINALIZE
     + """
@@ -176,6 +185,12 @@ if id then redis.call('ZREM', KEYS[10], id .. ':' .. ARGV[1]) end
 redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completed', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[7])
+if tonumber(ARGV[8]) > tonumber(redis.call('HGET', KEYS[1], 'tokenize_ms') or '0') then
+  redis.call('HSET', KEYS[1], 'tokenize_ms', ARGV[8])
+end
+if tonumber(ARGV[9]) > tonumber(redis.call('HGET', KEYS[1], 'inference_ms') or '0') then
+  redis.call('HSET', KEYS[1], 'inference_ms', ARGV[9])
+end
 local done = redis.call('HINCRBY', KEYS[1], 'chunks_done', 1)
 for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 if (status == 'queued' or status == 'running') and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
@@ -240,8 +255,9 @@ class Move(NamedTuple):
 
 
 def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: int, worker: str, tokens: int,
-                 ttl_s: int) -> Move:  # fmt: skip
-    args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, keys.DONE_TTL_S]
+                 ttl_s: int, tokenize_ms: int = 0, inference_ms: int = 0) -> Move:  # fmt: skip
+    args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, tokenize_ms, inference_ms]
+    args.append(keys.DONE_TTL_S)
     return Move(RECORD_CHUNK, script_keys(job_id, tenant), args)
 
 

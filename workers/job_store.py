@@ -50,11 +50,21 @@ class WorkerJobStore:
             return outcome, None
         return outcome, ref.model_copy(update={"lane": lane, "seq": seq, "send": sends})
 
-    def record_chunk(self, job_id: str, index: int, result: ChunkResult, worker: str, tenant: str = "default") -> str:
-        """Store a chunk's result; returns 'finished' (job done), 'recorded', 'duplicate' or 'missing'."""
+    def record_chunk(
+        self,
+        job_id: str,
+        index: int,
+        result: ChunkResult,
+        worker: str,
+        tenant: str = "default",
+        timings_ms: tuple[int, int] = (0, 0),
+    ) -> str:
+        """Store a chunk's result and its (tokenization, inference) milliseconds; returns 'finished' (job done),
+        'recorded', 'duplicate' or 'missing'."""
         move = job_state.record_chunk(
-            job_id, tenant, index, result.model_dump_json(), len(result.scores), worker, result.tokens, self.ttl
-        )
+            job_id, tenant, index, result.model_dump_json(), len(result.scores), worker, result.tokens, self.ttl,
+            *timings_ms,
+        )  # fmt: skip
         return as_str(self.scripts.run(move))
 
     def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:

@@ -95,6 +95,7 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         logger.warning("job %s chunk %d: input rejected: %s", job_id, ref.index, exc.message)
         store.fail(job_id, "invalid_input", f"chunk {ref.index}: {exc.message}", ref.tenant)
         return "failed"
+    tokenized_at = time.perf_counter()
     submission = rt.batcher.submit(prepared.prompts, ref.priority)
     try:
         # Bounded, so that a stuck engine gives the chunk up (and sends it again) instead of holding it for ever.
@@ -104,8 +105,10 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         return "cancelled"
     except (Exception, FutureTimeout) as exc:
         return _send_again_or_fail(ref, exc)
+    scored_at = time.perf_counter()
     result = scoring.aggregate(prepared, scores)
-    outcome = store.record_chunk(job_id, ref.index, result, hostname, ref.tenant)
+    timings_ms = (round((tokenized_at - started_at) * 1000), round((scored_at - tokenized_at) * 1000))
+    outcome = store.record_chunk(job_id, ref.index, result, hostname, ref.tenant, timings_ms)
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,

@@ -2,9 +2,10 @@
 The shapes themselves (what each client sends and expects back) live in `api.shapes`."""
 
 import asyncio
+import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Body, Depends, Request, Response
 from pydantic import BaseModel
 
 from api.deps import SettingsDep, StoreDep, TenantDep
@@ -117,13 +118,32 @@ async def answer(
     if job.status is JobStatus.cancelled:
         raise JobNotFinished(f"job {job.id} was cancelled")
     results = (await store.results(job.id, tenant)).data
-    return Answer(job_id=job.id, model=settings.model, results=results, tokens=job.tokens)
+    return Answer(job_id=job.id, model=settings.model, results=results, tokens=job.tokens, timings=job.timings)
+
+
+def timing_headers(answer: Answer, total_s: float) -> dict[str, str]:
+    """TEI's timing headers, in milliseconds: the whole call, the queue (submission to the first chunk taken), and
+    the slowest chunk's tokenization and inference; and the prompt tokens scored."""
+    headers = {"x-total-time": str(round(total_s * 1000)), "x-compute-tokens": str(answer.tokens)}
+    if answer.timings is not None:
+        headers["x-queue-time"] = str(answer.timings.queue_ms)
+        headers["x-tokenization-time"] = str(answer.timings.tokenization_ms)
+        headers["x-inference-time"] = str(answer.timings.inference_ms)
+    return headers
 
 
 async def _rerank(
-    request: Request, call: Call, store: StoreDep, settings: Settings, tenant: str, return_documents: bool
+    request: Request,
+    response: Response,
+    call: Call,
+    store: StoreDep,
+    settings: Settings,
+    tenant: str,
+    return_documents: bool,
 ) -> BaseModel | list[Any]:
+    arrived = time.perf_counter()
     done = await answer(request, call, store, settings, tenant, return_documents)
+    response.headers.update(timing_headers(done, time.perf_counter() - arrived))
     return render(call.shape, done, call.render_options())
 
 
@@ -145,22 +165,28 @@ _score_route = {
 
 @router.post("/v1/rerank", **_rerank_route)  # type: ignore[arg-type]
 @router.post("/rerank", **_rerank_route)  # type: ignore[arg-type]
-async def rerank_v1(request: Request, call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+async def rerank_v1(
+    request: Request, response: Response, call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep
+) -> Any:
     """Rerank documents for one query and answer in this response: the Cohere v1, Jina and vLLM shape, the Voyage
     shape when the body has `top_k`, the TEI shape (a bare array, best first) when it has `texts`. `/rerank` is the
     root path TEI and vLLM clients call."""
-    return await _rerank(request, call, store, settings, tenant, return_documents=True)
+    return await _rerank(request, response, call, store, settings, tenant, return_documents=True)
 
 
 @router.post("/v2/rerank", **_rerank_route)  # type: ignore[arg-type]
-async def rerank_v2(request: Request, call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+async def rerank_v2(
+    request: Request, response: Response, call: _Body, store: StoreDep, settings: SettingsDep, tenant: TenantDep
+) -> Any:
     """Rerank, Cohere v2 shape: documents are returned only when `return_documents` is true."""
-    return await _rerank(request, call, store, settings, tenant, return_documents=False)
+    return await _rerank(request, response, call, store, settings, tenant, return_documents=False)
 
 
 @router.post("/v1/score", **_score_route)  # type: ignore[arg-type]
 @router.post("/score", include_in_schema=False, **_score_route)  # type: ignore[arg-type]
-async def score(request: Request, call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep) -> Any:
+async def score(
+    request: Request, response: Response, call: ScoreCall, store: StoreDep, settings: SettingsDep, tenant: TenantDep
+) -> Any:
     """vLLM's score call (also on /score): `text_1`/`text_2` (or `queries`/`documents`), one query against many
     documents or paired one to one; scores in pair order."""
-    return await _rerank(request, call, store, settings, tenant, return_documents=False)
+    return await _rerank(request, response, call, store, settings, tenant, return_documents=False)

@@ -99,6 +99,19 @@ def test_interactive_request_behind_a_large_bulk_job_returns_before_it_ends(clie
     client.post(f"/v1/jobs/{bulk['id']}/cancel")
 
 
+def test_an_answer_says_where_its_time_went_in_teis_headers(client, worker) -> None:
+    rng = random.Random(27)
+    r = client.post("/v1/rerank", json={"query": random_text(rng, 2, 4), "documents": _docs(rng, 70)})
+    assert r.status_code == 200, r.text
+    ms = {h: int(r.headers[h]) for h in ("x-total-time", "x-queue-time", "x-tokenization-time", "x-inference-time")}
+    assert ms["x-inference-time"] > 0 and ms["x-total-time"] > 0
+    # The queue, then the slowest chunk's tokenization and inference, all within the call (3 chunks of 32 pairs).
+    assert ms["x-queue-time"] + ms["x-tokenization-time"] + ms["x-inference-time"] <= ms["x-total-time"] + 50, ms
+    assert int(r.headers["x-compute-tokens"]) == r.json()["usage"]["total_tokens"]
+    job = client.get(f"/v1/jobs/{r.json()['id']}").json()
+    assert job["timings"]["inference_ms"] == ms["x-inference-time"]
+
+
 def test_timeout_answers_504_with_the_job_id_and_cancels_the_job(redis_url, tiny_model_dir) -> None:
     """Nobody reads the answer of a call that timed out: its job is cancelled, so no worker scores it later."""
     with TestClient(create_app(farm_settings(other_db(redis_url, 5), tiny_model_dir))) as lonely:

@@ -274,3 +274,19 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
     assert failed.args[:2] == ["failed", "code"] and failed.args[2] == "m" * 2000  # long messages are cut
     assert job_state.as_str(b"x") == "x" and job_state.as_str(3) == "3"
     assert job_state.now_iso().endswith("+00:00")
+
+
+def test_a_job_keeps_its_slowest_chunks_timings_and_its_queue_time(r, scripts) -> None:
+    """Chunks run in parallel: the caller's tokenization and inference times are the slowest chunk's, and a chunk
+    recorded twice does not move them."""
+    new_job(r, chunks=3)
+    r.hset(keys.job_chunks_key("job_1"), mapping={0: "input 0", 1: "input 1", 2: "input 2"})
+    assert stored(r).to_job().timings is None  # not started: no worker took a chunk yet
+    take(scripts, 0)
+    for index, tokenize_ms, inference_ms in ((0, 5, 300), (1, 9, 120), (1, 50, 900)):
+        result = ChunkResult(scores=[0.5, 0.25], tokens=10).model_dump_json()
+        move = job_state.record_chunk("job_1", "acme", index, result, 2, "w@h", 10, 3600, tokenize_ms, inference_ms)
+        scripts.run(move)
+    timings = stored(r).to_job().timings
+    assert timings is not None and (timings.tokenization_ms, timings.inference_ms) == (9, 300)
+    assert 0 <= timings.queue_ms < 5000
