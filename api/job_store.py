@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from schemas import keys, metrics
-from schemas.chunks import Chunk, ChunkRef, ChunkResult, chunk_count, split_into_chunks
+from schemas.chunks import Chunk, ChunkRef, ChunkResult, chunk_count, chunk_priority, split_into_chunks
 from schemas.errors import (
     InvalidRequest,
     JobNotFinished,
@@ -27,7 +27,7 @@ from schemas.errors import (
     WaitTimeout,
 )
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
-from schemas.queueing import batcher_priority, bulk_queue_keys, lane_of, publish
+from schemas.queueing import bulk_queue_keys, lane_of, publish
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
 from store import job_state
@@ -164,7 +164,7 @@ class JobStore:
         ]
         record.keep_input = int(any(r.return_documents for r in body.requests))
         lane = lane_of(record.kind, body.priority)
-        level = batcher_priority(record.kind, body.priority)
+        level = chunk_priority(record.kind, body.priority)
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         ttl = self.settings.result_ttl_s
         async with self.redis.pipeline(transaction=True) as pipe:

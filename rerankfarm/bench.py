@@ -92,7 +92,7 @@ def _raw_scores(
         seconds = time.perf_counter() - started
         scores = [float(o.outputs.probs[-1]) for o in outputs]
     else:
-        from workers.batcher import plan_batches
+        from workers.engines.batcher import plan_batches
         from workers.engines.transformers_engine import TransformersEngine
         from workers.prompts import PromptBuilder
 
@@ -188,7 +188,7 @@ def run_latency(url: str, bulk_requests: list[dict[str, Any]], calls: int, docs:
 
 
 def _worker_stats(redis_url: str) -> dict[str, float]:
-    """The batcher counters of every worker, from their heartbeats."""
+    """The engine counters of every worker (`workers.engines.base.EngineStats`), from their heartbeats."""
     from schemas import keys
     from store.connect import redis_client
 
@@ -238,7 +238,7 @@ def main(
         workers = farm.wait_ready(60)
         farm_run = run_farm(farm.url, requests, jobs)
         print(f"farm: {n / farm_run['seconds']:.1f} pairs/s")
-        time.sleep(1.5 * get_settings().worker_heartbeat_s)  # let the heartbeat carry the batcher's final counts
+        time.sleep(1.5 * get_settings().worker_heartbeat_s)  # let the heartbeat carry the engine's final counts
         batching = _worker_stats(farm.redis_url)
         fresh = workload(pairs, seed=7)  # the same size as the farm run, other prompts: no prefix-cache hits
         latency = run_latency(farm.url, fresh, latency_calls, latency_docs)
@@ -255,7 +255,6 @@ def main(
         "max_batch_tokens": settings.max_batch_tokens,
         "chunk_size": settings.chunk_size,
         "worker_concurrency": settings.worker_concurrency,
-        "vllm_calls_in_flight": settings.vllm_calls_in_flight if engine == "vllm" else None,
         "vllm_in_process": settings.vllm_in_process if engine == "vllm" else None,
         "vllm_enforce_eager": settings.vllm_enforce_eager if engine == "vllm" else None,
         "raw_seconds": round(raw["seconds"], 2),

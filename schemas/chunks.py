@@ -71,6 +71,17 @@ class Chunk(BaseModel):
         return sum(len(s.documents) for s in self.segments)
 
 
+# The farm's one priority scale, from the API to the engine: a job's priority 0 (lowest) .. 9, and interactive calls
+# above every job. Higher is served first. The broker's lanes (`schemas.queueing.celery_priority`) and vLLM (-priority)
+# translate it at their own boundaries.
+INTERACTIVE_PRIORITY = 10
+
+
+def chunk_priority(kind: str, job_priority: int) -> int:
+    """The priority a job's chunks are scored at."""
+    return INTERACTIVE_PRIORITY if kind == "interactive" else job_priority
+
+
 class ChunkRef(BaseModel):
     """A chunk message: which chunk, and where and how often it was sent. No document text travels through the
     broker; the worker reads the chunk's input from the job store when it takes the message."""
@@ -78,7 +89,7 @@ class ChunkRef(BaseModel):
     job_id: str
     index: int
     tenant: str = "default"
-    priority: int  # the batcher's level (0..9 bulk, INTERACTIVE_PRIORITY)
+    priority: int  # `chunk_priority`: 0..9 bulk, INTERACTIVE_PRIORITY
     lane: str  # the Redis list it was pushed to (queue, with its priority step)
     seq: int  # its sequence number in that lane
     send: int = 1  # 1 for the first send, +1 for each re-send

@@ -18,12 +18,9 @@ from schemas.settings import Settings
 if TYPE_CHECKING:
     from celery import Celery
 
-# Celery on Redis: priority 0 is served first. Jobs say 0 (lowest) .. 9 (highest), so the step is 9 - priority.
+# Celery on Redis: priority 0 is served first. Jobs say 0 (lowest) .. 9 (highest), so the step is 9 - priority (the
+# farm's scale is `schemas.chunks`'s; this is its one translation for the broker).
 PRIORITY_STEPS = list(range(10))
-
-
-# The batcher's level for interactive chunks: above every bulk priority (0..9).
-INTERACTIVE_PRIORITY = 10
 
 
 def bulk_queue_keys() -> list[str]:
@@ -49,10 +46,6 @@ def resend_lane(lane: str) -> str:
     """Where a chunk sent again goes: a bulk chunk to the bulk queue's first step, served before every other, so
     that it does not wait behind the backlog a second time; an interactive chunk to its own queue."""
     return lane.partition(":")[0]
-
-
-def batcher_priority(kind: str, job_priority: int) -> int:
-    return INTERACTIVE_PRIORITY if kind == "interactive" else job_priority
 
 
 def publish(app: Celery, refs: list[ChunkRef]) -> None:

@@ -71,13 +71,6 @@ class Settings(BaseSettings):
         "16384 on a GPU, 4096 on the CPU. Larger passes use a GPU better and take more activation memory; an "
         "interactive call waits for at most the pass in progress, so smaller passes answer it sooner.",
     )
-    vllm_queued_passes: float = Field(
-        1.5,
-        gt=0,
-        description="vLLM: bulk prompts the worker keeps added to the engine, in forward passes of tokens; the rest "
-        "wait in the worker, behind any interactive prompt. More keeps vLLM's scheduler fuller; fewer lets an "
-        "interactive call into the next pass with less bulk beside it.",
-    )
     vllm_max_num_seqs: int = Field(256, ge=1, description="vLLM: prompts in one forward pass at most.")
     prefix_caching: bool = Field(
         True,
@@ -89,12 +82,6 @@ class Settings(BaseSettings):
         description="vLLM: skip torch.compile (and CUDA graphs). The engine starts in seconds instead of about a "
         "minute on 2 CPU cores, and scores about 10% slower there; for tests and short-lived workers.",
     )
-    vllm_calls_in_flight: int = Field(
-        2,
-        ge=1,
-        description="vLLM: batcher calls queued in the engine at once. 2 keeps the next call waiting inside vLLM "
-        "while one runs, so its scheduler never idles; more only deepens the queue that cancels must abort.",
-    )
     max_length: int = Field(
         8192,
         ge=64,
@@ -105,15 +92,15 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16_384,
         ge=256,
-        description="Token budget of one batcher call into the engine (padded tokens for transformers, packed "
-        "for vLLM). Raise until the GPU is compute-bound; lower if the worker runs out of memory or interactive "
-        "calls wait too long behind bulk calls.",
+        description="transformers: padded tokens (longest prompt x prompts) of one forward pass. Raise until the "
+        "GPU is compute-bound; lower if the worker runs out of memory or interactive calls wait too long behind a "
+        "bulk pass. vLLM packs its passes itself: RERANK_VLLM_MAX_NUM_BATCHED_TOKENS.",
     )
     batch_window: int = Field(
         8,
         ge=1,
-        description="How many token budgets of the oldest pending pairs the batcher sorts by length to form one "
-        "engine call. Wider: less padding; narrower: chunks finish closer to arrival order.",
+        description="transformers: how many pass budgets of the oldest pending pairs its batcher sorts by length "
+        "to form one padded pass. Wider: less padding; narrower: chunks finish closer to arrival order.",
     )
     chunk_size: int = Field(
         256,

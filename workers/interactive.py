@@ -1,14 +1,13 @@
 """Interactive chunks on a consumer of their own, so that they never wait for a Celery slot held by a bulk chunk.
 
-Celery's pool slots are shared by every queue a worker consumes: with its slots full of bulk chunks (each held
-until scored, seconds on a busy engine), a worker takes no interactive chunk until one of them ends. This consumer
-step reads the interactive queue on a channel of its own (its own prefetch, `RERANK_INTERACTIVE_SLOTS`) and runs
-each chunk on a small thread pool of its own, through the same `workers.tasks.score` as the Celery task; the
-batcher then serves its pairs ahead of bulk pairs. Messages are Celery task messages (the API sends them with
-`send_task`), acked once their scores are stored, held under the same lease as Celery's (`workers.lease`).
-They are not Celery tasks on this side: Flower shows the queue (its length, through `active_queues`, extended here),
-not these chunks as tasks.
-"""
+Celery's pool slots are shared by every queue a worker consumes: with its slots full of bulk chunks (each held until
+scored, seconds on a busy engine), a worker takes no interactive chunk until one of them ends. This consumer step reads
+the interactive queue on a channel of its own (its own prefetch, `RERANK_INTERACTIVE_SLOTS`) and runs each chunk on a
+small thread pool of its own, through the same `workers.tasks.score` as the Celery task; the engine then serves its
+pairs ahead of bulk pairs (INTERACTIVE_PRIORITY). Messages are Celery task messages (the API sends them with
+`send_task`), acked once their scores are stored, held under the same lease as Celery's (`workers.lease`). They are not
+Celery tasks on this side: Flower shows the queue (its length, through `active_queues`, extended here), not these chunks
+as tasks."""
 
 from __future__ import annotations
 

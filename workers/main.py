@@ -1,7 +1,7 @@
 """One worker process: load the engine, then consume chunks with Celery.
 
 Pool: `threads` (`schemas.queueing.worker_argv` says why). Several chunks are in flight at once (`--concurrency`),
-their pairs meet in the batcher, and the batcher's feeders call the engine.
+each submits its prompts to the engine, whose own scheduler batches the pairs of every chunk in flight.
 """
 
 from __future__ import annotations

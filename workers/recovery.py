@@ -21,8 +21,8 @@ import redis
 from celery import Celery
 
 from schemas import metrics
-from schemas.chunks import ChunkRef
-from schemas.queueing import SWEEP_INTERVAL_S, batcher_priority, lane_of, publish, resend_lane
+from schemas.chunks import ChunkRef, chunk_priority
+from schemas.queueing import SWEEP_INTERVAL_S, lane_of, publish, resend_lane
 from schemas.settings import Settings
 from store.chunk_ledger import Lost
 from workers.job_store import WorkerJobStore
@@ -73,7 +73,7 @@ class Recovery:
                 job_id=lost.job_id,
                 index=lost.index,
                 tenant=lost.tenant,
-                priority=batcher_priority(lost.kind, lost.priority),
+                priority=chunk_priority(lost.kind, lost.priority),
                 lane=lane,
                 seq=seq,
                 send=sends,

@@ -1,5 +1,6 @@
-"""Per-process worker state: the prompt builder, the engine, the batcher and the job store, created once before
-consuming, plus the heartbeat that tells the API this worker is alive (and ends a worker whose engine died)."""
+"""Per-process worker state: the prompt builder, the engine (which schedules its own work) and the job store, created
+once before consuming, plus the heartbeat that tells the API this worker is alive (and ends a worker whose engine
+died)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,9 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from schemas import keys, metrics
-from schemas.queueing import INTERACTIVE_PRIORITY
 from schemas.settings import Settings
 from store.connect import redis_client
 from store.job_state import now_iso
-from workers.batcher import Batcher
 from workers.engines.base import Engine
 from workers.engines.factory import load_engine
 from workers.job_store import WorkerJobStore
@@ -36,12 +35,10 @@ class Runtime:
     settings: Settings
     prompts: PromptBuilder
     engine: Engine
-    batcher: Batcher
     store: WorkerJobStore
 
     def close(self) -> None:
-        """Stop feeding the engine, then free it (vLLM: its engine core and memory)."""
-        self.batcher.stop()
+        """Free the engine (vLLM: its engine core and memory)."""
         self.engine.close()
 
 
@@ -60,13 +57,7 @@ def start(settings: Settings) -> Runtime:
             client = redis_client(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )
-            _runtime = Runtime(
-                settings,
-                prompts,
-                engine,
-                Batcher(engine, window_batches=settings.batch_window, express_level=INTERACTIVE_PRIORITY),
-                WorkerJobStore(client, settings.result_ttl_s),
-            )
+            _runtime = Runtime(settings, prompts, engine, WorkerJobStore(client, settings.result_ttl_s))
         return _runtime
 
 
@@ -152,7 +143,7 @@ class Heartbeat:
                 with contextlib.suppress(redis.RedisError):
                     self.client.delete(keys.worker_key(self.hostname))
                 os._exit(EXIT_ENGINE_DEAD)
-            stats = self.runtime.batcher.stats
+            stats = self.runtime.engine.stats
             info = {
                 **self.info,
                 "pairs_scored": stats.pairs,

@@ -1,5 +1,5 @@
 """Scoring one chunk of a job (`score`), and the Celery task that runs it for bulk chunks. Interactive chunks run
-the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the batcher and the job store.
+the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the engine and the job store.
 A message names its chunk (`ChunkRef`); the chunk's input is read from the job store as the chunk is taken."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
 from schemas.queueing import publish
 from workers import runtime, scoring
-from workers.batcher import Cancelled, Submission
 from workers.celery_app import app
+from workers.engines.base import Cancelled, Scoring
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,9 @@ def score_chunk(self: Task, chunk: dict[str, Any]) -> str:
         raise Reject(exc, requeue=True) from exc
 
 
-def _wait(submission: Submission, is_cancelled: Callable[[], bool], timeout: float) -> list[float]:
+def _wait(submission: Scoring, is_cancelled: Callable[[], bool], timeout: float) -> list[float]:
     """The submission's scores. Meanwhile this (task) thread asks Redis every CANCEL_POLL_S whether the job was
-    cancelled, and cancels the submission if so: the batcher's feeders only read a flag and never wait on Redis."""
+    cancelled, and cancels the submission if so: the engine's thread only reads a flag and never waits on Redis."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -96,7 +96,7 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         store.fail(job_id, "invalid_input", f"chunk {ref.index}: {exc.message}", ref.tenant)
         return "failed"
     tokenized_at = time.perf_counter()
-    submission = rt.batcher.submit(prepared.prompts, ref.priority)
+    submission = rt.engine.submit(prepared.prompts, ref.priority)
     try:
         # Bounded, so that a stuck engine gives the chunk up (and sends it again) instead of holding it for ever.
         scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.chunk_timeout_s)

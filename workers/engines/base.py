@@ -1,49 +1,88 @@
-"""What every engine shares: prompts in as token ids (built by `workers.prompts`), P(yes) out, and how it wants to be
-fed. Engines know nothing of Celery, Redis or prompts; the batcher (`workers.batcher`) feeds them."""
+"""What every engine shares: prompts in as token ids (built by `workers.prompts`), P(yes) out, scheduled by the engine
+itself. An engine is one scheduler: vLLM's own (continuous batching under a token budget, priority policy), or the
+transformers engine's padded batcher (`workers.engines.batcher`). Engines know nothing of Celery, Redis or prompts.
+
+Priority is the farm's one scale (`schemas.chunks`): a job's 0..9, INTERACTIVE_PRIORITY (10) for interactive calls;
+higher is served first. An engine converts it at its own boundary (vLLM: lower runs first, so it gets -priority).
+"""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from schemas import metrics
 
-@dataclass(frozen=True)
-class Feed:
-    """How an engine wants its work: the batcher plans calls from this and nothing else."""
 
-    max_batch_tokens: int
-    """Token budget of one engine call."""
-    padded: bool
-    """True: a call costs longest prompt x prompts (the transformers engine pads its batch); False: the sum of the
-    prompts' lengths (vLLM packs tokens without padding)."""
-    calls_in_flight: int = 1
-    """Engine calls the batcher keeps going at once. 1: one blocking call at a time. 2 or more: the next call is
-    already queued inside the engine while one runs, so the engine never waits for Python to plan the next one."""
-    express: bool = False
-    """True: the engine takes one more call at any time, which the batcher keeps for its top priority (interactive
-    pairs), so they never wait for a bulk call to end; the engine's own scheduler puts them first (vLLM: priority
-    scheduling). False: every call waits for a feeder (`calls_in_flight`)."""
+class Cancelled(Exception):
+    """The submission was cancelled before all its prompts were scored."""
+
+
+@dataclass(eq=False)
+class Scoring:
+    """One submission: its prompts, their scores in order (`future`), and `cancel()`, safe from any thread: prompts
+    not scored yet never reach the engine, or are aborted in it."""
+
+    prompts: Sequence[Sequence[int]]
+    priority: int
+    future: Future[list[float]] = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        settle(self.future, exception=Cancelled())
+
+
+def settle(future: Future[list[float]], result: list[float] | None = None, exception: Exception | None = None) -> None:
+    """Resolve the future unless it is already (a cancel and the last score can race: the first one wins)."""
+    try:
+        if exception is not None:
+            future.set_exception(exception)
+        else:
+            future.set_result(result or [])
+    except InvalidStateError:
+        pass
+
+
+@dataclass
+class EngineStats:
+    """What an engine did, for the heartbeat and the benchmarks; `record` also moves the Prometheus metrics. A call is
+    one forward pass: a padded batch (transformers) or a scheduler step (vLLM, counting the prompts it finished)."""
+
+    batches: int = 0
+    pairs: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+    engine_s: float = 0.0  # wall time in forward passes
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, pairs: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.batches += 1
+            self.pairs += pairs
+            self.real_tokens += real_tokens
+            self.padded_tokens += padded_tokens
+            self.engine_s += seconds
+        metrics.PAIRS_SCORED.inc(pairs)
+        metrics.TOKENS_SCORED.inc(real_tokens)
+        metrics.BATCH_PAIRS.observe(pairs)
+        metrics.BATCH_TOKENS.observe(padded_tokens)
+        metrics.ENGINE_SECONDS.observe(seconds)
 
 
 class Engine(Protocol):
-    """Loaded once per worker process, before it consumes. `score` may be called from `feed.calls_in_flight`
-    threads at once; an engine that is not thread-safe says 1."""
+    """Loaded once per worker process, before it consumes; `submit` may be called from any thread."""
 
     name: str
     device: str
-    feed: Feed
+    stats: EngineStats
 
-    def score(
-        self,
-        batch: Sequence[Sequence[int]],
-        priority: int = 0,
-        abandoned: Sequence[threading.Event] | None = None,
-    ) -> list[float]:
-        """P(yes) for each prompt; the same value whatever else is in the batch. `priority`: higher is more urgent
-        (interactive above bulk), for engines that schedule several calls. `abandoned[i]` set means nobody wants
-        prompt i any more: an engine that can drop queued work does, and returns NaN for it."""
+    def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
+        """Queue prompts for scoring at `priority` (higher first); the Scoring's future gives P(yes) for each, the
+        same value whatever else the engine scores beside it."""
         ...
 
     def health(self) -> str | None:
@@ -51,5 +90,5 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None:
-        """Free the engine (its processes, its memory); scoring after this fails."""
+        """Free the engine (its thread, its processes, its memory); submissions after this fail."""
         ...

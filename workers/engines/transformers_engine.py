@@ -5,13 +5,14 @@ prompt (built by `workers.prompts`), keeping P(yes).
 
 Batches are padded on the right and each row is read at its own last token. With a causal mask, pads after a row's
 last token cannot change it and positions start at 0 in every row, so a pair scores the same alone or in any batch.
-Only the two rows of the LM head that matter are applied, instead of the full 151k-token vocabulary.
+Only the two rows of the LM head that matter are applied, instead of the full 151k-token vocabulary. Submissions are
+gathered into padded, length-sorted passes by the engine's own batcher (`workers.engines.batcher`), one at a time:
+a padded pass uses every core (or the whole GPU) by itself.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
-from workers.engines.base import Feed
+from workers.engines.base import EngineStats, Scoring
+from workers.engines.batcher import Batcher
 from workers.prompts import PromptBuilder
 
 logger = logging.getLogger(__name__)
@@ -32,15 +34,21 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(
-        self, model: Any, yes_no_ids: tuple[int, int], pad_id: int, device: str, max_batch_tokens: int
+        self,
+        model: Any,
+        yes_no_ids: tuple[int, int],
+        pad_id: int,
+        device: str,
+        max_batch_tokens: int,
+        batch_window: int = 8,
     ) -> None:
         self.model = model
         self.device = device
-        # One blocking call at a time: a padded forward pass uses every core (or the whole GPU) by itself.
-        self.feed = Feed(max_batch_tokens=max_batch_tokens, padded=True, calls_in_flight=1)
         head = model.get_output_embeddings().weight
         self.head = head[list(yes_no_ids)].detach().clone()  # [2, hidden]: rows of "no" and "yes"
         self.pad_id = pad_id
+        self.stats = EngineStats()
+        self.batcher = Batcher(self.score, max_batch_tokens, self.stats, window_batches=batch_window)
         self._closed = False
 
     @classmethod
@@ -60,25 +68,28 @@ class TransformersEngine:
             raise EngineLoadError.model_unloadable(settings.model, exc) from None
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, prompts.yes_no_ids, prompts.pad_id, device, settings.max_batch_tokens)
+        return cls(model, prompts.yes_no_ids, prompts.pad_id, device, settings.max_batch_tokens, settings.batch_window)
+
+    def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
+        if self._closed:
+            raise RuntimeError("the transformers engine is closed")
+        return self.batcher.submit(prompts, priority)
 
     def health(self) -> str | None:
-        return "closed" if self._closed else None
+        if self._closed:
+            return "closed"
+        return None if self.batcher.alive() else "the batcher thread has stopped"
 
     def close(self) -> None:
         self._closed = True
+        self.batcher.stop()
         self.model = None
         if self.device == "cuda":
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def score(
-        self,
-        batch: Sequence[Sequence[int]],
-        priority: int = 0,
-        abandoned: Sequence[threading.Event] | None = None,
-    ) -> list[float]:
-        """One padded forward pass; `priority` and `abandoned` do not apply to a single blocking call."""
+    def score(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        """One padded forward pass, now, on this thread (the batcher's passes, and the benchmarks' raw run)."""
         if self.model is None:
             raise RuntimeError("the transformers engine is closed")
         if not batch:

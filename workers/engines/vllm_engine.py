@@ -4,16 +4,11 @@ vLLM loads the causal LM as a one-logit classifier (`HF_OVERRIDES`): the head is
 the model card's 2-way softmax P(yes), without the 151k-token vocabulary. Prompts arrive as token ids from
 `workers.prompts`, the same ids the transformers engine scores.
 
-Feeding: one `LLMEngine` and one thread that drives it (vLLM's engine is not thread-safe). `score` may be called
-from several batcher threads at once (`feed.calls_in_flight`, plus the express call for interactive pairs): each
-call's prompts wait in this engine's own queue and are added to vLLM as requests between two engine steps, with
-the call's priority, just in time: about one forward pass of tokens at a time (`max_num_batched_tokens` x
-RERANK_VLLM_QUEUED_PASSES), so vLLM's scheduler packs full passes and little else waits inside vLLM. Interactive
-prompts (priority >= INTERACTIVE_PRIORITY) are added at once and, while any of them is unfinished, no other prompt
-is added: the next pass is theirs first (vLLM's priority scheduling), with at most half a pass of bulk prompts
-beside them, so an interactive call waits for the pass in progress, never for a queue of bulk prompts in vLLM.
-While one call runs, the next already waits here, so the engine never idles while Python plans. A prompt whose
-submission was abandoned (its job cancelled) is dropped here, or aborted in vLLM if it was added.
+Scheduling is vLLM's own: every prompt submitted becomes a vLLM request at once, with its priority (vLLM runs lower
+values first, so it gets -priority), and vLLM's scheduler packs each forward pass under its token budget
+(`max_num_batched_tokens`), interactive prompts first among those waiting: an interactive call waits for the pass in
+progress, not for the bulk prompts queued before it. One thread owns the `LLMEngine` (it is not thread-safe): it adds
+what was submitted, aborts what was cancelled, and steps. A cancelled submission's prompts leave vLLM's queue.
 """
 
 from __future__ import annotations
@@ -25,16 +20,13 @@ import logging
 import math
 import os
 import threading
-from collections import deque
+import time
 from collections.abc import Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.errors import EngineLoadError
-from schemas.queueing import INTERACTIVE_PRIORITY
 from schemas.settings import Settings
-from workers.engines.base import Feed
+from workers.engines.base import EngineStats, Scoring, settle
 
 logger = logging.getLogger(__name__)
 
@@ -101,43 +93,28 @@ def on_cpu_platform() -> bool:
     return bool(current_platform.is_cpu())
 
 
-@dataclass(eq=False)
-class _Call:
-    """One `score` call: its prompts as engine requests, and the future its caller waits on."""
+class _Submitted:
+    """A submission inside the engine: its requests, and the scores filled in so far."""
 
-    prompts: Sequence[Sequence[int]]
-    priority: int
-    abandoned: Sequence[threading.Event] | None
-    future: Future[list[float]] = field(default_factory=Future)
-    ids: list[str] = field(default_factory=list)
-    scores: list[float] = field(default_factory=list)
-    left: int = 0
-    aborted: set[int] = field(default_factory=set)
-
-    @property
-    def urgent(self) -> bool:
-        """An interactive call: added to vLLM at once, and nothing else while it runs."""
-        return self.priority >= INTERACTIVE_PRIORITY
+    def __init__(self, scoring: Scoring, ids: list[str]) -> None:
+        self.scoring = scoring
+        self.ids = ids
+        self.scores = [math.nan] * len(ids)
+        self.left = len(ids)
 
 
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm_engine: Any, device: str, feed: Feed, step_tokens: int, queued_passes: float = 1.5) -> None:
+    def __init__(self, llm_engine: Any, device: str, step_tokens: int) -> None:
         self.engine = llm_engine
         self.device = device
-        self.feed = feed
         self.step_tokens = step_tokens  # vLLM's max_num_batched_tokens: what one forward pass takes
-        # Bulk tokens kept added to vLLM: a little over a pass by default, because prompts whose prefix is cached
-        # cost a pass less than their length (vLLM counts the tokens it computes), and a pass should leave full.
-        self.queued_tokens = queued_passes * step_tokens
+        self.stats = EngineStats()
         self._wake = threading.Condition()
-        self._inbox: list[_Call] = []
-        self._held: dict[int, deque[tuple[_Call, int]]] = {}  # priority -> prompts not yet added to vLLM, in order
-        self._running: dict[str, tuple[_Call, int]] = {}  # request id -> (call, index in call): added to vLLM
-        self._added_tokens = 0  # tokens of the prompts added to vLLM and not finished
-        self._urgent_running = 0  # interactive prompts added to vLLM and not finished
-        self._calls: set[_Call] = set()
+        self._inbox: list[Scoring] = []
+        self._live: list[_Submitted] = []  # submissions with requests in vLLM
+        self._running: dict[str, tuple[_Submitted, int]] = {}  # request id -> (submission, index)
         self._ids = itertools.count()
         self._stopped = False
         self._failure: str | None = None
@@ -162,39 +139,30 @@ class VllmEngine:
                 "above says why. On a CPU host, RERANK_KV_CACHE_GIB sizes the RAM it takes; on a GPU, "
                 "RERANK_GPU_MEMORY_UTILIZATION the share of GPU memory."
             ) from None
-        feed = Feed(
-            max_batch_tokens=settings.max_batch_tokens,
-            padded=False,
-            calls_in_flight=settings.vllm_calls_in_flight,
-            express=True,  # calls are requests added between steps; priority scheduling serves the express ones first
-        )
         device = "cpu" if on_cpu else "cuda"
         logger.info(
-            "vllm engine ready: model=%s device=%s dtype=%s in_process=%s prefix_caching=%s eager=%s",
+            "vllm engine ready: model=%s device=%s dtype=%s in_process=%s prefix_caching=%s eager=%s pass=%d tokens",
             settings.model,
             device,
             kwargs["dtype"],
             settings.vllm_in_process,
             settings.prefix_caching,
             settings.vllm_enforce_eager,
+            kwargs["max_num_batched_tokens"],
         )
-        return cls(llm_engine, device, feed, kwargs["max_num_batched_tokens"], settings.vllm_queued_passes)
+        return cls(llm_engine, device, kwargs["max_num_batched_tokens"])
 
-    def score(
-        self,
-        batch: Sequence[Sequence[int]],
-        priority: int = 0,
-        abandoned: Sequence[threading.Event] | None = None,
-    ) -> list[float]:
-        if not batch:
-            return []
-        call = _Call(batch, priority, abandoned)
+    def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
+        scoring = Scoring(prompts, priority)
+        if not prompts:
+            scoring.future.set_result([])
+            return scoring
         with self._wake:
             if self._stopped or self._failure:
                 raise RuntimeError(f"the vLLM engine cannot score: {self._failure or 'closed'}")
-            self._inbox.append(call)
+            self._inbox.append(scoring)
             self._wake.notify()
-        return call.future.result()
+        return scoring
 
     def health(self) -> str | None:
         if self._failure:
@@ -215,113 +183,75 @@ class VllmEngine:
         except Exception as exc:  # closing must not raise on the way out of a worker
             logger.warning("vllm engine shutdown: %r", exc)
 
-    def _accept(self) -> None:
-        """Under the lock: the inbox's calls join the held queue, by priority."""
-        for call in self._inbox:
-            self._calls.add(call)
-            call.scores = [math.nan] * len(call.prompts)
-            call.left = len(call.prompts)
-            call.ids = [f"r{next(self._ids)}" for _ in call.prompts]
-            self._held.setdefault(call.priority, deque()).extend((call, i) for i in range(len(call.prompts)))
-        self._inbox.clear()
-
-    def _feed(self) -> None:
-        """Add held prompts to vLLM for the next step: every interactive one, and while none is unfinished, the
-        others in priority order up to one forward pass of tokens. vLLM's priority: lower runs first."""
-        levels = sorted((p for p, q in self._held.items() if q), reverse=True)
-        urgent = [p for p in levels if p >= INTERACTIVE_PRIORITY]
-        if urgent:
-            for level in urgent:
-                queue = self._held[level]
-                while queue:
-                    self._add(*queue.popleft())
-            return
-        if self._urgent_running:
-            return
-        for level in levels:
-            queue = self._held[level]
-            while queue:
-                call, i = queue[0]
-                size = len(call.prompts[i])
-                if self._added_tokens and self._added_tokens + size > self.queued_tokens:
-                    return
-                queue.popleft()
-                self._add(call, i)
-
-    def _add(self, call: _Call, i: int) -> None:
+    def _add(self, scoring: Scoring) -> None:
+        """Every prompt of a submission becomes a vLLM request now; vLLM's scheduler decides when it runs."""
         from vllm.inputs import TokensPrompt
         from vllm.pooling_params import PoolingParams
 
-        if call.abandoned is not None and call.abandoned[i].is_set():  # cancelled while held: never added
-            call.aborted.add(i)
-            self._settle(call, i, math.nan)
+        if scoring.cancelled.is_set():
             return
-        request_id = call.ids[i]
-        self._running[request_id] = (call, i)
-        self._added_tokens += len(call.prompts[i])
-        self._urgent_running += call.urgent
-        self.engine.add_request(
-            request_id,
-            TokensPrompt(prompt_token_ids=list(call.prompts[i])),
-            PoolingParams(task="classify"),
-            priority=-call.priority,
-        )
+        submitted = _Submitted(scoring, [f"r{next(self._ids)}" for _ in scoring.prompts])
+        self._live.append(submitted)
+        for i, (request_id, prompt) in enumerate(zip(submitted.ids, scoring.prompts, strict=True)):
+            self._running[request_id] = (submitted, i)
+            self.engine.add_request(
+                request_id,
+                TokensPrompt(prompt_token_ids=list(prompt)),
+                PoolingParams(task="classify"),
+                priority=-scoring.priority,
+            )
 
-    def _abort_abandoned(self) -> None:
-        """Prompts whose submission was abandoned leave the engine's queue; their calls get NaN for them."""
-        drop: list[str] = []
-        for call in self._calls:
-            if call.abandoned is None:
-                continue
-            for i, request_id in enumerate(call.ids):
-                if i not in call.aborted and request_id in self._running and call.abandoned[i].is_set():
-                    call.aborted.add(i)
-                    drop.append(request_id)
+    def _abort_cancelled(self) -> None:
+        """Requests of cancelled submissions leave vLLM's queue."""
+        cancelled = [s for s in self._live if s.scoring.cancelled.is_set()]
+        if not cancelled:
+            return
+        drop = [request_id for s in cancelled for request_id in s.ids if request_id in self._running]
         if drop:
             self.engine.abort_request(drop)
-            for request_id in drop:
-                self._finish(request_id, math.nan)
+        for request_id in drop:
+            del self._running[request_id]
+        self._live = [s for s in self._live if not s.scoring.cancelled.is_set()]
 
-    def _has_held(self) -> bool:
-        return any(self._held.values())
-
-    def _finish(self, request_id: str, score: float) -> None:
-        call, i = self._running.pop(request_id)
-        self._added_tokens -= len(call.prompts[i])
-        self._urgent_running -= call.urgent
-        self._settle(call, i, score)
-
-    def _settle(self, call: _Call, i: int, score: float) -> None:
-        call.scores[i] = score
-        call.left -= 1
-        if call.left == 0:
-            self._calls.discard(call)
-            call.future.set_result(call.scores)
+    def _finish(self, request_id: str, score: float) -> int:
+        """A request's score; returns its prompt's length."""
+        submitted, i = self._running.pop(request_id)
+        submitted.scores[i] = score
+        submitted.left -= 1
+        if submitted.left == 0:
+            self._live.remove(submitted)
+            settle(submitted.scoring.future, result=submitted.scores)
+        return len(submitted.scoring.prompts[i])
 
     def _drive(self) -> None:
         try:
             while True:
                 with self._wake:
-                    while not self._stopped and not self._inbox and not self._running and not self._has_held():
+                    while not self._stopped and not self._inbox and not self._running:
                         self._wake.wait()
                     if self._stopped:
                         break
-                    self._accept()
-                self._abort_abandoned()
-                self._feed()
+                    arrived, self._inbox = self._inbox, []
+                for scoring in arrived:
+                    self._add(scoring)
+                self._abort_cancelled()
                 if not self._running:
                     continue
-                for output in self.engine.step():
+                started = time.perf_counter()
+                outputs = self.engine.step()
+                pairs = tokens = 0
+                for output in outputs:
                     if output.finished and output.request_id in self._running:
-                        self._finish(output.request_id, float(output.outputs.data[-1]))
+                        tokens += self._finish(output.request_id, float(output.outputs.data[-1]))
+                        pairs += 1
+                self.stats.record(pairs, tokens, tokens, time.perf_counter() - started)
         except BaseException as exc:  # the engine is gone: every waiting caller learns why, health reports it
             self._failure = f"vLLM engine failed: {exc!r}"
             logger.exception("vllm engine failed")
         finally:
             error = RuntimeError(self._failure or "the vLLM engine was closed")
             with self._wake:
-                pending = list(self._calls) + self._inbox
-                self._inbox.clear()
-            for call in pending:
-                if not call.future.done():
-                    call.future.set_exception(error)
+                pending = [s.scoring for s in self._live] + self._inbox
+                self._inbox = []
+            for scoring in pending:
+                settle(scoring.future, exception=error)

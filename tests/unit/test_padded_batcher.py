@@ -1,63 +1,42 @@
-"""The batcher with a recording engine (pure logic) and with the real transformers engine (batch invariance)."""
+"""The transformers engine's padded batcher with a recording forward pass (pure logic), and with the real transformers
+engine (batch invariance)."""
 
 from __future__ import annotations
 
 import random
 import threading
-import time
 from collections.abc import Sequence
 
 import pytest
 
 from tests.conftest import random_text
-from workers.batcher import Batcher, Cancelled, plan_batches
-from workers.engines.base import Feed
+from workers.engines.base import Cancelled, EngineStats
+from workers.engines.batcher import Batcher, plan_batches
 from workers.prompts import Pair
 
 
-class RecordingEngine:
-    """Scores a prompt as its length / 1000 and records every batch; can be held to let submissions pile up."""
+class RecordingForward:
+    """A forward pass that scores a prompt as its length / 1000 and records every batch; can be held to let
+    submissions pile up."""
 
-    name = "recording"
-    device = "cpu"
-
-    def __init__(
-        self, max_batch_tokens: int, padded: bool = True, calls_in_flight: int = 1, express: bool = False
-    ) -> None:
-        self.feed = Feed(max_batch_tokens, padded, calls_in_flight, express)
+    def __init__(self) -> None:
         self.batches: list[list[int]] = []
-        self.priorities: list[int] = []
-        self.flags: list[Sequence[threading.Event] | None] = []
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
-        self.inside = 0
-        self.most_inside = 0
         self.fail_on: int | None = None
-        self._lock = threading.Lock()
 
-    def score(
-        self, batch: Sequence[Sequence[int]], priority: int = 0, abandoned: Sequence[threading.Event] | None = None
-    ) -> list[float]:
-        with self._lock:
-            self.inside += 1
-            self.most_inside = max(self.most_inside, self.inside)
-            self.batches.append([len(x) for x in batch])
-            self.priorities.append(priority)
-            self.flags.append(abandoned)
+    def __call__(self, batch: Sequence[Sequence[int]]) -> list[float]:
+        self.batches.append([len(x) for x in batch])
         self.entered.set()
         self.gate.wait(2)
-        with self._lock:
-            self.inside -= 1
         if self.fail_on is not None and self.fail_on in [len(x) for x in batch]:
             raise RuntimeError("engine exploded")
         return [len(x) / 1000 for x in batch]
 
-    def health(self) -> str | None:
-        return None
 
-    def close(self) -> None:
-        pass
+def batcher_of(forward: RecordingForward, max_batch_tokens: int, **options: int) -> Batcher:
+    return Batcher(forward, max_batch_tokens, EngineStats(), **options)
 
 
 def test_plan_batches_respects_padded_budget_and_sorts_by_length() -> None:
@@ -71,9 +50,9 @@ def test_plan_batches_respects_padded_budget_and_sorts_by_length() -> None:
 
 
 def test_submissions_from_several_chunks_share_engine_calls_and_get_their_own_scores() -> None:
-    engine = RecordingEngine(10_000)
+    engine = RecordingForward()
     engine.gate.clear()
-    batcher = Batcher(engine)
+    batcher = batcher_of(engine, 10_000)
     try:
         first = batcher.submit([[1] * 3])  # taken alone while the engine is held
         assert engine.entered.wait(2)
@@ -90,9 +69,9 @@ def test_submissions_from_several_chunks_share_engine_calls_and_get_their_own_sc
 
 
 def test_higher_priority_runs_before_the_rest_of_a_round() -> None:
-    engine = RecordingEngine(100)
+    engine = RecordingForward()
     engine.gate.clear()
-    batcher = Batcher(engine)
+    batcher = batcher_of(engine, 100)
     try:
         batcher.submit([[1] * 7])
         assert engine.entered.wait(2)
@@ -107,9 +86,9 @@ def test_higher_priority_runs_before_the_rest_of_a_round() -> None:
 
 
 def test_engine_failure_fails_only_the_submissions_in_that_batch() -> None:
-    engine = RecordingEngine(70)
+    engine = RecordingForward()
     engine.fail_on = 66
-    batcher = Batcher(engine)
+    batcher = batcher_of(engine, 70)
     try:
         bad = batcher.submit([[1] * 66])
         with pytest.raises(RuntimeError, match="exploded"):
@@ -120,9 +99,9 @@ def test_engine_failure_fails_only_the_submissions_in_that_batch() -> None:
 
 
 def test_cancelled_submission_never_reaches_the_engine() -> None:
-    engine = RecordingEngine(1000)
+    engine = RecordingForward()
     engine.gate.clear()
-    batcher = Batcher(engine)
+    batcher = batcher_of(engine, 1000)
     try:
         batcher.submit([[1] * 2])
         assert engine.entered.wait(2)
@@ -147,22 +126,21 @@ def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(t
     rng = random.Random(3)
     target = Pair(random_text(rng, 3, 6), random_text(rng, 10, 20), "Find the passage")
     alone = engine.score(prompts.encode([target]))[0]
-    batcher = Batcher(engine)
     try:
         jobs = [[Pair(random_text(rng, 2, 8), random_text(rng, 1, 400)) for _ in range(7)] for _ in range(3)]
         jobs[1].insert(3, target)
-        futures = [batcher.submit(prompts.encode(pairs)) for pairs in jobs]
+        futures = [engine.submit(prompts.encode(pairs)) for pairs in jobs]
         inside = futures[1].future.result(30)[3]
     finally:
-        batcher.stop()
-    assert batcher.stats.batches < sum(len(j) for j in jobs)  # pairs really were batched together
+        engine.close()
+    assert engine.stats.batches < sum(len(j) for j in jobs)  # pairs really were batched together
     assert inside == pytest.approx(alone, abs=1e-5)
 
 
 def test_oldest_pair_is_always_served_so_chunks_finish_in_arrival_order() -> None:
-    engine = RecordingEngine(100)
+    engine = RecordingForward()
     engine.gate.clear()
-    batcher = Batcher(engine, window_batches=2)
+    batcher = batcher_of(engine, 100, window_batches=2)
     try:
         batcher.submit([[1] * 5])
         assert engine.entered.wait(2)
@@ -178,9 +156,9 @@ def test_oldest_pair_is_always_served_so_chunks_finish_in_arrival_order() -> Non
 
 
 def test_lower_priority_is_not_starved() -> None:
-    engine = RecordingEngine(10)
+    engine = RecordingForward()
     engine.gate.clear()
-    batcher = Batcher(engine, starvation_limit=2)
+    batcher = batcher_of(engine, 10, starvation_limit=2)
     try:
         batcher.submit([[1] * 1])
         assert engine.entered.wait(2)
@@ -191,73 +169,5 @@ def test_lower_priority_is_not_starved() -> None:
         for f in urgent:
             f.future.result(2)
         assert engine.batches[1:4] == [[7], [7], [3]]
-    finally:
-        batcher.stop()
-
-
-def test_packed_engine_gets_the_oldest_pairs_in_order_with_its_next_call_already_waiting() -> None:
-    engine = RecordingEngine(100, padded=False, calls_in_flight=2)
-    engine.gate.clear()
-    batcher = Batcher(engine)
-    try:
-        batcher.submit([[1] * 100])
-        assert engine.entered.wait(2)
-        batcher.submit([[1] * 2])
-        deadline = time.monotonic() + 5
-        while engine.most_inside < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.most_inside == 2  # a second call entered the engine while the first was held
-        subs = [batcher.submit([[1] * n]) for n in (40, 50, 30, 20, 60)]
-        engine.gate.set()
-        for s in subs:
-            s.future.result(2)
-        # Packed cost is the sum of lengths: calls fill the budget in arrival order, no length sorting.
-        assert sorted(engine.batches[2:]) == [[30, 20], [40, 50], [60]]
-    finally:
-        batcher.stop()
-
-
-def test_each_call_carries_its_priority_and_the_cancel_flags_of_its_pairs() -> None:
-    engine = RecordingEngine(1000)
-    batcher = Batcher(engine)
-    try:
-        sub = batcher.submit([[1] * 5, [1] * 6], priority=10)
-        sub.future.result(2)
-        assert engine.priorities[-1] == 10
-        flags = engine.flags[-1]
-        assert flags is not None and all(f is sub.cancelled for f in flags)
-        assert not any(f.is_set() for f in flags)
-        sub.cancel()
-        assert all(f.is_set() for f in flags)  # what lets an engine that queues work abort it
-    finally:
-        batcher.stop()
-
-
-@pytest.mark.parametrize("express", [True, False])
-def test_top_priority_pairs_take_the_express_call_while_every_feeder_is_busy(express: bool) -> None:
-    """Both feeders held in bulk calls: an interactive submission enters the engine at once through the express
-    call (when the engine takes one), and bulk pairs never use it."""
-    engine = RecordingEngine(100, padded=False, calls_in_flight=2, express=express)
-    engine.gate.clear()
-    batcher = Batcher(engine, express_level=10)
-    try:
-        bulk = [batcher.submit([[1] * 100]) for _ in range(4)]
-        deadline = time.monotonic() + 5
-        while engine.inside < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.inside == 2
-        time.sleep(0.1)
-        assert engine.inside == 2  # bulk pairs wait, yet the express call takes none of them
-        interactive = batcher.submit([[1] * 7], priority=10)
-        deadline = time.monotonic() + 1
-        while engine.inside < 3 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.inside == (3 if express else 2)
-        assert (engine.priorities[-1] == 10) is express
-        engine.gate.set()
-        assert interactive.future.result(5) == [0.007]
-        for s in bulk:
-            s.future.result(5)
-        assert engine.most_inside == (3 if express else 2)
     finally:
         batcher.stop()
