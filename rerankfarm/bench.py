@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import platform
 import random
 import time
@@ -202,6 +203,42 @@ def _worker_stats(redis_url: str) -> dict[str, float]:
     return totals
 
 
+def _cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc/PID/stat or /proc/PID/task/TID/stat, in seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()  # fields after the command name: state is [0]
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def farm_cpu(api_pid: int, redis_pid: int | None, worker_pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the API, Redis, and the workers: all their threads, and the engine's (the thread that
+    runs forward passes and the compute threads it started, named `ENGINE_THREAD`). Linux's /proc; the processes'
+    and threads' own counters."""
+    from workers.engines.base import ENGINE_THREAD
+
+    totals = {"api": _cpu_seconds(Path(f"/proc/{api_pid}/stat")), "redis": 0.0, "worker": 0.0, "engine": 0.0}
+    if redis_pid is not None:
+        totals["redis"] = _cpu_seconds(Path(f"/proc/{redis_pid}/stat"))
+    for pid in worker_pids:
+        totals["worker"] += _cpu_seconds(Path(f"/proc/{pid}/stat"))
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                if (task / "comm").read_text().strip() == ENGINE_THREAD:
+                    totals["engine"] += _cpu_seconds(task / "stat")
+            except OSError:  # the thread ended meanwhile
+                continue
+    return totals
+
+
+def _worker_pids(redis_url: str) -> list[int]:
+    from schemas import keys
+    from store.connect import redis_client
+
+    client = redis_client(redis_url)
+    pids = [int(json.loads(client.get(k) or "{}")["pid"]) for k in client.scan_iter(match=keys.WORKER_KEY_PATTERN)]
+    client.close()
+    return pids
+
+
 def _gpu_memory_gib() -> float | None:
     try:
         import torch
@@ -236,7 +273,11 @@ def main(
     print(f"raw engine: {n / raw['seconds']:.1f} pairs/s")
     with LocalFarm(model, port, extra_env={"RERANK_ENGINE": engine}) as farm:
         workers = farm.wait_ready(60)
+        processes = (farm.children[0].pid, farm.redis.process.pid if farm.redis and farm.redis.process else None)
+        worker_pids = _worker_pids(farm.redis_url)
+        cpu_before = farm_cpu(*processes, worker_pids)
         farm_run = run_farm(farm.url, requests, jobs)
+        cpu = {k: v - cpu_before[k] for k, v in farm_cpu(*processes, worker_pids).items()}
         print(f"farm: {n / farm_run['seconds']:.1f} pairs/s")
         time.sleep(1.5 * get_settings().worker_heartbeat_s)  # let the heartbeat carry the engine's final counts
         batching = _worker_stats(farm.redis_url)
@@ -282,6 +323,14 @@ def main(
         "farm_batches": batching["batches"],
         "farm_padding_overhead": round(batching["padded_tokens"] / max(batching["real_tokens"], 1) - 1, 3),
         "farm_engine_busy": round(batching["engine_s"] / farm_run["seconds"], 3),
+        # CPU seconds during the farm run, from the processes' and threads' own counters (the bench client's own
+        # polling and result fetching are not counted).
+        "farm_cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        # The farm's CPU time per pair outside the engine's forward passes: the API, Redis, and every worker thread
+        # but the engine's. On a GPU host this is what bounds a worker's pace.
+        "farm_cpu_outside_engine_ms_per_pair": round(
+            (cpu["api"] + cpu["redis"] + cpu["worker"] - cpu["engine"]) / n * 1000, 3
+        ),
     }
     rows = [
         ("pairs", f"{n}"),
@@ -308,6 +357,11 @@ def main(
         ("GPU memory (raw engine, GiB)", f"{raw['gpu_memory_gib']}"),
         ("farm: engine calls / padding overhead", f"{batching['batches']} / {result['farm_padding_overhead']:.1%}"),
         ("farm: engine busy during the farm run", f"{result['farm_engine_busy']:.1%}"),
+        (
+            "farm: CPU s api / redis / worker (engine threads)",
+            f"{cpu['api']:.1f} / {cpu['redis']:.1f} / {cpu['worker']:.1f} ({cpu['engine']:.1f})",
+        ),
+        ("farm: CPU ms per pair outside the engine", f"{result['farm_cpu_outside_engine_ms_per_pair']}"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n| " + "metric".ljust(width) + " | value |\n| " + "-" * width + " | --- |")

@@ -51,3 +51,8 @@ def test_bench_compares_farm_and_raw_engine_and_writes_json(tmp_path) -> None:
     assert result["interactive_idle_p50_s"] > 0 and result["interactive_under_bulk_p99_s"] > 0
     assert "| farm / raw" in run.stdout
     assert result["engine"] == "vllm"  # `auto` resolves to vLLM where it is installed
+    cpu = result["farm_cpu_s"]
+    # On the CPU the forward passes are most of a worker's time: the engine's threads (its compute threads among
+    # them) were told apart from the rest of the worker.
+    assert 0 < cpu["engine"] <= cpu["worker"] and cpu["engine"] > 0.5 * cpu["worker"], cpu
+    assert result["farm_cpu_outside_engine_ms_per_pair"] > 0

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from workers.engines.base import EngineStats, Scoring, settle
+from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Batcher:
         return None
 
     def _run(self) -> None:
+        name_engine_thread()
         while True:
             with self._lock:
                 batch = self._next_batch()

@@ -26,7 +26,7 @@ from typing import Any
 
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
-from workers.engines.base import EngineStats, Scoring, settle
+from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ class VllmEngine:
         return len(submitted.scoring.prompts[i])
 
     def _drive(self) -> None:
+        name_engine_thread()
         try:
             while True:
                 with self._wake:
