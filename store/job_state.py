@@ -1,7 +1,9 @@
 """A job's state: its record in Redis, every move between states, and the Lua scripts that make each move atomic.
 
-This is the one place that knows the job hash. The API's and the workers' job stores read and write jobs through it;
-`store.chunk_ledger` keeps the chunks' own state (sent, re-sent, renewed) beside it.
+Every move of a job's status is here (the record's type, its creation, and the Lua moves below); the API's and the
+workers' job stores make them through it. Not yet here: the webhook worker and the API write the webhook delivery
+fields of the hash themselves, and the stores read single fields with HGET. `store.chunk_ledger` keeps the chunks'
+own state (sent, re-sent, renewed) beside it.
 
     queued ──first chunk taken──▶ running ──last chunk recorded──▶ succeeded
        │                             │

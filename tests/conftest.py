@@ -6,10 +6,14 @@ import importlib.util
 import os
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from schemas.prompt import PREFIX, SUFFIX, format_body
+
+if TYPE_CHECKING:
+    from workers.prompts import PromptBuilder
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +41,14 @@ class Reference:
         with self.torch.inference_mode():
             logits = self.model(ids).logits[0, -1, [self.no, self.yes]].float()
         return float(self.torch.softmax(logits, -1)[1])
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_model_dir: Path, request: pytest.FixtureRequest) -> PromptBuilder:
+    """The tiny model's prompt builder, at the test module's MAX_LENGTH (512 unless it says)."""
+    from workers.prompts import PromptBuilder
+
+    return PromptBuilder.from_pretrained(str(tiny_model_dir), getattr(request.module, "MAX_LENGTH", 512))
 
 
 @pytest.fixture(scope="session")

@@ -16,10 +16,7 @@ from workers.engines.factory import load_engine
 from workers.engines.transformers_engine import TransformersEngine
 from workers.prompts import Pair, PromptBuilder
 
-
-@pytest.fixture(scope="module")
-def prompts(tiny_model_dir) -> PromptBuilder:
-    return PromptBuilder.from_pretrained(str(tiny_model_dir), 256)
+MAX_LENGTH = 256  # the `prompts` fixture builds at this length
 
 
 @pytest.fixture(scope="module")

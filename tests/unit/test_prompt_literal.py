@@ -4,10 +4,8 @@ line, the tags, the newlines or the empty think block makes this test fail."""
 
 from __future__ import annotations
 
-import pytest
-
 from schemas.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, format_body
-from workers.prompts import Pair, PromptBuilder
+from workers.prompts import Pair
 
 MODEL_CARD_PROMPT = (
     "<|im_start|>system\n"
@@ -29,11 +27,6 @@ def test_the_prompt_text_is_the_model_cards_byte_for_byte() -> None:
     assert DEFAULT_INSTRUCTION == "Given a web search query, retrieve relevant passages that answer the query"
     custom = PREFIX + format_body("w1 w2", "w3 w4 w5", "Find w9") + SUFFIX
     assert custom == MODEL_CARD_PROMPT.replace(f"<Instruct>: {DEFAULT_INSTRUCTION}", "<Instruct>: Find w9")
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_model_dir) -> PromptBuilder:
-    return PromptBuilder.from_pretrained(str(tiny_model_dir), 512)
 
 
 def test_the_token_ids_every_engine_scores_are_the_tokenized_model_card_prompt(prompts) -> None:

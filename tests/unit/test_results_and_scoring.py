@@ -11,12 +11,9 @@ from schemas.chunks import Chunk, ChunkResult, PairOptions, Segment
 from schemas.prompt import format_body
 from store.results import assemble_results, rank
 from workers import scoring
-from workers.prompts import Pair, PromptBuilder
+from workers.prompts import Pair
 
-
-@pytest.fixture(scope="module")
-def prompts(tiny_model_dir) -> PromptBuilder:
-    return PromptBuilder.from_pretrained(str(tiny_model_dir), 256)
+MAX_LENGTH = 256  # the `prompts` fixture builds at this length
 
 
 def words(start: int, n: int) -> str:

@@ -15,7 +15,7 @@ from schemas.settings import Settings
 from tests.conftest import VLLM_TEST_ENV, random_text, require_vllm
 from workers.engines.base import Cancelled
 from workers.engines.transformers_engine import TransformersEngine
-from workers.prompts import Pair, PromptBuilder
+from workers.prompts import Pair
 
 MAX_LENGTH = 512
 
@@ -34,11 +34,6 @@ def vllm_engine(settings) -> Iterator[object]:
     engine = VllmEngine.load(settings, MAX_LENGTH)
     yield engine
     engine.close()
-
-
-@pytest.fixture(scope="module")
-def prompts(tiny_model_dir) -> PromptBuilder:
-    return PromptBuilder.from_pretrained(str(tiny_model_dir), MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
