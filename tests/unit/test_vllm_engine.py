@@ -103,9 +103,10 @@ def test_a_cancelled_submission_leaves_vllm_and_the_rest_is_scored(vllm_engine, 
 
 
 def test_an_interactive_submission_overtakes_bulk_prompts_waiting_in_vllm(vllm_engine, prompts) -> None:
-    """vLLM's own scheduler (priority policy) is the farm's scheduler: bulk prompts are all in vLLM, several passes
-    of them; an interactive submission arriving after the first pass is scored within the next two passes, while
-    bulk prompts submitted before it still wait."""
+    """vLLM's own scheduler (priority policy) is the farm's scheduler: a bulk submission of several passes waits,
+    a pass and a half of it in vLLM, the rest to be admitted; an interactive submission arriving after the first
+    pass is admitted at once and scored within the next two passes, while bulk prompts submitted before it still
+    wait. (Without its priority in vLLM, it waits behind the bulk prompts vLLM holds: this test fails.)"""
     rng = random.Random(12)
     bulk = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 200, 400)) for _ in range(60)])
     interactive = prompts.encode([Pair(random_text(rng, 3, 6), random_text(rng, 20, 60)) for _ in range(5)])

