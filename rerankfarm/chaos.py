@@ -217,6 +217,7 @@ def run(
     submitted: list[tuple[str, dict[str, Any]]] = []
     lock = threading.Lock()
     done = threading.Event()
+    starters: list[threading.Thread] = []  # replacements being started: joined before the end stops every worker
 
     def client(k: int) -> None:
         rng = random.Random(seed * 1000 + k)
@@ -243,9 +244,11 @@ def run(
             report.kills += 1
             fresh = FarmWorker(redis_url, model, log_dir, env=worker_env)
             slots[slot] = fresh
+            starter = threading.Thread(target=_start_quietly, args=(fresh,), daemon=True)
             with lock:
                 every.append(fresh)
-            threading.Thread(target=_start_quietly, args=(fresh,), daemon=True).start()
+                starters.append(starter)
+            starter.start()
             slot = (slot + 1) % len(slots)
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
@@ -278,7 +281,11 @@ def run(
     finally:
         done.set()
         chaos.join(kill_every + 130)
-        for w in slots:
+        # A replacement may still be starting: stopped before its process exists, it would start after the end and
+        # outlive the run. Wait for every start, then stop every worker ever started (the killed ones are gone).
+        for starter in starters:
+            starter.join(150)
+        for w in every:
             w.stop()
     if score_of is not None:  # once the workers are gone: the reference wants the CPU
         with httpx.Client(base_url=api_url, timeout=60) as http:
