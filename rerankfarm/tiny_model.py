@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from schemas.prompt import PREFIX, SUFFIX, format_body
+from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
 VOCAB_WORDS = 500
 HEAD_DIM = 32  # vLLM's CPU attention refuses 16; a model built by an older release is rebuilt

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from schemas.prompt import PREFIX, SUFFIX, format_body
+from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
 if TYPE_CHECKING:
     from workers.prompts import PromptBuilder

@@ -1,10 +1,10 @@
 """How a (query, document) pair becomes the token ids an engine scores: the one place prompts are built.
 
-The text is the model card's (`schemas.prompt`): PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>: ..." + SUFFIX.
-The middle part is tokenized on its own and cut from its end so the whole prompt fits the max length (with
-`truncate_left`, the document loses its start instead); PREFIX and
-SUFFIX are never cut, so every prompt ends with the assistant turn the yes/no logits are read after. Engines only
-see token ids, so the transformers and vLLM engines score exactly the same prompts.
+The text is the model card's (`workers.models.qwen3_reranker`): PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>:
+..." + SUFFIX. The middle part is tokenized on its own and cut from its end so the whole prompt fits the max length
+(with `truncate_left`, the document loses its start instead); PREFIX and SUFFIX are never cut, so every prompt ends
+with the assistant turn the yes/no logits are read after. Engines only see token ids, so the transformers and vLLM
+engines score exactly the same prompts.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from schemas.chunks import PairOptions
 from schemas.errors import EngineLoadError, InvalidInput
-from schemas.prompt import PREFIX, SUFFIX, format_body
+from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body, label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,7 @@ class PromptBuilder:
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
-        vocab = tokenizer.get_vocab()
-        missing = [t for t in ("yes", "no") if t not in vocab]
-        if missing:
-            raise EngineLoadError(f"the tokenizer has no token for {missing}: this is not a Qwen3-Reranker checkpoint")
-        self.yes_no_ids = (vocab["no"], vocab["yes"])
+        self.label_ids = label_ids(tokenizer.get_vocab())  # ("no", "yes")
         self.prefix_ids: list[int] = tokenizer.encode(PREFIX, add_special_tokens=False)
         self.suffix_ids: list[int] = tokenizer.encode(SUFFIX, add_special_tokens=False)
         self.body_budget = max_length - len(self.prefix_ids) - len(self.suffix_ids)

@@ -5,7 +5,7 @@ from pydantic import BaseModel
 
 from api.deps import SettingsDep
 from api.shapes import TeiInfo
-from schemas.prompt import DEFAULT_INSTRUCTION
+from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION
 
 router = APIRouter(tags=["info"])
 

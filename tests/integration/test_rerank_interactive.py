@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from schemas import keys
-from schemas.prompt import PREFIX, SUFFIX, format_body
 from tests.conftest import random_text
 from tests.integration.conftest import farm_settings, other_db, serve, wait_for
+from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,11 @@ import pytest
 
 from schemas.chunks import PairOptions
 from schemas.errors import EngineLoadError
-from schemas.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 from schemas.settings import Settings
 from tests.conftest import random_text
 from workers.engines.factory import load_engine
 from workers.engines.transformers_engine import TransformersEngine
+from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX
 from workers.prompts import Pair, PromptBuilder
 
 MAX_LENGTH = 256  # the `prompts` fixture builds at this length

@@ -4,7 +4,7 @@ line, the tags, the newlines or the empty think block makes this test fail."""
 
 from __future__ import annotations
 
-from schemas.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, format_body
+from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, format_body
 from workers.prompts import Pair
 
 MODEL_CARD_PROMPT = (

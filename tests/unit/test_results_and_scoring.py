@@ -8,9 +8,9 @@ import json
 import pytest
 
 from schemas.chunks import Chunk, ChunkResult, PairOptions, Segment
-from schemas.prompt import format_body
 from store.results import assemble_results, rank
 from workers import scoring
+from workers.models.qwen3_reranker import format_body
 from workers.prompts import Pair
 
 MAX_LENGTH = 256  # the `prompts` fixture builds at this length

@@ -36,7 +36,7 @@ class TransformersEngine:
     def __init__(
         self,
         model: Any,
-        yes_no_ids: tuple[int, int],
+        label_ids: tuple[int, int],
         pad_id: int,
         device: str,
         max_batch_tokens: int,
@@ -45,7 +45,7 @@ class TransformersEngine:
         self.model = model
         self.device = device
         head = model.get_output_embeddings().weight
-        self.head = head[list(yes_no_ids)].detach().clone()  # [2, hidden]: rows of "no" and "yes"
+        self.head = head[list(label_ids)].detach().clone()  # [2, hidden]: rows of "no" and "yes"
         self.pad_id = pad_id
         self.stats = EngineStats()
         self.batcher = Batcher(self.score, max_batch_tokens, self.stats, window_batches=batch_window)
@@ -68,7 +68,7 @@ class TransformersEngine:
             raise EngineLoadError.model_unloadable(settings.model, exc) from None
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, prompts.yes_no_ids, prompts.pad_id, device, settings.max_batch_tokens, settings.batch_window)
+        return cls(model, prompts.label_ids, prompts.pad_id, device, settings.max_batch_tokens, settings.batch_window)
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         if self._closed:

