@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from schemas import keys, metrics
-from schemas.chunks import Chunk, ChunkRef, ChunkResult, chunk_count, chunk_priority, split_into_chunks
+from schemas.chunks import ChunkRef, chunk_count, chunk_priority, split_into_chunks
 from schemas.errors import (
     InvalidRequest,
     JobNotFinished,
@@ -32,13 +32,12 @@ from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
 from store import job_state
 from store.chunk_ledger import Ledger
-from store.job_state import JobRecord, as_str, decode_hash, now_iso
-from store.results import ResultAssembler
+from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
+from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
 logger = logging.getLogger(__name__)
 
-STREAM_CHUNKS = 32  # chunk results read per Redis round trip while results are streamed
 REPLICAS_CHECK_S = 5.0  # how often submit asks the Redis primary how many replicas it has
 
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
@@ -50,7 +49,7 @@ class JobStore:
         self.waiter = waiter
         self.celery = celery
         self.settings = settings
-        self.scripts = job_state.Scripts(client)
+        self.run = job_state.AsyncRunner(client)
         self.ledger = Ledger(client)
         self._replica_count = 0
         self._replicas_checked = -REPLICAS_CHECK_S
@@ -152,23 +151,14 @@ class JobStore:
         if body.webhook is not None:
             record.webhook_url = body.webhook.url
             record.webhook_events = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
-        requests_meta = [
-            {
-                "custom_id": r.custom_id,
-                "top_n": r.top_n,
-                "n": len(r.documents),
-                "echo": r.return_documents,  # texts come from the chunks' inputs (kept for such jobs)
-                "ids": r.document_ids(),
-            }
-            for r in body.requests
-        ]
-        record.keep_input = int(any(r.return_documents for r in body.requests))
+        job_input = JobInput.of(body.requests)
+        record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
         lane = lane_of(record.kind, body.priority)
         level = chunk_priority(record.kind, body.priority)
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         ttl = self.settings.result_ttl_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            job_state.create(pipe, record, {"requests": requests_meta}, chunk_list, ttl)
+            job_state.create(pipe, record, job_input, chunk_list, ttl)
             await self.ledger.open_chunks(pipe, job_id, chunks, lane, ttl)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
             pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
@@ -188,7 +178,7 @@ class JobStore:
             # hear of it. (Chunks sent before the failure find the job failed and are skipped.)
             with contextlib.suppress(Exception):
                 move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
-                if await self.scripts.run(move):
+                if (await self.run(move)).moved:
                     metrics.JOBS_FINISHED.labels("failed").inc()
                     metrics.JOBS_FAILED.labels("enqueue_failed").inc()
             raise Unavailable("the job queue is unreachable; retry later") from exc
@@ -223,23 +213,17 @@ class JobStore:
             self._replicas_checked = now
         return self._replica_count
 
-    async def _record(self, job_id: str, tenant: str) -> JobRecord:
-        """The job's record; JobNotFound for unknown ids and for another tenant's jobs alike."""
+    async def _view(self, job_id: str, tenant: str) -> JobView:
+        """The job; JobNotFound for unknown ids and for another tenant's jobs alike."""
         if not JOB_ID.match(job_id):
             raise JobNotFound(job_id)
-        raw = await self.redis.hgetall(keys.job_key(job_id))
-        if not raw:
+        view = await self.run(job_state.read(job_id, tenant))
+        if view is None or view.record.tenant != tenant:
             raise JobNotFound(job_id)
-        record = JobRecord.from_hash(raw)
-        if record.tenant != tenant:
-            raise JobNotFound(job_id)
-        return record
+        return view
 
     async def get(self, job_id: str, tenant: str) -> Job:
-        record = await self._record(job_id, tenant)
-        workers = decode_hash(await self.redis.hgetall(keys.job_workers_key(job_id)))
-        raw_attempts = await self.redis.lrange(keys.job_webhook_attempts_key(job_id), 0, -1)
-        return record.to_job({k: int(v) for k, v in workers.items()}, [as_str(a) for a in raw_attempts])
+        return (await self._view(job_id, tenant)).to_job()
 
     async def recent(self, limit: int, tenant: str) -> list[Job]:
         """The newest jobs first; expired ones are dropped from the index as they are met."""
@@ -256,52 +240,28 @@ class JobStore:
 
     async def redeliver(self, job_id: str, tenant: str) -> Job:
         """Schedule the job's last webhook event again (same webhook-id, so receivers can de-duplicate)."""
-        record = await self._record(job_id, tenant)
+        record = (await self._view(job_id, tenant)).record
         if not record.webhook_url:
             raise InvalidRequest(f"job {job_id} has no webhook")
         if not record.webhook_event:
             raise JobNotFinished(f"job {job_id} is {record.status}: its webhook event is sent when it ends")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.job_key(job_id), mapping={"webhook_state": "pending", "webhook_attempt": 0})
-            pipe.zadd(keys.WEBHOOKS_DUE, {job_id: time.time()})
-            await pipe.execute()
+        view = await self.run(job_state.redeliver(job_id, tenant))
+        if view is None:  # expired since it was read
+            raise JobNotFound(job_id)
         logger.info("job %s: webhook %s scheduled for redelivery", job_id, record.webhook_event)
-        return await self.get(job_id, tenant)
+        return view.to_job()
 
     async def _succeeded(self, job_id: str, tenant: str) -> JobRecord:
-        record = await self._record(job_id, tenant)
+        record = (await self._view(job_id, tenant)).record
         if record.status != JobStatus.succeeded:
             reason = f": {record.error_message}" if record.error_message else ""
             raise JobNotFinished(f"job {job_id} is {record.status}{reason}; results exist once it has succeeded")
         return record
 
     async def stream_results(self, job_id: str, tenant: str) -> AsyncIterator[RequestResults]:
-        """The job's results request by request, read from Redis STREAM_CHUNKS chunks at a time: the API holds the
-        input summary and a few chunks, never the job's whole results. Raises (before the first result) as
-        `results` does."""
-        record = await self._succeeded(job_id, tenant)
-        raw_input = await self.redis.get(keys.job_input_key(job_id))
-        if raw_input is None:
-            raise JobNotFound(job_id)
-        assembler = ResultAssembler(json.loads(raw_input)["requests"])
-        del raw_input
-
-        async def results() -> AsyncIterator[RequestResults]:
-            for start in range(0, record.chunks_total, STREAM_CHUNKS):
-                indexes = list(range(start, min(start + STREAM_CHUNKS, record.chunks_total)))
-                raw_scores = await self.redis.hmget(keys.job_scores_key(job_id), indexes)
-                raw_inputs: list[Any] = [None] * len(indexes)
-                if assembler.needs_inputs:
-                    raw_inputs = await self.redis.hmget(keys.job_chunks_key(job_id), indexes)
-                for raw, raw_chunk in zip(raw_scores, raw_inputs, strict=True):
-                    if raw is None or (assembler.needs_inputs and raw_chunk is None):
-                        raise JobNotFound(job_id)  # expired while being read: end the stream short
-                    chunk_input = Chunk.model_validate_json(raw_chunk) if raw_chunk is not None else None
-                    for entry in assembler.add(ChunkResult.model_validate_json(raw), chunk_input):
-                        yield entry
-            assembler.check_complete()
-
-        return results()
+        """The job's results request by request (`store.results`): the API holds the input summary and a few
+        chunks, never the job's whole results. Raises (before the first result) as `results` does."""
+        return await open_results(self.redis, await self._succeeded(job_id, tenant))
 
     async def results(self, job_id: str, tenant: str) -> JobResults:
         """The whole job's results in one object (interactive calls): `stream_results`, gathered."""
@@ -321,11 +281,14 @@ class JobStore:
     async def cancel(self, job_id: str, tenant: str, code: str = "", reason: str = "") -> Job:
         """Cancel a job that is not final yet: its chunks are dropped wherever they wait (queue, batcher, engine).
         `code` and `reason` say why when the farm, not the job's owner, cancels it."""
-        await self._record(job_id, tenant)
-        if await self.scripts.run(job_state.cancel(job_id, tenant, code, reason)):
+        await self._view(job_id, tenant)
+        finished = await self.run(job_state.cancel(job_id, tenant, code, reason))
+        if finished.job is None:  # expired since it was read
+            raise JobNotFound(job_id)
+        if finished.moved:
             metrics.JOBS_FINISHED.labels("cancelled").inc()
             logger.info("job %s cancelled%s", job_id, f": {reason}" if reason else "")
-        return await self.get(job_id, tenant)
+        return finished.job.to_job()
 
     async def queue_depths(self) -> dict[str, int]:
         names = [keys.QUEUE_INTERACTIVE, *bulk_queue_keys(), keys.QUEUE_WEBHOOKS]

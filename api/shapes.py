@@ -405,7 +405,12 @@ class ScoreCall(ShapedCall):
 
     @staticmethod
     def render(answer: Answer) -> ScoreResponse:
-        scores = [r.relevance_score for entry in answer.results for r in sorted(entry.results, key=lambda r: r.index)]
+        scores: list[float] = []  # in document order: each ranked result back to its document's place
+        for entry in answer.results:
+            placed = [0.0] * len(entry.results)
+            for r in entry.results:
+                placed[r.index] = r.relevance_score
+            scores += placed
         return ScoreResponse(
             id=f"score-{answer.job_id}",
             created=int(time.time()),

@@ -1,34 +1,44 @@
-"""A job's state: its record in Redis, every move between states, and the Lua scripts that make each move atomic.
+"""A job: its typed record and input in Redis, and every write to it as a named move. The one place a job changes.
 
-Every move of a job's status is here (the record's type, its creation, and the Lua moves below); the API's and the
-workers' job stores make them through it. Not yet here: the webhook worker and the API write the webhook delivery
-fields of the hash themselves, and the stores read single fields with HGET. `store.chunk_ledger` keeps the chunks'
-own state (sent, re-sent, renewed) beside it.
+Moves, each one atomic (a Lua script, or the creating transaction), each returning what its caller reads next:
+
+    create            the record, the input summary, the chunks' inputs, the tenant's in-flight slot   (API)
+    take              a worker takes a chunk: queued -> running on the first       -> Taken       (workers)
+    record_chunk      a chunk's scores, counted once; the last one: -> succeeded   -> Recorded    (workers)
+    fail, cancel      -> failed | cancelled, with a cause                         -> Finished    (API, workers)
+    webhook_attempt   one delivery attempt of the job's event, and the next due   -> None        (webhook worker)
+    redeliver         the job's last event scheduled again                        -> JobView     (API)
+    read, status      the job as the API shows it; its status alone                              (everyone)
 
     queued ──first chunk taken──▶ running ──last chunk recorded──▶ succeeded
        │                             │
        └──────── cancel, fail ───────┴──▶ cancelled | failed
 
-`TAKE` (a worker takes a chunk) is the one move from queued to running. Every move into a final state goes through
-`FINISH` or `RECORD_CHUNK`, whose shared prelude `finalize` runs in the same script: it takes the job out of its
-tenant's in-flight set, pushes the status to the done-list when someone waits on the job (an interactive call),
-schedules the webhook event the job asked for, and drops the chunks' ledger and inputs (the inputs are kept when
-results echo documents). Nothing can set a final state without those following.
+Every move into a final state runs the shared prelude `finalize` in its script: the job leaves its tenant's
+in-flight set, its status goes to the done-list when someone waits on it (an interactive call), the webhook event
+the job asked for is scheduled, and the chunks' ledger and inputs go (the inputs stay when results echo documents).
+Nothing can set a final state without those following. A move is data (`Move`: script, keys, args, and how to read
+the reply); `Runner` runs it on a sync client, `AsyncRunner` on an asyncio one. `store.chunk_ledger` keeps the
+chunks' own state (sent, re-sent, renewed) beside it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple, TypeVar
+
+from pydantic import BaseModel
 
 from schemas import keys
 from schemas.chunks import Chunk
-from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, Timings
-from schemas.webhooks import WebhookAttempt, WebhookStatus
+from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
+from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
+
+T = TypeVar("T")
 
 
 def now_iso() -> str:
@@ -93,6 +103,13 @@ class JobRecord:
     def final(self) -> bool:
         return JobStatus(self.status).final
 
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from creation to finish, once finished."""
+        if not self.finished_at:
+            return None
+        return (datetime.fromisoformat(self.finished_at) - datetime.fromisoformat(self.created_at)).total_seconds()
+
     def to_job(self, workers: Mapping[str, int] | None = None, attempts: Sequence[str] = ()) -> Job:
         """The job as the API shows it, with its per-worker pair counts and its webhook attempts (JSON entries)."""
         webhook = None
@@ -129,6 +146,65 @@ class JobRecord:
         )
 
 
+class RequestInput(BaseModel):
+    """What results need of one request besides its scores (`rerank:job:{id}:input`)."""
+
+    custom_id: str | None = None
+    top_n: int | None = None
+    n: int  # documents
+    echo: bool = False  # results echo the documents' texts (read from the chunks' inputs, kept for such jobs)
+    ids: list[str | None] | None = None  # the documents' ids, when any had one
+
+
+class JobInput(BaseModel):
+    """A job's input summary: its requests, in order."""
+
+    requests: list[RequestInput]
+
+    @classmethod
+    def of(cls, requests: Sequence[RerankRequest]) -> JobInput:
+        return cls(
+            requests=[
+                RequestInput(
+                    custom_id=r.custom_id,
+                    top_n=r.top_n,
+                    n=len(r.documents),
+                    echo=r.return_documents,
+                    ids=r.document_ids(),
+                )
+                for r in requests
+            ]
+        )
+
+    @property
+    def echo(self) -> bool:
+        return any(r.echo for r in self.requests)
+
+
+def _fields(flat: Sequence[Any]) -> dict[str, str]:
+    """A flat HGETALL reply from a script ([k1, v1, k2, v2, ...]) as a dict of text."""
+    return {as_str(flat[i]): as_str(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+@dataclass
+class JobView:
+    """A job with what the API shows beside its record: pairs per worker and its webhook attempts (JSON entries)."""
+
+    record: JobRecord
+    workers: dict[str, int]
+    attempts: list[str]
+
+    @classmethod
+    def from_reply(cls, reply: Sequence[Any]) -> JobView:
+        """From a script's `view()`: {job hash, workers hash, attempts list}."""
+        raw_job, raw_workers, raw_attempts = reply
+        workers = {k: int(v) for k, v in _fields(raw_workers).items()}
+        return cls(JobRecord.from_hash(_fields(raw_job)), workers, [as_str(a) for a in raw_attempts])
+
+    def to_job(self) -> Job:
+        return self.record.to_job(self.workers, self.attempts)
+
+
 # The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, webhooks due
 # set, the tenant's in-flight set, chunk inputs, chunk ledger, open chunks.
 def script_keys(job_id: str, tenant: str) -> list[str]:
@@ -143,8 +219,16 @@ def script_keys(job_id: str, tenant: str) -> list[str]:
         keys.job_chunks_key(job_id),
         keys.job_ledger_key(job_id),
         keys.CHUNKS_OPEN,
+        keys.job_webhook_attempts_key(job_id),
     ]
 
+
+# view(): the job, its pairs per worker and its webhook attempts, as `JobView.from_reply` reads them.
+_VIEW = """
+local function view()
+  return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[3]), redis.call('LRANGE', KEYS[11], 0, -1)}
+end
+"""
 
 # The prelude of every script that may set a final state. finalize(status): out of the tenant's in-flight set,
 # the status to the done-list when someone waits (`notify`), the webhook event scheduled when the job's webhook
@@ -175,13 +259,13 @@ end
 # ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, tokenization ms, inference ms,
 # done-list ttl. HSETNX makes a chunk count once however often it is delivered (first write wins); a recorded chunk
 # leaves the open set; the job keeps the slowest chunk's timings; the last chunk finishes the job. Returns
-# 'finished', 'recorded', 'duplicate' (already counted), or 'missing' (the job expired).
+# {'finished', the job's hash}, {'recorded'}, {'duplicate'} (already counted), or {'missing'} (the job expired).
 RECORD_CHUNK = (
     _FINALIZE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return 'missing' end
-if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 'duplicate' end
+if not status then return {'missing'} end
+if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return {'duplicate'} end
 local id = redis.call('HGET', KEYS[1], 'id')
 if id then redis.call('ZREM', KEYS[10], id .. ':' .. ARGV[1]) end
 redis.call('HINCRBY', KEYS[3], ARGV[4], ARGV[3])
@@ -198,9 +282,9 @@ for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
 if (status == 'queued' or status == 'running') and done >= tonumber(redis.call('HGET', KEYS[1], 'chunks_total')) then
   redis.call('HSET', KEYS[1], 'status', 'succeeded', 'finished_at', ARGV[5])
   finalize('succeeded')
-  return 'finished'
+  return {'finished', redis.call('HGETALL', KEYS[1])}
 end
-return 'recorded'
+return {'recorded'}
 """
 )
 
@@ -230,81 +314,196 @@ return {'taken', input, started}
 """
 
 # ARGV: final status ('failed' or 'cancelled'), error code, error message, now, done-list ttl. Only a job that is
-# not final yet moves; returns 1 when it did.
+# not final yet moves; returns {1 when it moved, view()}, or false for an unknown job.
 FINISH = (
     _FINALIZE
+    + _VIEW
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
 if status == 'queued' or status == 'running' then
   redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[4])
   if ARGV[2] ~= '' then
     redis.call('HSET', KEYS[1], 'error_code', ARGV[2], 'error_message', ARGV[3])
   end
   finalize(ARGV[1])
-  return 1
+  return {1, view()}
 end
-return 0
+return {0, view()}
 """
 )
 
+# ARGV: now (unix). The job's last webhook event due again, attempts counted from 0 (same event, same webhook-id).
+# Returns view(), or false for an unknown job or one without an event to send.
+REDELIVER = (
+    _VIEW
+    + """
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id or not redis.call('HGET', KEYS[1], 'webhook_url') or not redis.call('HGET', KEYS[1], 'webhook_event') then
+  return false
+end
+redis.call('HSET', KEYS[1], 'webhook_state', 'pending', 'webhook_attempt', 0)
+redis.call('ZADD', KEYS[6], ARGV[1], id)
+return view()
+"""
+)
 
-class Move(NamedTuple):
-    """One state move: which script, with which KEYS and ARGV."""
+# One delivery attempt. KEYS: job, attempts, webhooks due set. ARGV: job id, attempt entry (JSON), state after it,
+# attempt number, when the next attempt is due (unix; '' for none), attempts kept, ttl seconds.
+WEBHOOK_ATTEMPT = """
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+redis.call('EXPIRE', KEYS[2], ARGV[7])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_attempt', ARGV[4])
+end
+if ARGV[5] == '' then redis.call('ZREM', KEYS[3], ARGV[1]) else redis.call('ZADD', KEYS[3], ARGV[5], ARGV[1]) end
+"""
+
+# The job as the API shows it: view(), or false for an unknown job.
+READ = (
+    _VIEW
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return view()
+"""
+)
+
+STATUS = "return redis.call('HGET', KEYS[1], 'status')"
+
+
+@dataclass(frozen=True)
+class Move(Generic[T]):
+    """One move: which script, with which KEYS and ARGV, and how its caller reads the reply."""
 
     script: str
     keys: list[str]
     args: Sequence[str | int | float]
+    parse: Callable[[Any], T]
 
 
-def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: int, worker: str, tokens: int,
-                 ttl_s: int, tokenize_ms: int = 0, inference_ms: int = 0) -> Move:  # fmt: skip
-    args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, tokenize_ms, inference_ms]
-    args.append(keys.DONE_TTL_S)
-    return Move(RECORD_CHUNK, script_keys(job_id, tenant), args)
+class Taken(NamedTuple):
+    """A chunk message taken: outcome 'taken' with the chunk's input (and whether the job started now), else the
+    job's final status, 'gone' (expired) or 'duplicate' (recorded already)."""
+
+    outcome: str
+    chunk: Chunk | None = None
+    started: bool = False
 
 
-def create(pipe: Any, record: JobRecord, summary: Mapping[str, Any], chunks: Sequence[Chunk], ttl_s: int) -> None:
-    """Queue on `pipe` (the creating transaction) a new job's writes: its record, its input summary (per request
-    custom_id, top_n, document count, ids, whether results echo documents), each chunk's input, and its place in
-    its tenant's in-flight set. `store.chunk_ledger.Ledger.open_chunks` adds the chunks' first sends to the same
-    transaction."""
+class Recorded(NamedTuple):
+    """A chunk's scores recorded: 'finished' (the job succeeded now; its record), 'recorded', 'duplicate' or
+    'missing'."""
+
+    outcome: str
+    record: JobRecord | None = None
+
+
+class Finished(NamedTuple):
+    """A fail or cancel: whether the job moved now, and the job after it (None: unknown job)."""
+
+    moved: bool
+    job: JobView | None
+
+
+def create(pipe: Any, record: JobRecord, job_input: JobInput, chunks: Sequence[Chunk], ttl_s: int) -> None:
+    """Queue on `pipe` (the creating transaction, sync or asyncio) a new job's writes: its record, its input
+    summary, each chunk's input, and its place in its tenant's in-flight set. `store.chunk_ledger.Ledger.open_chunks`
+    adds the chunks' first sends to the same transaction."""
     pipe.hset(keys.job_key(record.id), mapping=record.to_hash())
     pipe.expire(keys.job_key(record.id), ttl_s)
-    pipe.set(keys.job_input_key(record.id), json.dumps(summary), ex=ttl_s)
+    pipe.set(keys.job_input_key(record.id), job_input.model_dump_json(), ex=ttl_s)
     if chunks:
         pipe.hset(keys.job_chunks_key(record.id), mapping={c.index: c.model_dump_json() for c in chunks})
         pipe.expire(keys.job_chunks_key(record.id), ttl_s)
     pipe.sadd(keys.tenant_inflight_key(record.tenant), record.id)
 
 
-def take(job_id: str, index: int, worker: str, lane: str, seq: int) -> Move:
+def _taken(reply: Sequence[Any]) -> Taken:
+    outcome = as_str(reply[0])
+    if outcome != "taken":
+        return Taken(outcome)
+    return Taken(outcome, Chunk.model_validate_json(reply[1]), bool(int(reply[2])))
+
+
+def take(job_id: str, index: int, worker: str, lane: str, seq: int) -> Move[Taken]:
     move_keys = [keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_ledger_key(job_id), keys.CHUNKS_OPEN]
     move_keys += [keys.job_chunks_key(job_id), keys.lane_key(lane)]
-    return Move(TAKE, move_keys, [index, worker, now_iso(), time.time(), seq])
+    return Move(TAKE, move_keys, [index, worker, now_iso(), time.time(), seq], _taken)
 
 
-def fail(job_id: str, tenant: str, code: str, message: str) -> Move:
+def _recorded(reply: Sequence[Any]) -> Recorded:
+    outcome = as_str(reply[0])
+    return Recorded(outcome, JobRecord.from_hash(_fields(reply[1])) if outcome == "finished" else None)
+
+
+def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: int, worker: str, tokens: int,
+                 ttl_s: int, tokenize_ms: int = 0, inference_ms: int = 0) -> Move[Recorded]:  # fmt: skip
+    args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, tokenize_ms, inference_ms]
+    args.append(keys.DONE_TTL_S)
+    return Move(RECORD_CHUNK, script_keys(job_id, tenant), args, _recorded)
+
+
+def _finished(reply: Sequence[Any] | None) -> Finished:
+    if reply is None:
+        return Finished(False, None)
+    return Finished(bool(int(reply[0])), JobView.from_reply(reply[1]))
+
+
+def fail(job_id: str, tenant: str, code: str, message: str) -> Move[Finished]:
     args: list[str | int] = [JobStatus.failed.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
-    return Move(FINISH, script_keys(job_id, tenant), args)
+    return Move(FINISH, script_keys(job_id, tenant), args, _finished)
 
 
-def cancel(job_id: str, tenant: str, code: str = "", message: str = "") -> Move:
+def cancel(job_id: str, tenant: str, code: str = "", message: str = "") -> Move[Finished]:
     """A cancel by its owner (no reason), or by the farm with one (an interactive call nobody waits for)."""
     args: list[str | int] = [JobStatus.cancelled.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
-    return Move(FINISH, script_keys(job_id, tenant), args)
+    return Move(FINISH, script_keys(job_id, tenant), args, _finished)
 
 
-@dataclass
-class Scripts:
-    """The job-state scripts registered on one Redis client, sync or asyncio: `run` returns the reply, or an
-    awaitable of it for an asyncio client."""
+def _view(reply: Sequence[Any] | None) -> JobView | None:
+    return None if reply is None else JobView.from_reply(reply)
 
-    client: Any
-    _registered: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for lua in (RECORD_CHUNK, TAKE, FINISH):
-            self._registered[lua] = self.client.register_script(lua)
+def redeliver(job_id: str, tenant: str) -> Move[JobView | None]:
+    return Move(REDELIVER, script_keys(job_id, tenant), [time.time()], _view)
 
-    def run(self, move: Move) -> Any:
-        return self._registered[move.script](keys=move.keys, args=move.args)
+
+def webhook_attempt(job_id: str, entry: WebhookAttempt, state: WebhookState, due: float | None, kept: int,
+                    ttl_s: int) -> Move[None]:  # fmt: skip
+    move_keys = [keys.job_key(job_id), keys.job_webhook_attempts_key(job_id), keys.WEBHOOKS_DUE]
+    args = [job_id, entry.model_dump_json(), state.value, entry.attempt, "" if due is None else due, kept, ttl_s]
+    return Move(WEBHOOK_ATTEMPT, move_keys, args, lambda _: None)
+
+
+def read(job_id: str, tenant: str = "default") -> Move[JobView | None]:
+    """The job as the API shows it (the tenant only names the in-flight set; callers check the record's own)."""
+    return Move(READ, script_keys(job_id, tenant), [], _view)
+
+
+def status(job_id: str) -> Move[JobStatus | None]:
+    return Move(STATUS, [keys.job_key(job_id)], [], lambda reply: None if reply is None else JobStatus(as_str(reply)))
+
+
+_SCRIPTS = (RECORD_CHUNK, TAKE, FINISH, REDELIVER, WEBHOOK_ATTEMPT, READ, STATUS)
+
+
+class Runner:
+    """Runs moves on a sync Redis client."""
+
+    def __init__(self, client: Any) -> None:
+        self._scripts = {lua: client.register_script(lua) for lua in _SCRIPTS}
+
+    def __call__(self, move: Move[T]) -> T:
+        return move.parse(self._scripts[move.script](keys=move.keys, args=move.args))
+
+
+class AsyncRunner:
+    """Runs moves on an asyncio Redis client."""
+
+    def __init__(self, client: Any) -> None:
+        self._scripts = {lua: client.register_script(lua) for lua in _SCRIPTS}
+
+    async def __call__(self, move: Move[T]) -> T:
+        reply: Awaitable[Any] = self._scripts[move.script](keys=move.keys, args=move.args)
+        return move.parse(await reply)

@@ -1,14 +1,25 @@
-"""A job's results, assembled from its input summary and its chunks' stored scores (`rerank:job:{id}:scores`), with
-the documents' texts from the chunks' inputs (`rerank:job:{id}:chunks`) for requests whose results echo them."""
+"""A job's results, read from Redis as they are needed: the one reader behind the results endpoints, interactive
+answers, batch output and webhooks. Each request's ranked results come from the job's input summary (`JobInput`),
+its chunks' stored scores (`rerank:job:{id}:scores`), and, for requests whose results echo documents, the chunks'
+inputs (`rerank:job:{id}:chunks`). Rendering them for a client is the API's business (`api.shapes`).
+
+`ResultReader` holds the logic and no connection; `read_results` (sync) and `open_results` (asyncio) drive it, a
+few chunks per Redis round trip, so that a reader holds the input summary and a few chunks, never a job's whole
+results.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
+from schemas import keys
 from schemas.chunks import Chunk, ChunkResult
-from schemas.jobs import JobResults, RankedResult, RequestResults, ResultDocument, WindowInfo
+from schemas.errors import JobNotFound
+from schemas.jobs import RankedResult, RequestResults, ResultDocument, WindowInfo
+from store.job_state import JobInput, JobRecord
+
+READ_CHUNKS = 32  # chunk results read per Redis round trip
 
 
 def rank(
@@ -37,20 +48,38 @@ def rank(
     return results
 
 
-class ResultAssembler:
+class ResultReader:
     """Turns a job's chunk results, fed in chunk order, into its requests' ranked results as soon as each request's
-    pairs are all in: the whole job is never held, only the pairs of the request being completed."""
+    pairs are all in: only the pairs of the request being completed are held."""
 
-    def __init__(self, requests_meta: Iterable[dict[str, Any]]) -> None:
-        metas = list(requests_meta)
-        self.needs_inputs = any(m.get("echo") for m in metas)  # feed `add` each chunk's input too
-        self._requests = iter(metas)
-        self._next: dict[str, Any] | None = next(self._requests, None)
+    def __init__(self, record: JobRecord, job_input: JobInput) -> None:
+        self.job_id = record.id
+        self.chunks_total = record.chunks_total
+        self.needs_inputs = job_input.echo  # feed `add` each chunk's input too
+        self._requests = iter(job_input.requests)
+        self._next = next(self._requests, None)
         self._scores: list[float] = []
         self._texts: list[str] = []
         self._windows: list[list[int] | None] = []
         self._request = 0  # the number of the request completed next
         self._tokens: dict[int, int] | None = {}  # prompt tokens per request; None once a chunk did not say
+
+    def reads(self) -> Iterator[list[int]]:
+        """The chunk indexes to read next, READ_CHUNKS at a time."""
+        for start in range(0, self.chunks_total, READ_CHUNKS):
+            yield list(range(start, min(start + READ_CHUNKS, self.chunks_total)))
+
+    def feed(self, raw_scores: Sequence[Any], raw_inputs: Sequence[Any] | None) -> list[RequestResults]:
+        """The HMGET replies for one `reads()` batch (inputs only where `needs_inputs`); JobNotFound when a chunk is
+        missing (the job expired while being read)."""
+        done: list[RequestResults] = []
+        for i, raw in enumerate(raw_scores):
+            raw_input = raw_inputs[i] if raw_inputs is not None else None
+            if raw is None or (self.needs_inputs and raw_input is None):
+                raise JobNotFound(self.job_id)
+            chunk_input = Chunk.model_validate_json(raw_input) if raw_input is not None else None
+            done.extend(self.add(ChunkResult.model_validate_json(raw), chunk_input))
+        return done
 
     def add(self, chunk: ChunkResult, chunk_input: Chunk | None = None) -> list[RequestResults]:
         self._scores.extend(chunk.scores)
@@ -63,12 +92,12 @@ class ResultAssembler:
             for request, count in chunk.request_tokens:
                 self._tokens[request] = self._tokens.get(request, 0) + count
         done = []
-        while self._next is not None and len(self._scores) >= self._next["n"]:
-            meta, n = self._next, self._next["n"]
-            texts = self._texts[:n] if meta.get("echo") else None
-            ranked = rank(self._scores[:n], meta["top_n"], texts, meta["ids"], self._windows[:n])
+        while self._next is not None and len(self._scores) >= self._next.n:
+            meta, n = self._next, self._next.n
+            texts = self._texts[:n] if meta.echo else None
+            ranked = rank(self._scores[:n], meta.top_n, texts, meta.ids, self._windows[:n])
             tokens: int | None = self._tokens.pop(self._request, 0) if self._tokens is not None else None
-            done.append(RequestResults(custom_id=meta["custom_id"], results=ranked, tokens=tokens))
+            done.append(RequestResults(custom_id=meta.custom_id, results=ranked, tokens=tokens))
             del self._scores[:n], self._windows[:n], self._texts[:n]
             self._request += 1
             self._next = next(self._requests, None)
@@ -79,21 +108,31 @@ class ResultAssembler:
             raise ValueError("the chunks' scores do not match the job's requests")
 
 
-def assemble_results(
-    job_id: str,
-    chunks_total: int,
-    raw_input: bytes | str,
-    raw_chunks: Mapping[Any, Any],
-    raw_inputs: Mapping[Any, Any] | None = None,
-) -> JobResults:
-    """Results from the job's input summary and its chunks' stored results and inputs (keys: chunk index, str or
-    bytes; the inputs are needed only where `ResultAssembler.needs_inputs`)."""
-    by_index = {int(k): v for k, v in raw_chunks.items()}
-    inputs = {int(k): v for k, v in (raw_inputs or {}).items()}
-    assembler = ResultAssembler(json.loads(raw_input)["requests"])
-    data = []
-    for index in range(chunks_total):
-        chunk_input = Chunk.model_validate_json(inputs[index]) if assembler.needs_inputs else None
-        data.extend(assembler.add(ChunkResult.model_validate_json(by_index[index]), chunk_input))
-    assembler.check_complete()
-    return JobResults(id=job_id, data=data)
+def _input(raw: Any, job_id: str) -> JobInput:
+    if raw is None:
+        raise JobNotFound(job_id)
+    return JobInput.model_validate_json(raw)
+
+
+def read_results(client: Any, record: JobRecord) -> Iterator[RequestResults]:
+    """The job's results, request by request, from a sync Redis client. JobNotFound when they expired."""
+    reader = ResultReader(record, _input(client.get(keys.job_input_key(record.id)), record.id))
+    for indexes in reader.reads():
+        inputs = client.hmget(keys.job_chunks_key(record.id), indexes) if reader.needs_inputs else None
+        yield from reader.feed(client.hmget(keys.job_scores_key(record.id), indexes), inputs)
+    reader.check_complete()
+
+
+async def open_results(client: Any, record: JobRecord) -> AsyncIterator[RequestResults]:
+    """The job's results, request by request, from an asyncio Redis client. Raises JobNotFound here when they
+    expired (before a response starts), or from the stream when they expire while it is read."""
+    reader = ResultReader(record, _input(await client.get(keys.job_input_key(record.id)), record.id))
+
+    async def results() -> AsyncIterator[RequestResults]:
+        for indexes in reader.reads():
+            inputs = await client.hmget(keys.job_chunks_key(record.id), indexes) if reader.needs_inputs else None
+            for entry in reader.feed(await client.hmget(keys.job_scores_key(record.id), indexes), inputs):
+                yield entry
+        reader.check_complete()
+
+    return results()

@@ -11,6 +11,7 @@ message is held unacked by one worker for its whole wait).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,12 +25,14 @@ from celery import Celery, signals
 from prometheus_client import start_http_server
 
 from schemas import keys, metrics
+from schemas.errors import JobNotFound
 from schemas.queueing import celery_config, worker_argv
 from schemas.settings import Settings, get_settings
-from schemas.webhooks import WebhookState, event_payload
+from schemas.webhooks import WebhookAttempt, WebhookState, event_payload
+from store import job_state
 from store.connect import redis_client
 from store.job_state import JobRecord
-from store.results import assemble_results
+from store.results import read_results
 from webhooks import delivery
 from workers.lease import keep_leases
 
@@ -55,20 +58,17 @@ def build_body(client: redis.Redis, settings: Settings, record: JobRecord, event
     base = (settings.public_url or settings.api_url).rstrip("/")
     results = None
     if event == "job.succeeded" and record.total <= settings.webhook_inline_results_max_pairs:
-        raw_input = client.get(keys.job_input_key(record.id))
-        raw_chunks = client.hgetall(keys.job_scores_key(record.id))
-        raw_inputs = client.hgetall(keys.job_chunks_key(record.id)) if record.keep_input else None
-        if raw_input is not None and len(raw_chunks) == record.chunks_total:
-            assembled = assemble_results(record.id, record.chunks_total, raw_input, raw_chunks, raw_inputs)
-            results = assembled.model_dump(mode="json", exclude_none=True)["data"]
+        with contextlib.suppress(JobNotFound):  # expired: the link alone
+            results = [r.model_dump(mode="json", exclude_none=True) for r in read_results(client, record)]
     payload = event_payload(event, job, f"{base}/v1/jobs/{record.id}/results", results, at)
     return json.dumps(payload, separators=(",", ":"))
 
 
 def deliver(client: redis.Redis, settings: Settings, job_id: str) -> str:
     """One delivery attempt for the job's pending event; returns the webhook state afterwards."""
-    raw = client.hgetall(keys.job_key(job_id))
-    record = JobRecord.from_hash(raw) if raw else None
+    run = job_state.Runner(client)
+    view = run(job_state.read(job_id))
+    record = view.record if view is not None else None
     if record is None or record.webhook_state != WebhookState.pending or not record.webhook_url:
         client.zrem(keys.WEBHOOKS_DUE, job_id)
         return (record.webhook_state or "none") if record else "none"
@@ -88,23 +88,14 @@ def deliver(client: redis.Redis, settings: Settings, job_id: str) -> str:
         settings.webhook_timeout_s,
     )
     state, due = delivery.next_state(result, number, settings.retry_delays())
-    entry = {
-        "attempt": number,
-        "at": now.isoformat(),
-        "status_code": result.status_code,
-        "error": result.error,
-        "duration_ms": result.duration_ms,
-    }
-    with client.pipeline(transaction=True) as pipe:
-        pipe.rpush(keys.job_webhook_attempts_key(job_id), json.dumps(entry))
-        pipe.ltrim(keys.job_webhook_attempts_key(job_id), -ATTEMPTS_KEPT, -1)
-        pipe.expire(keys.job_webhook_attempts_key(job_id), settings.result_ttl_s)
-        pipe.hset(keys.job_key(job_id), mapping={"webhook_state": state.value, "webhook_attempt": number})
-        if due is None:
-            pipe.zrem(keys.WEBHOOKS_DUE, job_id)
-        else:
-            pipe.zadd(keys.WEBHOOKS_DUE, {job_id: due})
-        pipe.execute()
+    entry = WebhookAttempt(
+        attempt=number,
+        at=now.isoformat(),
+        status_code=result.status_code,
+        error=result.error,
+        duration_ms=result.duration_ms,
+    )
+    run(job_state.webhook_attempt(job_id, entry, state, due, ATTEMPTS_KEPT, settings.result_ttl_s))
     metrics.WEBHOOK_DELIVERIES.labels(state.value).inc()
     logger.info(
         "job %s %s: webhook attempt %d to %s: %s -> %s",

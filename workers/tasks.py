@@ -14,7 +14,6 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 
-from schemas import metrics
 from schemas.chunks import ChunkRef
 from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
@@ -101,14 +100,15 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         # Bounded, so that a stuck engine gives the chunk up (and sends it again) instead of holding it for ever.
         scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.chunk_timeout_s)
     except Cancelled:
-        logger.info("job %s chunk %d dropped: job is %s", job_id, ref.index, store.status(job_id))
+        status = store.status(job_id)
+        logger.info("job %s chunk %d dropped: job is %s", job_id, ref.index, status.value if status else "gone")
         return "cancelled"
     except (Exception, FutureTimeout) as exc:
         return _send_again_or_fail(ref, exc)
     scored_at = time.perf_counter()
     result = scoring.aggregate(prepared, scores)
     timings_ms = (round((tokenized_at - started_at) * 1000), round((scored_at - tokenized_at) * 1000))
-    outcome = store.record_chunk(job_id, ref.index, result, hostname, ref.tenant, timings_ms)
+    outcome = store.record_chunk(ref, result, hostname, timings_ms).outcome
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,
@@ -119,10 +119,6 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         outcome,
     )
     if outcome == "finished":
-        metrics.JOBS_FINISHED.labels("succeeded").inc()
-        latency = store.latency(job_id)
-        if latency is not None:
-            metrics.JOB_LATENCY.labels(latency[0]).observe(latency[1])
         logger.info("job %s succeeded", job_id)
     return outcome
 

@@ -10,6 +10,8 @@ import redis
 from schemas import keys
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.errors import InvalidInput
+from schemas.jobs import JobStatus
+from store.job_state import JobRecord, now_iso
 from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration
@@ -22,11 +24,9 @@ def store(redis_url: str) -> WorkerJobStore:
 
 def _job(store: WorkerJobStore, chunks: int, status: str = "queued") -> str:
     job_id = f"job_{uuid.uuid4().hex}"
-    store.redis.hset(
-        keys.job_key(job_id),
-        mapping={"id": job_id, "status": status, "chunks_total": chunks, "completed": 0, "chunks_done": 0,
-                 "total": chunks * 2},
-    )  # fmt: skip
+    record = JobRecord(id=job_id, status=status, priority=5, created_at=now_iso(), total=chunks * 2,
+                       chunks_total=chunks, request_count=1)  # fmt: skip
+    store.redis.hset(keys.job_key(job_id), mapping=record.to_hash())
     inputs = {i: Chunk(job_id=job_id, index=i, priority=5, segments=[]).model_dump_json() for i in range(chunks)}
     store.redis.hset(keys.job_chunks_key(job_id), mapping=inputs)
     return job_id
@@ -36,15 +36,19 @@ def _ref(job_id: str, index: int) -> ChunkRef:
     return ChunkRef(job_id=job_id, index=index, priority=5, lane="rerank.bulk:4", seq=index + 1)
 
 
+def record_chunk(store: WorkerJobStore, job_id: str, index: int, result: ChunkResult, worker: str) -> str:
+    return store.record_chunk(_ref(job_id, index), result, worker, (0, 0)).outcome
+
+
 def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
     job_id = _job(store, chunks=2)
     outcome, chunk, started = store.take(_ref(job_id, 0), "w1@h")
     assert (outcome, chunk is not None and chunk.index, started) == ("taken", 0, True)
-    assert store.status(job_id) == "running"
-    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w1@h") == "recorded"
+    assert store.status(job_id) is JobStatus.running
+    assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w1@h") == "recorded"
     assert store.take(_ref(job_id, 0), "w2@h") == ("duplicate", None, False)
-    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w2@h") == "duplicate"
-    assert store.record_chunk(job_id, 1, ChunkResult(scores=[0.3, 0.4], tokens=5), "w2@h") == "finished"
+    assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.1, 0.2], tokens=7), "w2@h") == "duplicate"
+    assert record_chunk(store, job_id, 1, ChunkResult(scores=[0.3, 0.4], tokens=5), "w2@h") == "finished"
     record = store.redis.hgetall(keys.job_key(job_id))
     assert record[b"status"] == b"succeeded" and record[b"completed"] == b"4" and record[b"finished_at"]
     assert record[b"tokens"] == b"12"
@@ -56,8 +60,8 @@ def test_cancelled_job_stays_cancelled_and_is_skipped(store) -> None:
     job_id = _job(store, chunks=1, status="cancelled")
     assert store.should_skip(job_id)
     assert store.take(_ref(job_id, 0), "w1@h") == ("cancelled", None, False)
-    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "recorded"
-    assert store.status(job_id) == "cancelled"
+    assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "recorded"
+    assert store.status(job_id) is JobStatus.cancelled
     assert not store.fail(job_id, "engine_error", "late failure")
     assert store.should_skip(f"job_{uuid.uuid4().hex}")  # gone (expired): nothing to score
 
@@ -72,8 +76,8 @@ def test_failed_job_keeps_its_first_error(store) -> None:
 def test_final_state_of_a_waited_on_job_is_pushed_once(store) -> None:
     job_id = _job(store, chunks=1)
     store.redis.hset(keys.job_key(job_id), "notify", 1)
-    assert store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2]), "w1@h") == "finished"
-    store.record_chunk(job_id, 0, ChunkResult(scores=[0.1, 0.2]), "w1@h")
+    assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.1, 0.2]), "w1@h") == "finished"
+    record_chunk(store, job_id, 0, ChunkResult(scores=[0.1, 0.2]), "w1@h")
     assert store.redis.lrange(keys.job_done_key(job_id), 0, -1) == [b"succeeded"]
     failed = _job(store, chunks=2)
     store.redis.hset(keys.job_key(failed), "notify", 1)

@@ -11,11 +11,12 @@ import fakeredis
 import pytest
 
 from schemas import keys
-from schemas.chunks import ChunkResult
+from schemas.chunks import Chunk, ChunkResult, Segment
 from schemas.jobs import JobCreate, JobStatus
 from schemas.settings import Settings
+from schemas.webhooks import WebhookAttempt, WebhookState
 from store import job_state
-from store.job_state import JobRecord
+from store.job_state import JobRecord, Taken
 
 
 def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme", chunks: int = 2, **extra: Any):
@@ -35,10 +36,23 @@ def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme",
     return record
 
 
-def record(r: fakeredis.FakeRedis, scripts: job_state.Scripts, index: int, job_id: str = "job_1") -> str:
+def record(r: fakeredis.FakeRedis, run: job_state.Runner, index: int, job_id: str = "job_1") -> str:
     result = ChunkResult(scores=[0.5, 0.25], tokens=10)
     move = job_state.record_chunk(job_id, "acme", index, result.model_dump_json(), 2, "w@h", 10, 3600)
-    return scripts.run(move).decode()
+    return run(move).outcome
+
+
+def chunk(index: int, job_id: str = "job_1") -> Chunk:
+    return Chunk(
+        job_id=job_id,
+        index=index,
+        priority=5,
+        segments=[Segment(request=0, query="q", instruction=None, documents=["a", "b"])],
+    )
+
+
+def store_chunks(r: fakeredis.FakeRedis, count: int, job_id: str = "job_1") -> None:
+    r.hset(keys.job_chunks_key(job_id), mapping={i: chunk(i, job_id).model_dump_json() for i in range(count)})
 
 
 @pytest.fixture
@@ -47,8 +61,8 @@ def r() -> fakeredis.FakeRedis:
 
 
 @pytest.fixture
-def scripts(r) -> job_state.Scripts:
-    return job_state.Scripts(r)
+def run(r) -> job_state.Runner:
+    return job_state.Runner(r)
 
 
 def stored(r: fakeredis.FakeRedis, job_id: str = "job_1") -> JobRecord:
@@ -63,64 +77,64 @@ def test_record_round_trips_through_the_hash(r) -> None:
     assert job.progress.total == 4 and job.error is None
 
 
-def take(scripts: job_state.Scripts, index: int, job_id: str = "job_1", seq: int = 1) -> list[Any]:
-    return scripts.run(job_state.take(job_id, index, "w@h", "rerank.bulk:4", seq))
+def take(run: job_state.Runner, index: int, job_id: str = "job_1", seq: int = 1) -> Taken:
+    return run(job_state.take(job_id, index, "w@h", "rerank.bulk:4", seq))
 
 
-def test_chunks_move_a_job_from_queued_to_running_to_succeeded_counting_each_once(r, scripts) -> None:
+def test_chunks_move_a_job_from_queued_to_running_to_succeeded_counting_each_once(r, run) -> None:
     new_job(r)
-    r.hset(keys.job_chunks_key("job_1"), mapping={0: "input 0", 1: "input 1"})
+    store_chunks(r, 2)
     r.zadd(keys.CHUNKS_OPEN, {"job_1:0": 1.0, "job_1:1": 1.0})
-    assert take(scripts, 0) == [b"taken", b"input 0", 1]  # the first take starts the job
+    assert take(run, 0) == Taken("taken", chunk(0), True)  # the first take starts the job
     assert stored(r).status == "running" and stored(r).started_at
-    assert take(scripts, 1, seq=2)[2] == 0  # only once
-    assert record(r, scripts, 0) == "recorded"
+    assert take(run, 1, seq=2).started is False  # only once
+    assert record(r, run, 0) == "recorded"
     assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") is None  # recorded: no longer open
-    assert take(scripts, 0) == [b"duplicate"]
-    assert record(r, scripts, 0) == "duplicate"  # a redelivered chunk counts once
+    assert take(run, 0) == Taken("duplicate")
+    assert record(r, run, 0) == "duplicate"  # a redelivered chunk counts once
     assert stored(r).completed == 2 and stored(r).chunks_done == 1
-    assert record(r, scripts, 1) == "finished"
+    assert record(r, run, 1) == "finished"
     done = stored(r)
     assert done.status == "succeeded" and done.completed == 4 and done.tokens == 20 and done.finished_at
     assert r.hgetall(keys.job_workers_key("job_1")) == {b"w@h": b"4"}
     assert not r.sismember(keys.tenant_inflight_key("acme"), "job_1")  # the tenant's slot is free again
-    assert record(r, scripts, 1) == "duplicate"
-    assert record(r, scripts, 0, job_id="job_gone") == "missing"
+    assert record(r, run, 1) == "duplicate"
+    assert record(r, run, 0, job_id="job_gone") == "missing"
 
 
-def test_take_marks_the_holder_vouches_for_the_chunk_and_raises_the_lanes_mark(r, scripts) -> None:
+def test_take_marks_the_holder_vouches_for_the_chunk_and_raises_the_lanes_mark(r, run) -> None:
     new_job(r)
-    r.hset(keys.job_chunks_key("job_1"), mapping={0: "input 0"})
+    store_chunks(r, 1)
     r.zadd(keys.CHUNKS_OPEN, {"job_1:0": 1.0})
-    assert take(scripts, 0, seq=7)[0] == b"taken"
+    assert take(run, 0, seq=7).outcome == "taken"
     ledger = r.hgetall(keys.job_ledger_key("job_1"))
     assert ledger[b"0:holder"] == b"w@h" and ledger[b"0:taken_at"]
     assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") > 1.0
     assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"7"
-    assert take(scripts, 0, seq=3)[0] == b"taken"  # an older message of the lane leaves the mark where it was
+    assert take(run, 0, seq=3).outcome == "taken"  # an older message of the lane leaves the mark where it was
     assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"7"
-    assert take(scripts, 0, job_id="job_gone") == [b"gone"]
-    assert scripts.run(job_state.cancel("job_1", "acme")) == 1
-    assert take(scripts, 0, seq=9) == [b"cancelled"]  # a final job's chunks need no scoring
+    assert take(run, 0, job_id="job_gone") == Taken("gone")
+    assert run(job_state.cancel("job_1", "acme")).moved
+    assert take(run, 0, seq=9) == Taken("cancelled")  # a final job's chunks need no scoring
     assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"9"  # the lane moved on all the same
 
 
-def test_a_final_move_drops_the_ledger_and_the_inputs_unless_results_echo_them(r, scripts) -> None:
+def test_a_final_move_drops_the_ledger_and_the_inputs_unless_results_echo_them(r, run) -> None:
     for job_id, keep in (("job_1", 0), ("job_2", 1)):
         new_job(r, job_id=job_id, keep_input=keep)
-        r.hset(keys.job_chunks_key(job_id), mapping={0: "input 0"})
+        store_chunks(r, 1, job_id)
         r.hset(keys.job_ledger_key(job_id), mapping={"0:sends": 1})
-        assert scripts.run(job_state.cancel(job_id, "acme")) == 1
+        assert run(job_state.cancel(job_id, "acme")).moved
         assert not r.exists(keys.job_ledger_key(job_id))
         assert bool(r.exists(keys.job_chunks_key(job_id))) == bool(keep)
 
 
 @pytest.mark.parametrize("move", ["fail", "cancel"])
-def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(r, scripts, move) -> None:
+def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(r, run, move) -> None:
     events = json.dumps(["job.failed", "job.cancelled"])
     new_job(r, notify=1, webhook_url="https://h.example/x", webhook_events=events)
     m = job_state.fail("job_1", "acme", "engine_error", "boom") if move == "fail" else job_state.cancel("job_1", "acme")
-    assert scripts.run(m) == 1
+    assert run(m).moved
     status = "failed" if move == "fail" else "cancelled"
     done = stored(r)
     assert done.status == status and done.finished_at
@@ -130,22 +144,22 @@ def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(
     assert 0 < r.ttl(keys.job_done_key("job_1")) <= keys.DONE_TTL_S
     assert (done.webhook_event, done.webhook_state) == (f"job.{status}", "pending")
     assert r.zscore(keys.WEBHOOKS_DUE, "job_1") is not None
-    assert scripts.run(m) == 0  # a final job does not move again
+    assert not run(m).moved  # a final job does not move again
     assert r.llen(keys.job_done_key("job_1")) == 1
 
 
-def test_no_done_list_without_a_waiter_and_no_webhook_for_an_event_not_asked(r, scripts) -> None:
+def test_no_done_list_without_a_waiter_and_no_webhook_for_an_event_not_asked(r, run) -> None:
     new_job(r, webhook_url="https://h.example/x", webhook_events=json.dumps(["job.succeeded"]))
-    assert scripts.run(job_state.cancel("job_1", "acme")) == 1
+    assert run(job_state.cancel("job_1", "acme")).moved
     assert r.llen(keys.job_done_key("job_1")) == 0
     assert stored(r).webhook_state == "" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is None
 
 
-def test_a_succeeded_job_cannot_be_cancelled_or_failed(r, scripts) -> None:
+def test_a_succeeded_job_cannot_be_cancelled_or_failed(r, run) -> None:
     new_job(r, chunks=1)
-    assert record(r, scripts, 0) == "finished"
-    assert scripts.run(job_state.cancel("job_1", "acme")) == 0
-    assert scripts.run(job_state.fail("job_1", "acme", "x", "y")) == 0
+    assert record(r, run, 0) == "finished"
+    assert not run(job_state.cancel("job_1", "acme")).moved
+    assert not run(job_state.fail("job_1", "acme", "x", "y")).moved
     assert stored(r).status == "succeeded"
 
 
@@ -268,6 +282,7 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
         keys.job_chunks_key("job_9"),
         keys.job_ledger_key("job_9"),
         keys.CHUNKS_OPEN,
+        keys.job_webhook_attempts_key("job_9"),
     ]
     assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
     failed = job_state.fail("job_9", "acme", "code", "m" * 5000)
@@ -276,17 +291,72 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
     assert job_state.now_iso().endswith("+00:00")
 
 
-def test_a_job_keeps_its_slowest_chunks_timings_and_its_queue_time(r, scripts) -> None:
+def test_a_job_keeps_its_slowest_chunks_timings_and_its_queue_time(r, run) -> None:
     """Chunks run in parallel: the caller's tokenization and inference times are the slowest chunk's, and a chunk
     recorded twice does not move them."""
     new_job(r, chunks=3)
-    r.hset(keys.job_chunks_key("job_1"), mapping={0: "input 0", 1: "input 1", 2: "input 2"})
+    store_chunks(r, 3)
     assert stored(r).to_job().timings is None  # not started: no worker took a chunk yet
-    take(scripts, 0)
+    take(run, 0)
     for index, tokenize_ms, inference_ms in ((0, 5, 300), (1, 9, 120), (1, 50, 900)):
         result = ChunkResult(scores=[0.5, 0.25], tokens=10).model_dump_json()
         move = job_state.record_chunk("job_1", "acme", index, result, 2, "w@h", 10, 3600, tokenize_ms, inference_ms)
-        scripts.run(move)
+        run(move)
     timings = stored(r).to_job().timings
     assert timings is not None and (timings.tokenization_ms, timings.inference_ms) == (9, 300)
     assert 0 <= timings.queue_ms < 5000
+
+
+def test_moves_return_what_their_callers_read_next(r, run) -> None:
+    """The last chunk returns the finished record (the worker's latency comes from it); fail and cancel return the
+    job as the API shows it; unknown jobs read as None."""
+    new_job(r, chunks=1)
+    recorded = run(job_state.record_chunk("job_1", "acme", 0, ChunkResult(scores=[0.5, 0.25]).model_dump_json(), 2,
+                                          "w@h", 10, 3600))  # fmt: skip
+    assert recorded.outcome == "finished" and recorded.record is not None
+    assert recorded.record.status == "succeeded" and recorded.record.duration_s is not None
+    assert recorded.record.duration_s >= 0
+    new_job(r, job_id="job_2")
+    finished = run(job_state.fail("job_2", "acme", "engine_error", "boom"))
+    assert finished.moved and finished.job is not None
+    assert finished.job.to_job().error is not None and finished.job.to_job().status is JobStatus.failed
+    assert run(job_state.cancel("job_none", "acme")) == job_state.Finished(False, None)
+    assert run(job_state.read("job_none")) is None and run(job_state.status("job_none")) is None
+    assert run(job_state.status("job_2")) is JobStatus.failed
+    view = run(job_state.read("job_1"))
+    assert view is not None and view.workers == {"w@h": 2} and view.to_job().progress.completed == 2
+
+
+def test_webhook_attempts_and_redelivery_are_moves_of_the_job(r, run) -> None:
+    """An attempt is appended (the newest kept), sets the job's webhook state and the next due time, or takes the job
+    out of the due set; a redelivery makes the last event pending again from attempt 0."""
+    events = json.dumps(["job.cancelled"])
+    new_job(r, webhook_url="https://h.example/x", webhook_events=events)
+    assert run(job_state.redeliver("job_1", "acme")) is None  # no event yet: nothing to send again
+    assert run(job_state.cancel("job_1", "acme")).moved
+    for number in (1, 2, 3):
+        attempt = WebhookAttempt(attempt=number, at=job_state.now_iso(), status_code=503)
+        run(job_state.webhook_attempt("job_1", attempt, WebhookState.pending, 1000.0 + number, 2, 3600))
+    assert stored(r).webhook_attempt == 3 and r.zscore(keys.WEBHOOKS_DUE, "job_1") == 1003.0
+    view = run(job_state.read("job_1"))
+    assert view is not None and [json.loads(a)["attempt"] for a in view.attempts] == [2, 3]  # the newest 2 kept
+    delivered = WebhookAttempt(attempt=4, at=job_state.now_iso(), status_code=200)
+    run(job_state.webhook_attempt("job_1", delivered, WebhookState.delivered, None, 2, 3600))
+    assert stored(r).webhook_state == "delivered" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is None
+    again = run(job_state.redeliver("job_1", "acme"))
+    assert again is not None and again.to_job().webhook is not None
+    assert (again.record.webhook_state, again.record.webhook_attempt) == ("pending", 0)
+    assert again.record.webhook_event == "job.cancelled" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is not None
+
+
+def test_the_async_runner_runs_the_same_moves() -> None:
+    async def scenario() -> tuple[job_state.Finished, JobStatus | None]:
+        client = fakeredis.aioredis.FakeRedis()
+        record = JobRecord(id="job_1", tenant="acme", priority=5, created_at=job_state.now_iso(), total=2,
+                           chunks_total=1, request_count=1)  # fmt: skip
+        await client.hset(keys.job_key("job_1"), mapping=record.to_hash())
+        run = job_state.AsyncRunner(client)
+        return await run(job_state.cancel("job_1", "acme")), await run(job_state.status("job_1"))
+
+    finished, status = asyncio.run(scenario())
+    assert finished.moved and finished.job is not None and status is JobStatus.cancelled

@@ -3,12 +3,18 @@ long documents cut into windows (`workers.prompts`), and results ranked and asse
 
 from __future__ import annotations
 
-import json
+import asyncio
 
+import fakeredis
 import pytest
 
+from schemas import keys
 from schemas.chunks import Chunk, ChunkResult, PairOptions, Segment
-from store.results import assemble_results, rank
+from schemas.errors import JobNotFound
+from schemas.jobs import RequestResults
+from store import results
+from store.job_state import JobInput, JobRecord, RequestInput, now_iso
+from store.results import open_results, rank, read_results
 from workers import scoring
 from workers.models.qwen3_reranker import format_body
 from workers.prompts import Pair
@@ -45,8 +51,8 @@ def test_rank_carries_texts_ids_and_winning_windows_of_the_right_documents() -> 
     assert (second.index, second.id, second.document and second.document.text, second.window) == (0, "id-a", "a", None)
 
 
-def _meta(custom_id: str | None, n: int, top_n: int | None = None, echo: bool = False, ids=None) -> dict:
-    return {"custom_id": custom_id, "top_n": top_n, "n": n, "echo": echo, "ids": ids}
+def _meta(custom_id: str | None, n: int, top_n: int | None = None, echo: bool = False, ids=None) -> RequestInput:
+    return RequestInput(custom_id=custom_id, top_n=top_n, n=n, echo=echo, ids=ids)
 
 
 def _input(index: int, *segments: tuple[int, list[str]]) -> str:
@@ -54,35 +60,65 @@ def _input(index: int, *segments: tuple[int, list[str]]) -> str:
     return Chunk(job_id="job_x", index=index, priority=5, segments=parts).model_dump_json()
 
 
-def test_assemble_results_joins_chunks_in_index_order_and_splits_them_per_request() -> None:
-    """The first request's pairs straddle two chunks; its texts come from the chunks' inputs, the second request
-    (which does not echo documents) gets none."""
-    raw_input = json.dumps({"requests": [_meta("q1", 3, top_n=2, echo=True), _meta("q2", 2)]})
-    chunks = {  # stored out of order, keys as Redis gives them (bytes)
-        b"1": ChunkResult(scores=[0.5, 0.4, 0.8]).model_dump_json(),
-        b"0": ChunkResult(scores=[0.1, 0.9]).model_dump_json(),
-    }
-    inputs = {b"1": _input(1, (0, ["c"]), (1, ["d", "e"])), b"0": _input(0, (0, ["a", "b"]))}
-    results = assemble_results("job_x", 2, raw_input, chunks, inputs)
-    assert results.id == "job_x"
-    q1, q2 = results.data
+def _stored_job(requests: list[RequestInput], scores: dict[int, ChunkResult], inputs: dict[int, str] | None = None):
+    """A succeeded job's record, input summary, chunk results and chunk inputs in a (fake) Redis."""
+    client = fakeredis.FakeRedis()
+    record = JobRecord(id="job_x", priority=5, created_at=now_iso(), total=0, chunks_total=len(scores),
+                       request_count=len(requests), status="succeeded")  # fmt: skip
+    client.set(keys.job_input_key("job_x"), JobInput(requests=requests).model_dump_json())
+    client.hset(keys.job_scores_key("job_x"), mapping={i: c.model_dump_json() for i, c in scores.items()})
+    if inputs:
+        client.hset(keys.job_chunks_key("job_x"), mapping=inputs)
+    return client, record
+
+
+def test_results_join_chunks_in_index_order_and_split_them_per_request(monkeypatch) -> None:
+    """The first request's pairs straddle two chunks (read one chunk per round trip here); its texts come from the
+    chunks' inputs, the second request (which does not echo documents) gets none."""
+    monkeypatch.setattr(results, "READ_CHUNKS", 1)
+    client, record = _stored_job(
+        [_meta("q1", 3, top_n=2, echo=True), _meta("q2", 2)],
+        {1: ChunkResult(scores=[0.5, 0.4, 0.8]), 0: ChunkResult(scores=[0.1, 0.9])},  # stored out of order
+        {1: _input(1, (0, ["c"]), (1, ["d", "e"])), 0: _input(0, (0, ["a", "b"]))},
+    )
+    q1, q2 = read_results(client, record)
     assert q1.custom_id == "q1" and [(r.index, r.relevance_score) for r in q1.results] == [(1, 0.9), (2, 0.5)]
     assert [r.document.text for r in q1.results if r.document] == ["b", "c"]
     assert q2.custom_id == "q2" and [(r.index, r.relevance_score) for r in q2.results] == [(1, 0.8), (0, 0.4)]
     assert all(r.document is None for r in q2.results)
 
 
-def test_assemble_results_echoes_document_ids() -> None:
-    raw_input = json.dumps({"requests": [_meta(None, 2, ids=["d0", None])]})
-    [entry] = assemble_results("job_x", 1, raw_input, {"0": ChunkResult(scores=[0.2, 0.4]).model_dump_json()}).data
+def test_results_echo_document_ids_and_windows() -> None:
+    windows = [[0, 1, 0, 5], [1, 3, 40, 90]]
+    client, record = _stored_job(
+        [_meta(None, 2, ids=["d0", None])], {0: ChunkResult(scores=[0.2, 0.4], windows=windows)}
+    )
+    [entry] = read_results(client, record)
     assert [(r.index, r.id) for r in entry.results] == [(1, None), (0, "d0")]
-
-
-def test_assemble_results_keeps_the_windows_of_each_pair() -> None:
-    raw_input = json.dumps({"requests": [_meta(None, 2)]})
-    chunks = {"0": ChunkResult(scores=[0.3, 0.6], windows=[[0, 1, 0, 5], [1, 3, 40, 90]]).model_dump_json()}
-    [entry] = assemble_results("job_x", 1, raw_input, chunks).data
     assert [(r.index, r.window.index if r.window else None) for r in entry.results] == [(1, 1), (0, 0)]
+
+
+def test_results_that_expired_raise_job_not_found_sync_and_async() -> None:
+    client, record = _stored_job([_meta(None, 2)], {0: ChunkResult(scores=[0.2, 0.4])})
+    client.delete(keys.job_scores_key("job_x"))
+    with pytest.raises(JobNotFound):
+        list(read_results(client, record))
+    client.delete(keys.job_input_key("job_x"))
+    with pytest.raises(JobNotFound):
+        list(read_results(client, record))
+
+    async def read_async() -> list[RequestResults]:
+        aclient = fakeredis.aioredis.FakeRedis()
+        await aclient.set(keys.job_input_key("job_x"), JobInput(requests=[_meta("a", 2)]).model_dump_json())
+        await aclient.hset(keys.job_scores_key("job_x"), 0, ChunkResult(scores=[0.2, 0.4]).model_dump_json())
+        found = [entry async for entry in await open_results(aclient, record)]
+        await aclient.delete(keys.job_input_key("job_x"))
+        with pytest.raises(JobNotFound):  # before any result is streamed
+            await open_results(aclient, record)
+        return found
+
+    [entry] = asyncio.run(read_async())
+    assert entry.custom_id == "a" and [r.index for r in entry.results] == [1, 0]
 
 
 # --- windows and cuts -----------------------------------------------------------------------------------------
