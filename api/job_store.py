@@ -27,12 +27,12 @@ from schemas.errors import (
     WaitTimeout,
 )
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
-from schemas.queueing import bulk_queue_keys, lane_of, publish
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
 from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
+from store.queueing import bulk_queue_keys, lane_of, publish
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 

@@ -26,9 +26,9 @@ from api.routes import batches, files, health, info, jobs, metrics, playground, 
 from api.shapes import SHAPE_TAGS, Shape, error_payload
 from schemas.errors import RerankError, describe_validation
 from schemas.metrics import REQUEST_FAILURES
-from schemas.queueing import celery_config
 from schemas.settings import Settings, get_settings
 from store.connect import async_redis_client, close_async
+from store.queueing import celery_config
 
 logger = logging.getLogger(__name__)
 

@@ -1,2 +1,2 @@
 """The contract shared by the API and the workers: settings, request/response models, chunk messages, Redis keys,
-errors and the Qwen3-Reranker prompt. Nothing here imports torch, vLLM or Celery's worker machinery."""
+errors and metric definitions. Nothing here has a thread or a socket, or imports torch, vLLM or Celery."""

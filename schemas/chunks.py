@@ -72,7 +72,7 @@ class Chunk(BaseModel):
 
 
 # The farm's one priority scale, from the API to the engine: a job's priority 0 (lowest) .. 9, and interactive calls
-# above every job. Higher is served first. The broker's lanes (`schemas.queueing.celery_priority`) and vLLM (-priority)
+# above every job. Higher is served first. The broker's lanes (`store.queueing.celery_priority`) and vLLM (-priority)
 # translate it at their own boundaries.
 INTERACTIVE_PRIORITY = 10
 

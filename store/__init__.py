@@ -1,3 +1,4 @@
 """The farm's state in Redis, read and written by the API, the workers and the webhook worker alike: a job's record
-and its moves (`job_state`), results assembled from the stored chunks (`results`), API keys (`api_keys`). Key names
-live in `schemas.keys`; the shapes that go over HTTP in `schemas`."""
+and its moves (`job_state`), each chunk's sends (`chunk_ledger`), a job's results (`results`), the queues chunk
+messages travel in (`queueing`), API keys (`api_keys`). Key names live in `schemas.keys`; the shapes that go over
+HTTP in `schemas`."""

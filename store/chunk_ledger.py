@@ -6,7 +6,7 @@ had not reached the replica. So each chunk's state lives with its job, and recov
 
 - `rerank:job:{id}:chunks`: each chunk's input (the only copy of the texts; a message carries a `ChunkRef`).
 - `rerank:job:{id}:ledger`: per chunk, how often it was sent, its sequence number in its lane (and the lane, once
-  sent again: a re-sent bulk chunk goes to the first priority step, `schemas.queueing.resend_lane`), who took it,
+  sent again: a re-sent bulk chunk goes to the first priority step, `store.queueing.resend_lane`), who took it,
   when.
 - `rerank:chunks:open` (sorted set): every chunk sent and not recorded, scored with the last time something vouched
   for it: its send, its take (`store.job_state.TAKE`), its live holder's renewal (every lease / 4, with the lease of

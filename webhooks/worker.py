@@ -26,12 +26,12 @@ from prometheus_client import start_http_server
 
 from schemas import keys, metrics
 from schemas.errors import JobNotFound
-from schemas.queueing import celery_config, worker_argv
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import WebhookAttempt, WebhookState, event_payload
 from store import job_state
 from store.connect import redis_client
 from store.job_state import JobRecord
+from store.queueing import celery_config, worker_argv
 from store.results import read_results
 from webhooks import delivery
 from workers.lease import keep_leases

@@ -3,8 +3,8 @@ consuming) and no webhook code (the webhook worker has its own app, `webhooks.wo
 
 from celery import Celery
 
-from schemas.queueing import celery_config
 from schemas.settings import get_settings
+from store.queueing import celery_config
 from workers.lease import keep_leases
 
 app = Celery("rerankfarm", include=["workers.tasks"])

@@ -8,10 +8,10 @@ import redis
 from schemas import metrics
 from schemas.chunks import ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
-from schemas.queueing import resend_lane
 from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import Recorded, Taken
+from store.queueing import resend_lane
 
 
 class WorkerJobStore:

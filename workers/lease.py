@@ -3,7 +3,7 @@
 kombu's Redis transport records every message a worker takes in the `unacked` hash and its delivery time in the
 `unacked_index` sorted set; each worker's sweep (`restore_visible`, every `unacked_restore_interval`) puts back on
 its queue any message whose time is older than `visibility_timeout`. The farm uses that timeout as a short lease
-(`RERANK_VISIBILITY_TIMEOUT_S`, 20 s; `schemas.queueing.celery_config`) and every live worker moves its messages'
+(`RERANK_VISIBILITY_TIMEOUT_S`, 20 s; `store.queueing.celery_config`) and every live worker moves its messages'
 times forward every lease / 4 (`ZADD XX`: a message acked or restored meanwhile is not brought back). A worker that
 dies stops renewing, so its chunks are queued again within the lease plus one sweep; a live worker's chunk keeps its
 lease however long it runs. The same renewal vouches for the chunks in the farm's own ledger
@@ -24,9 +24,9 @@ from celery.worker import state
 
 from schemas.chunks import ChunkRef
 from schemas.keys import TASK_SCORE_CHUNK
-from schemas.queueing import UNACKED_INDEX_KEY
 from store.chunk_ledger import Ledger
 from store.connect import redis_client
+from store.queueing import UNACKED_INDEX_KEY
 
 logger = logging.getLogger(__name__)
 

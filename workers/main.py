@@ -1,6 +1,6 @@
 """One worker process: load the engine, then consume chunks with Celery.
 
-Pool: `threads` (`schemas.queueing.worker_argv` says why). Several chunks are in flight at once (`--concurrency`),
+Pool: `threads` (`store.queueing.worker_argv` says why). Several chunks are in flight at once (`--concurrency`),
 each submits its prompts to the engine, whose own scheduler batches the pairs of every chunk in flight.
 """
 
@@ -15,8 +15,8 @@ from prometheus_client import start_http_server
 
 from schemas.errors import EngineLoadError
 from schemas.keys import QUEUE_BULK
-from schemas.queueing import worker_argv
 from schemas.settings import get_settings
+from store.queueing import worker_argv
 from workers import runtime
 from workers.launcher import guard_group
 from workers.recovery import Recovery

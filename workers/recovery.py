@@ -22,9 +22,9 @@ from celery import Celery
 
 from schemas import metrics
 from schemas.chunks import ChunkRef, chunk_priority
-from schemas.queueing import SWEEP_INTERVAL_S, lane_of, publish, resend_lane
 from schemas.settings import Settings
 from store.chunk_ledger import Lost
+from store.queueing import SWEEP_INTERVAL_S, lane_of, publish, resend_lane
 from workers.job_store import WorkerJobStore
 
 logger = logging.getLogger(__name__)

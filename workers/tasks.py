@@ -17,7 +17,7 @@ from celery.exceptions import Reject
 from schemas.chunks import ChunkRef
 from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
-from schemas.queueing import publish
+from store.queueing import publish
 from workers import runtime, scoring
 from workers.celery_app import app
 from workers.engines.base import Cancelled, Scoring

@@ -322,7 +322,7 @@ def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, 
     from celery import Celery
 
     from schemas.chunks import ChunkRef
-    from schemas.queueing import celery_config, publish
+    from store.queueing import celery_config, publish
 
     url = other_db(redis_url, 7)
     redis.Redis.from_url(url).flushdb()

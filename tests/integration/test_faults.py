@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis, free_port
-from schemas.queueing import lane_of
+from store.queueing import lane_of
 from tests.conftest import random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
 from tests.integration.test_crash_recovery import _assert_every_pair_scored_once, chunk_events, stall_holding

@@ -13,8 +13,8 @@ import pytest
 import redis
 from kombu import Connection, Exchange, Queue
 
-from schemas.queueing import UNACKED_INDEX_KEY, UNACKED_KEY, celery_config
 from schemas.settings import Settings
+from store.queueing import UNACKED_INDEX_KEY, UNACKED_KEY, celery_config
 from tests.integration.conftest import other_db
 from workers.lease import renew
 

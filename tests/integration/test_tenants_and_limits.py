@@ -13,8 +13,8 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from schemas import keys
-from schemas.queueing import bulk_queue_keys
 from store import api_keys as auth
+from store.queueing import bulk_queue_keys
 from tests.integration.conftest import farm_settings, other_db, wait_for
 
 pytestmark = pytest.mark.integration

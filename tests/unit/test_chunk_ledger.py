@@ -10,11 +10,11 @@ import fakeredis
 import pytest
 
 from schemas import keys
-from schemas.queueing import lane_of
 from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import JobRecord
+from store.queueing import lane_of
 from workers.recovery import Recovery
 
 LANE = lane_of("bulk", 5)  # rerank.bulk:4

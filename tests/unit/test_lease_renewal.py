@@ -11,7 +11,7 @@ import fakeredis
 
 from schemas import keys
 from schemas.chunks import ChunkRef
-from schemas.queueing import UNACKED_INDEX_KEY
+from store.queueing import UNACKED_INDEX_KEY
 from workers import lease
 from workers.lease import LeaseRenewal
 
