@@ -8,6 +8,7 @@ higher is served first. An engine converts it at its own boundary (vLLM: lower r
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from collections.abc import Sequence
@@ -39,12 +40,27 @@ class Cancelled(Exception):
 @dataclass(eq=False)
 class Scoring:
     """One submission: its prompts, their scores in order (`future`), and `cancel()`, safe from any thread: prompts
-    not scored yet never reach the engine, or are aborted in it."""
+    not scored yet never reach the engine, or are aborted in it. The engine's one thread fills the scores in
+    (`fill`); the last one settles the future."""
 
-    prompts: Sequence[Sequence[int]]
+    prompts: Sequence[Sequence[int]] = field(repr=False)
     priority: int
     future: Future[list[float]] = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    scores: list[float] = field(init=False, repr=False)
+    left: int = field(init=False)  # prompts not scored yet
+
+    def __post_init__(self) -> None:
+        self.scores = [math.nan] * len(self.prompts)
+        self.left = len(self.prompts)
+        if not self.prompts:
+            self.future.set_result([])
+
+    def fill(self, index: int, score: float) -> None:
+        self.scores[index] = score
+        self.left -= 1
+        if self.left == 0:
+            settle(self.future, result=self.scores)
 
     def cancel(self) -> None:
         self.cancelled.set()

@@ -20,7 +20,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
 
@@ -29,16 +28,7 @@ logger = logging.getLogger(__name__)
 Forward = Callable[[Sequence[Sequence[int]]], list[float]]
 
 
-@dataclass(eq=False)
-class _Pending:
-    """A submission's scores filled in so far."""
-
-    scoring: Scoring
-    scores: list[float | None] = field(default_factory=list)
-    left: int = 0
-
-
-_Item = tuple[_Pending, int]
+_Item = tuple[Scoring, int]  # a submission and one of its prompts
 
 
 def plan_batches(lengths: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
@@ -81,14 +71,12 @@ class Batcher:
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         scoring = Scoring(prompts, priority)
-        if not prompts:
-            scoring.future.set_result([])
+        if not prompts:  # settled already
             return scoring
-        pending = _Pending(scoring, [None] * len(prompts), len(prompts))
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the batcher is stopped")
-            self._pending.setdefault(priority, deque()).extend((pending, i) for i in range(len(prompts)))
+            self._pending.setdefault(priority, deque()).extend((scoring, i) for i in range(len(prompts)))
             self._lock.notify()
         return scoring
 
@@ -119,11 +107,11 @@ class Batcher:
         window: list[_Item] = []
         tokens = 0
         while queue:
-            pending, i = queue[0]
-            if pending.scoring.future.done():  # cancelled (or failed): its prompts never reach the model
+            scoring, i = queue[0]
+            if scoring.future.done():  # cancelled (or failed): its prompts never reach the model
                 queue.popleft()
                 continue
-            size = len(pending.scoring.prompts[i])
+            size = len(scoring.prompts[i])
             if window and tokens + size > self.window_tokens:
                 break
             window.append(queue.popleft())
@@ -137,7 +125,7 @@ class Batcher:
             window = self._window(queue)
             if not window:
                 continue
-            plans = plan_batches([len(p.scoring.prompts[i]) for p, i in window], self.max_batch_tokens)
+            plans = plan_batches([len(s.prompts[i]) for s, i in window], self.max_batch_tokens)
             chosen = next(plan for plan in plans if 0 in plan)  # the pass that serves the oldest prompt
             picked = set(chosen)
             queue.extendleft(reversed([item for j, item in enumerate(window) if j not in picked]))
@@ -157,21 +145,18 @@ class Batcher:
             self._score(batch)
 
     def _score(self, batch: list[_Item]) -> None:
-        prompts = [p.scoring.prompts[i] for p, i in batch]
+        prompts = [s.prompts[i] for s, i in batch]
         started = time.perf_counter()
         try:
             scores = self.forward(prompts)
         except Exception as exc:  # the pass's failure belongs to every submission in it
             logger.warning("forward pass of %d prompts failed: %r", len(prompts), exc)
-            for p, _ in batch:
-                settle(p.scoring.future, exception=exc)
+            for scoring, _ in batch:
+                settle(scoring.future, exception=exc)
             return
         real = sum(len(x) for x in prompts)
         self.stats.record(
             len(prompts), real, max(len(x) for x in prompts) * len(prompts), time.perf_counter() - started
         )
-        for (p, i), score in zip(batch, scores, strict=True):
-            p.scores[i] = score
-            p.left -= 1  # only this thread fills scores in
-            if p.left == 0:
-                settle(p.scoring.future, result=[float(x) for x in p.scores if x is not None])
+        for (scoring, i), score in zip(batch, scores, strict=True):
+            scoring.fill(i, float(score))

@@ -19,7 +19,6 @@ import importlib.metadata
 import importlib.util
 import itertools
 import logging
-import math
 import os
 import threading
 import time
@@ -95,16 +94,6 @@ def on_cpu_platform() -> bool:
     return bool(current_platform.is_cpu())
 
 
-class _Submitted:
-    """A submission inside the engine: its requests, and the scores filled in so far."""
-
-    def __init__(self, scoring: Scoring, ids: list[str]) -> None:
-        self.scoring = scoring
-        self.ids = ids
-        self.scores = [math.nan] * len(ids)
-        self.left = len(ids)
-
-
 class VllmEngine:
     name = "vllm"
 
@@ -115,11 +104,11 @@ class VllmEngine:
         self.stats = EngineStats()
         self._wake = threading.Condition()
         self._inbox: list[Scoring] = []
-        self._live: list[_Submitted] = []  # submissions with requests in vLLM
-        self._running: dict[str, tuple[_Submitted, int]] = {}  # request id -> (submission, index)
+        self._live: dict[Scoring, str] = {}  # submissions not settled yet -> the stem of their vLLM request ids
+        self._running: dict[str, tuple[Scoring, int]] = {}  # request id -> (submission, index)
         self._ids = itertools.count()
         self._order = itertools.count()  # arrival order within a priority
-        self._waiting: list[tuple[int, int, _Submitted, int]] = []  # heap: (-priority, arrival, submission, index)
+        self._waiting: list[tuple[int, int, Scoring, int]] = []  # heap: (-priority, arrival, submission, index)
         self._admitted_tokens = 0  # tokens of the prompts in vLLM
         self.admit_tokens = ADMIT_PASSES * step_tokens
         self._stopped = False
@@ -160,8 +149,7 @@ class VllmEngine:
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         scoring = Scoring(prompts, priority)
-        if not prompts:
-            scoring.future.set_result([])
+        if not prompts:  # settled already
             return scoring
         with self._wake:
             if self._stopped or self._failure:
@@ -193,10 +181,9 @@ class VllmEngine:
         """A submission's prompts join the admission heap."""
         if scoring.cancelled.is_set():
             return
-        submitted = _Submitted(scoring, [f"r{next(self._ids)}" for _ in scoring.prompts])
-        self._live.append(submitted)
+        self._live[scoring] = f"r{next(self._ids)}-"
         for i in range(len(scoring.prompts)):
-            heapq.heappush(self._waiting, (-scoring.priority, next(self._order), submitted, i))
+            heapq.heappush(self._waiting, (-scoring.priority, next(self._order), scoring, i))
 
     def _admit(self) -> None:
         """Admit waiting prompts into vLLM, most urgent first: interactive ones always, others while vLLM holds under
@@ -205,16 +192,16 @@ class VllmEngine:
         from vllm.pooling_params import PoolingParams
 
         while self._waiting:
-            negative_priority, _, submitted, i = self._waiting[0]
+            negative_priority, _, scoring, i = self._waiting[0]
             urgent = -negative_priority >= INTERACTIVE_PRIORITY
             if not urgent and self._admitted_tokens and self._admitted_tokens >= self.admit_tokens:
                 return
             heapq.heappop(self._waiting)
-            if submitted.scoring.cancelled.is_set():
+            if scoring.cancelled.is_set():
                 continue
-            prompt = submitted.scoring.prompts[i]
-            request_id = submitted.ids[i]
-            self._running[request_id] = (submitted, i)
+            prompt = scoring.prompts[i]
+            request_id = f"{self._live[scoring]}{i}"
+            self._running[request_id] = (scoring, i)
             self._admitted_tokens += len(prompt)
             self.engine.add_request(
                 request_id,
@@ -225,27 +212,26 @@ class VllmEngine:
 
     def _abort_cancelled(self) -> None:
         """Requests of cancelled submissions leave vLLM's queue (their waiting prompts are skipped at admission)."""
-        cancelled = [s for s in self._live if s.scoring.cancelled.is_set()]
+        cancelled = [s for s in self._live if s.cancelled.is_set()]
         if not cancelled:
             return
-        drop = [request_id for s in cancelled for request_id in s.ids if request_id in self._running]
+        stems = [(s, self._live.pop(s)) for s in cancelled]
+        drop = [f"{stem}{i}" for s, stem in stems for i in range(len(s.prompts)) if f"{stem}{i}" in self._running]
         if drop:
             self.engine.abort_request(drop)
         for request_id in drop:
-            submitted, i = self._running.pop(request_id)
-            self._admitted_tokens -= len(submitted.scoring.prompts[i])
-        self._live = [s for s in self._live if not s.scoring.cancelled.is_set()]
+            scoring, i = self._running.pop(request_id)
+            self._admitted_tokens -= len(scoring.prompts[i])
 
     def _finish(self, request_id: str, score: float) -> int:
         """A request's score; returns its prompt's length."""
-        submitted, i = self._running.pop(request_id)
-        self._admitted_tokens -= len(submitted.scoring.prompts[i])
-        submitted.scores[i] = score
-        submitted.left -= 1
-        if submitted.left == 0:
-            self._live.remove(submitted)
-            settle(submitted.scoring.future, result=submitted.scores)
-        return len(submitted.scoring.prompts[i])
+        scoring, i = self._running.pop(request_id)
+        length = len(scoring.prompts[i])
+        self._admitted_tokens -= length
+        scoring.fill(i, score)
+        if not scoring.left:
+            del self._live[scoring]
+        return length
 
     def _drive(self) -> None:
         name_engine_thread()
@@ -277,7 +263,7 @@ class VllmEngine:
         finally:
             error = RuntimeError(self._failure or "the vLLM engine was closed")
             with self._wake:
-                pending = [s.scoring for s in self._live] + self._inbox
+                pending = list(self._live) + self._inbox
                 self._inbox = []
             for scoring in pending:
                 settle(scoring.future, exception=error)
