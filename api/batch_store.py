@@ -75,6 +75,7 @@ class Plan:
     """An input file, read: the job's requests, a record per line, or the lines at fault."""
 
     requests: list[RerankRequest] = field(default_factory=list)
+    model: str | None = None  # the one model the lines name (None: the farm's default)
     lines: list[str] = field(default_factory=list)  # JSON [custom_id, shape, render options, requests]
     errors: list[BatchError] = field(default_factory=list)
 
@@ -126,6 +127,11 @@ def read_plan(lines: Iterable[bytes], endpoint: str, defaults: dict[str, Any]) -
         if call.max_prompt_tokens is not None:
             fail(n, "invalid_request", "truncate_prompt_tokens is not served in batches: use max_tokens_per_doc")
             continue
+        model = getattr(call, "model", None)
+        if model and plan.model and model != plan.model:
+            fail(n, "model_mismatch", f"a batch uses one model: this line names {model!r}, earlier ones {plan.model!r}")
+            continue
+        plan.model = plan.model or model
         plan.requests.extend(requests)
         plan.lines.append(json.dumps([custom_id, shape.value, call.render_options(), len(requests)]))
     if not plan.lines and not plan.errors:
@@ -161,7 +167,8 @@ class BatchStore:
             record["failed_at"] = now
             logger.info("batch %s failed validation: %d bad lines", batch_id, len(plan.errors))
         else:
-            job = await self.jobs.submit(JobCreate(requests=plan.requests, metadata=body.metadata), tenant)
+            create = JobCreate(model=plan.model, requests=plan.requests, metadata=body.metadata)
+            job = await self.jobs.submit(create, tenant)
             plan.requests = []  # the job has them now
             batch_id = "batch_" + job.id.removeprefix("job_")
             record["job_id"] = job.id
@@ -278,6 +285,7 @@ class BatchStore:
         batch_id, job_id = batch.id, batch.job_id
         assert job_id is not None  # a completed batch has its job
         entries = (await self.jobs.stream_results(job_id, tenant)).__aiter__()
+        model = (await self.jobs.get(job_id, tenant)).model or self.settings.default_served
 
         async def lines() -> AsyncIterator[str]:
             n = 0
@@ -289,7 +297,7 @@ class BatchStore:
                     custom_id, shape, options, count = json.loads(raw)
                     results: list[RequestResults] = [await anext(entries) for _ in range(count)]
                     tokens = sum(r.tokens or 0 for r in results)
-                    answer = Answer(job_id=job_id, model=self.settings.model, results=results, tokens=tokens)
+                    answer = Answer(job_id=job_id, model=model, results=results, tokens=tokens)
                     body = to_jsonable_python(render(Shape(shape), answer, options), exclude_none=True)
                     n += 1
                     line = OutputLine(

@@ -15,6 +15,7 @@ import anyio
 import redis.asyncio as aioredis
 from celery import Celery
 
+from api.models import ModelCatalog
 from schemas import keys, metrics
 from schemas.chunks import ChunkRef, chunk_count, chunk_priority, split_into_chunks
 from schemas.errors import (
@@ -50,6 +51,7 @@ class JobStore:
         self.celery = celery
         self.settings = settings
         self.run = job_state.AsyncRunner(client)
+        self.models = ModelCatalog(client, settings)
         self.ledger = Ledger(client)
         self._replica_count = 0
         self._replicas_checked = -REPLICAS_CHECK_S
@@ -77,9 +79,9 @@ class JobStore:
                     f"requests[{n}].top_n={request.top_n} exceeds its {len(request.documents)} documents"
                 )
 
-    async def admit(self, tenant: str, chunks: int, interactive: bool) -> None:
+    async def admit(self, tenant: str, chunks: int, interactive: bool, model: str) -> None:
         """Push back (429 with Retry-After) before touching the queue: per-tenant rate limit, per-tenant jobs in
-        flight, and, for bulk work, the total queue depth."""
+        flight, and, for bulk work, the depth of the model's bulk queue."""
         s = self.settings
         now = time.time()
         if s.rate_limit_per_minute:
@@ -107,11 +109,11 @@ class JobStore:
                     headers={"Retry-After": "10"},
                 )
         if not interactive:
-            depth = (await self.queue_depths())[keys.QUEUE_BULK]
+            depth = sum(await self._lengths(bulk_queue_keys(model)))
             if depth + chunks > s.max_queue_depth:
                 metrics.REQUESTS_REFUSED.labels("queue_depth").inc()
                 raise Overloaded(
-                    f"the queue holds {depth} chunks, near its limit of {s.max_queue_depth}; retry later",
+                    f"model {model}'s queue holds {depth} chunks, near its limit of {s.max_queue_depth}; retry later",
                     headers={"Retry-After": "30"},
                 )
 
@@ -129,16 +131,18 @@ class JobStore:
         """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, and
         push their final status to a list that `wait` blocks on."""
         self.check_limits(body)
+        model = await self.models.resolve(body.model)
         if body.webhook is not None:
             await self.check_webhook(body.webhook.url)
         job_id = f"job_{uuid.uuid4().hex}"
         total = body.total_pairs
         chunk_size = self.settings.interactive_chunk_size if interactive else self.settings.chunk_size
         chunks = chunk_count(total, chunk_size)
-        await self.admit(tenant, chunks, interactive)
+        await self.admit(tenant, chunks, interactive, model)
         record = JobRecord(
             id=job_id,
             tenant=tenant,
+            model=model,
             kind="interactive" if interactive else "bulk",
             priority=body.priority,
             created_at=now_iso(),
@@ -153,7 +157,7 @@ class JobStore:
             record.webhook_events = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
         job_input = JobInput.of(body.requests)
         record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
-        lane = lane_of(record.kind, body.priority)
+        lane = lane_of(record.kind, body.priority, model)
         level = chunk_priority(record.kind, body.priority)
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         ttl = self.settings.result_ttl_s
@@ -179,13 +183,14 @@ class JobStore:
             with contextlib.suppress(Exception):
                 move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
                 if (await self.run(move)).moved:
-                    metrics.JOBS_FINISHED.labels("failed").inc()
+                    metrics.JOBS_FINISHED.labels("failed", model).inc()
                     metrics.JOBS_FAILED.labels("enqueue_failed").inc()
             raise Unavailable("the job queue is unreachable; retry later") from exc
-        metrics.JOBS_SUBMITTED.labels(record.kind).inc()
+        metrics.JOBS_SUBMITTED.labels(record.kind, model).inc()
         logger.info(
-            "job %s queued: requests=%d pairs=%d chunks=%d priority=%d",
+            "job %s queued: model=%s requests=%d pairs=%d chunks=%d priority=%d",
             job_id,
+            model,
             len(body.requests),
             total,
             chunks,
@@ -286,21 +291,25 @@ class JobStore:
         if finished.job is None:  # expired since it was read
             raise JobNotFound(job_id)
         if finished.moved:
-            metrics.JOBS_FINISHED.labels("cancelled").inc()
+            metrics.JOBS_FINISHED.labels("cancelled", finished.job.record.model).inc()
             logger.info("job %s cancelled%s", job_id, f": {reason}" if reason else "")
         return finished.job.to_job()
 
-    async def queue_depths(self) -> dict[str, int]:
-        names = [keys.QUEUE_INTERACTIVE, *bulk_queue_keys(), keys.QUEUE_WEBHOOKS]
+    async def _lengths(self, names: list[str]) -> list[int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.llen(name)
-            lengths = await pipe.execute()
-        depths: dict[str, int] = {}
-        for name, length in zip(names, lengths, strict=True):
-            queue = name.split(":")[0]  # priority steps of a queue add up
-            depths[queue] = depths.get(queue, 0) + int(length)
-        return depths
+            return [int(n) for n in await pipe.execute()]
+
+    async def queue_depths(self) -> dict[tuple[str, str], int]:
+        """Messages waiting per (queue, model) for every served model (a queue's priority steps add up), and the
+        webhook queue (model '')."""
+        queues: list[tuple[str, str, list[str]]] = [(keys.QUEUE_WEBHOOKS, "", [keys.QUEUE_WEBHOOKS])]
+        for model in await self.models.served():
+            queues.append((keys.interactive_queue(model.name), model.name, [keys.interactive_queue(model.name)]))
+            queues.append((keys.bulk_queue(model.name), model.name, bulk_queue_keys(model.name)))
+        lengths = iter(await self._lengths([name for _, _, names in queues for name in names]))
+        return {(queue, model): sum(next(lengths) for _ in names) for queue, model, names in queues}
 
     async def live_workers(self) -> list[dict[str, Any]]:
         found = []

@@ -99,7 +99,7 @@ class ShapedCall(BaseModel):
 class RerankCall(LongDocuments, ShapedCall):
     shape: ClassVar[Shape] = Shape.rerank
 
-    model: str | None = Field(None, description="Accepted for compatibility; the farm serves its configured model.")
+    model: str | None = Field(None, description="A served model, or an alias of one; the farm's default if omitted.")
     query: NonBlank
     documents: list[NonBlank | dict[str, Any]] = Field(
         min_length=1, description="Strings, or objects: `{text, id?}`, or any fields named in `rank_fields`."

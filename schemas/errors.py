@@ -41,6 +41,17 @@ class JobNotFound(RerankError):
         super().__init__(f"no job with id {job_id!r} (it may have expired)")
 
 
+class ModelNotFound(RerankError):
+    """A request named a model this farm does not serve (404, as OpenAI-compatible servers answer)."""
+
+    code = "model_not_found"
+    status = 404
+
+    def __init__(self, model: str, served: Sequence[str]) -> None:
+        names = ", ".join(served) or "none"
+        super().__init__(f"model {model!r} is not served here; served models: {names}")
+
+
 class FileNotFound(RerankError):
     code = "file_not_found"
     status = 404

@@ -89,6 +89,9 @@ def check_metadata(v: dict[str, str] | None) -> dict[str, str] | None:
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    model: str | None = Field(
+        None, max_length=256, description="The served model (or an alias of one) to score with; default: the farm's."
+    )
     requests: list[RerankRequest] = Field(min_length=1)
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) to 9 (highest); higher-priority chunks run first.")
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs, returned with the job.")
@@ -134,6 +137,7 @@ class Job(BaseModel):
     object: Literal["rerank.job"] = "rerank.job"
     status: JobStatus
     kind: Literal["bulk", "interactive"] = "bulk"
+    model: str | None = Field(None, description="The served model that scores the job.")
     priority: int
     metadata: dict[str, str] | None = None
     created_at: datetime

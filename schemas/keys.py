@@ -2,16 +2,27 @@
 
 NAMESPACE = "rerank"
 
-QUEUE_BULK = "rerank.bulk"
-QUEUE_INTERACTIVE = "rerank.interactive"  # read by each worker's own interactive consumer (workers/interactive.py)
+QUEUE_BULK = "rerank.bulk"  # + ".{model}": each served model has its own bulk queue ...
+QUEUE_INTERACTIVE = "rerank.interactive"  # ... and interactive queue (read by workers/interactive.py's consumer)
 QUEUE_WEBHOOKS = "rerank.webhooks"  # consumed by `rerankfarm webhooks`, never by a GPU worker
 TASK_DELIVER_WEBHOOK = "rerank.deliver_webhook"
 RECENT_JOBS_KEPT = 1000
 WEBHOOKS_DUE = f"{NAMESPACE}:webhooks:due"  # sorted set: job id -> unix time its next delivery attempt is due
 TASK_SCORE_CHUNK = "rerank.score_chunk"
 
+MODELS_SEEN = f"{NAMESPACE}:models:seen"  # sorted set: served model name -> unix time a live worker last announced it
+
 WORKER_KEY_PATTERN = f"{NAMESPACE}:worker:*"
 WORKER_TTL_FACTOR = 3  # a worker is alive while its heartbeat is younger than 3 heartbeat periods
+
+
+def bulk_queue(model: str) -> str:
+    """The bulk queue of one served model (kombu adds `:{step}` lists for its priority steps)."""
+    return f"{QUEUE_BULK}.{model}"
+
+
+def interactive_queue(model: str) -> str:
+    return f"{QUEUE_INTERACTIVE}.{model}"
 
 
 def recent_jobs_key(tenant: str) -> str:

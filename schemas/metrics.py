@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-JOBS_SUBMITTED = Counter("rerank_jobs_submitted_total", "Jobs accepted by the API.", ["kind"])
-JOBS_FINISHED = Counter("rerank_jobs_finished_total", "Jobs that reached a final state.", ["status"])
+JOBS_SUBMITTED = Counter("rerank_jobs_submitted_total", "Jobs accepted by the API.", ["kind", "model"])
+JOBS_FINISHED = Counter("rerank_jobs_finished_total", "Jobs that reached a final state.", ["status", "model"])
 JOBS_FAILED = Counter(
     "rerank_jobs_failed_total",
     "Jobs that failed, by cause (the job's error code: invalid_input, engine_error, chunk_lost, internal_error, "
@@ -21,7 +21,11 @@ REQUEST_FAILURES = Counter(
     "timeout, client_closed_request, unavailable, ...).",
     ["cause"],
 )
-QUEUE_DEPTH = Gauge("rerank_queue_depth", "Messages waiting in a queue (read from Redis at scrape).", ["queue"])
+QUEUE_DEPTH = Gauge(
+    "rerank_queue_depth",
+    "Messages waiting in a queue (read from Redis at scrape), per served model.",
+    ["queue", "model"],
+)
 WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")
 
 CHUNKS_RECOVERED = Counter(

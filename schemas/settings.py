@@ -12,6 +12,13 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
+# A served model's name: it is part of its queues' names, so no ':' (kombu's priority separator) and no spaces.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def public_name(model: str) -> str:
+    """The name a model is served under by default: the last part of its id or directory, lowercased."""
+    return Path(model.rstrip("/")).name.lower() or "model"
 
 
 class Settings(BaseSettings):
@@ -30,7 +37,31 @@ class Settings(BaseSettings):
         "(Redis WAIT, up to this many ms; 503 otherwise), so a failover cannot forget an accepted job. 0: no wait.",
     )
     model: str = Field(
-        DEFAULT_MODEL, description="Hugging Face model id or local directory of a Qwen3-Reranker checkpoint."
+        DEFAULT_MODEL,
+        description="The worker's model: a Hugging Face model id or local directory. One engine, one model per "
+        "worker; a farm serves the models of its live workers.",
+    )
+    model_name: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description="The public name of the worker's model, the `model` clients ask for; by default the last part "
+        "of RERANK_MODEL, lowercased (`qwen3-reranker-0.6b`).",
+    )
+    default_model: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description="API: the model of requests that name none. By default the public name of RERANK_MODEL. Always "
+        "accepted, even before any of its workers is up (its jobs wait in its queues).",
+    )
+    model_aliases: dict[str, str] = Field(
+        default_factory=dict,
+        description='API: other names clients may ask for, as JSON {"alias": "served name"} (e.g. '
+        '{"rerank-v3.5": "qwen3-reranker-0.6b"}). Any other unknown name is refused, never mapped by accident.',
+    )
+    model_grace_s: float = Field(
+        300,
+        ge=0,
+        description="API: how long a model stays accepted after its last worker was seen (workers restarting).",
     )
     engine: Literal["auto", "vllm", "transformers"] = Field(
         "auto",
@@ -243,6 +274,16 @@ class Settings(BaseSettings):
 
     def retry_delays(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_delays.split(",") if x.strip()]
+
+    @property
+    def served_name(self) -> str:
+        """The public name of this worker's model."""
+        return self.model_name or public_name(self.model)
+
+    @property
+    def default_served(self) -> str:
+        """The API's model for requests that name none."""
+        return self.default_model or public_name(self.model)
 
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url)

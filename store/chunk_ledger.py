@@ -156,10 +156,10 @@ class Ledger:
         return outcome, 0, int(reply[1]) if outcome == "exhausted" else 0
 
     def find_lost(
-        self, grace_s: float, lane_of: Callable[[str, int], str], now: float | None = None, limit: int = 1000
+        self, grace_s: float, lane_of: Callable[[str, int, str], str], now: float | None = None, limit: int = 1000
     ) -> Sweep:
         """Look at up to `limit` chunks nobody vouched for in `grace_s` seconds; see the module's docstring.
-        `lane_of(kind, priority)` names the lane a job's chunks are sent to."""
+        `lane_of(kind, priority, model)` names the lane a job's chunks are sent to."""
         now = time.time() if now is None else now
         sweep = Sweep()
         members = [as_str(m) for m in self.client.zrangebyscore(keys.CHUNKS_OPEN, "-inf", now - grace_s, 0, limit)]
@@ -168,14 +168,14 @@ class Ledger:
         parsed = [split_member(m) for m in members]
         with self.client.pipeline(transaction=False) as pipe:
             for job_id, index in parsed:
-                pipe.hmget(keys.job_key(job_id), "status", "kind", "priority", "tenant")
+                pipe.hmget(keys.job_key(job_id), "status", "kind", "priority", "tenant", "model")
                 pipe.hmget(keys.job_ledger_key(job_id), *(f"{index}:{f}" for f in ("sends", "seq", "holder", "lane")))
                 pipe.hexists(keys.job_scores_key(job_id), str(index))
             replies = pipe.execute()
         closed: list[str] = []
         suspects: list[Lost] = []
         for n, (job_id, index) in enumerate(parsed):
-            (status, kind, priority, tenant), (sends, seq, holder, lane), recorded = replies[3 * n : 3 * n + 3]
+            (status, kind, priority, tenant, model), (sends, seq, holder, lane), recorded = replies[3 * n : 3 * n + 3]
             if status is None or JobStatus(as_str(status)).final or recorded:
                 closed.append(members[n])
                 continue
@@ -190,7 +190,7 @@ class Ledger:
                     job_priority,
                     int(sends or 0),
                     int(seq or 0),
-                    as_str(lane) if lane is not None else lane_of(job_kind, job_priority),
+                    as_str(lane) if lane is not None else lane_of(job_kind, job_priority, as_str(model or "")),
                     None if holder is None else as_str(holder),
                 )
             )

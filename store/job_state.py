@@ -66,6 +66,7 @@ class JobRecord:
     chunks_total: int
     request_count: int
     tenant: str = "default"
+    model: str = ""  # the served model's name: its queues, its workers
     kind: str = "bulk"  # or "interactive"
     status: str = JobStatus.queued.value
     notify: int = 0  # 1: push the final status to the done-list (someone waits on it)
@@ -131,6 +132,7 @@ class JobRecord:
             id=self.id,
             status=JobStatus(self.status),
             kind="interactive" if self.kind == "interactive" else "bulk",
+            model=self.model or None,
             tokens=self.tokens,
             priority=self.priority,
             metadata=json.loads(self.metadata or "null"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from schemas.chunks import ChunkRef
-from schemas.keys import QUEUE_BULK, QUEUE_INTERACTIVE, TASK_SCORE_CHUNK
+from schemas.keys import TASK_SCORE_CHUNK, bulk_queue, interactive_queue
 from schemas.settings import Settings
 
 if TYPE_CHECKING:
@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 PRIORITY_STEPS = list(range(10))
 
 
-def bulk_queue_keys() -> list[str]:
-    """The Redis lists kombu keeps for the bulk queue, one per priority step (step 0 has no suffix)."""
-    return [QUEUE_BULK] + [f"{QUEUE_BULK}:{step}" for step in PRIORITY_STEPS[1:]]
+def bulk_queue_keys(model: str) -> list[str]:
+    """The Redis lists kombu keeps for a model's bulk queue, one per priority step (step 0 has no suffix)."""
+    return [lane_for(bulk_queue(model), step) for step in PRIORITY_STEPS]
 
 
 def celery_priority(job_priority: int) -> int:
@@ -37,9 +37,12 @@ def lane_for(queue: str, step: int) -> str:
     return queue if step == 0 else f"{queue}:{step}"
 
 
-def lane_of(kind: str, job_priority: int) -> str:
-    """The lane of a job's chunks: interactive chunks have one queue of their own, bulk chunks a step per priority."""
-    return QUEUE_INTERACTIVE if kind == "interactive" else lane_for(QUEUE_BULK, celery_priority(job_priority))
+def lane_of(kind: str, job_priority: int, model: str) -> str:
+    """The lane of a job's chunks, in its model's queues: interactive chunks have one queue of their own, bulk
+    chunks a step per priority."""
+    if kind == "interactive":
+        return interactive_queue(model)
+    return lane_for(bulk_queue(model), celery_priority(job_priority))
 
 
 def resend_lane(lane: str) -> str:
@@ -103,8 +106,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_default_queue": QUEUE_BULK,
-        "task_routes": {TASK_SCORE_CHUNK: {"queue": QUEUE_BULK}},
         "task_create_missing_queues": True,
         "worker_send_task_events": True,
         "task_send_sent_event": True,

@@ -16,11 +16,14 @@ if TYPE_CHECKING:
     from workers.prompts import PromptBuilder
 
 
+TINY = "tiny-qwen3-reranker"  # the tiny model's served name (its directory's)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rerankfarm.tiny_model import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3-reranker")
+    return build_tiny_model(tmp_path_factory.mktemp("models") / TINY)
 
 
 class Reference:

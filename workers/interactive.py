@@ -20,8 +20,8 @@ from celery import Celery, bootsteps
 from celery.worker import control
 from kombu import Consumer, Exchange, Message, Queue
 
+from schemas import keys
 from schemas.chunks import ChunkRef
-from schemas.keys import QUEUE_INTERACTIVE
 from schemas.settings import get_settings
 from workers import tasks
 from workers.lease import held_elsewhere
@@ -31,9 +31,11 @@ logger = logging.getLogger(__name__)
 STOP_WAIT_S = 30  # a stopping worker finishes the interactive chunks in hand for up to this long
 
 
-def interactive_queue() -> Queue:
-    """The queue as Celery declares it for `send_task(queue=...)`: a direct exchange of the same name."""
-    return Queue(QUEUE_INTERACTIVE, Exchange(QUEUE_INTERACTIVE), routing_key=QUEUE_INTERACTIVE)
+def interactive_queue(model: str) -> Queue:
+    """A model's interactive queue as Celery declares it for `send_task(queue=...)`: a direct exchange of the same
+    name."""
+    name = keys.interactive_queue(model)
+    return Queue(name, Exchange(name), routing_key=name)
 
 
 class InteractiveConsumer(bootsteps.ConsumerStep):
@@ -51,7 +53,7 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
     def get_consumers(self, channel: Any) -> list[Consumer]:
         consumer = Consumer(
             channel,
-            queues=[interactive_queue()],
+            queues=[interactive_queue(get_settings().served_name)],
             callbacks=[self.on_message],
             accept=["json"],
             prefetch_count=self.slots,
@@ -107,4 +109,4 @@ def active_queues(state: Any) -> list[dict[str, Any]]:
     """Celery's `active_queues` (what Flower lists and measures), with the queue this step consumes."""
     consumer = state.consumer.task_consumer
     queues = [dict(queue.as_dict(recurse=True)) for queue in consumer.queues] if consumer else []
-    return [*queues, dict(interactive_queue().as_dict(recurse=True))]
+    return [*queues, dict(interactive_queue(get_settings().served_name).as_dict(recurse=True))]

@@ -50,15 +50,15 @@ class WorkerJobStore:
         )  # fmt: skip
         recorded = self.run(move)
         if recorded.record is not None:
-            metrics.JOBS_FINISHED.labels("succeeded").inc()
+            metrics.JOBS_FINISHED.labels("succeeded", recorded.record.model).inc()
             metrics.JOB_LATENCY.labels(recorded.record.kind).observe(recorded.record.duration_s or 0.0)
         return recorded
 
     def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:
         """Fail a job that is not final yet, with its cause (`code`) and reason; returns whether it moved. Counted
         in `rerank_jobs_failed_total` by cause."""
-        failed = self.run(job_state.fail(job_id, tenant, code, message)).moved
-        if failed:
-            metrics.JOBS_FINISHED.labels("failed").inc()
+        finished = self.run(job_state.fail(job_id, tenant, code, message))
+        if finished.moved and finished.job is not None:
+            metrics.JOBS_FINISHED.labels("failed", finished.job.record.model).inc()
             metrics.JOBS_FAILED.labels(code).inc()
-        return failed
+        return finished.moved

@@ -14,7 +14,7 @@ from celery import signals
 from prometheus_client import start_http_server
 
 from schemas.errors import EngineLoadError
-from schemas.keys import QUEUE_BULK
+from schemas.keys import bulk_queue
 from schemas.settings import get_settings
 from store.queueing import worker_argv
 from workers import runtime
@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     guard_group()  # before any thread: the worker's engine processes end with it
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
-    logger.info("worker %s: redis=%s model=%s", args.name, settings.redacted_redis_url(), settings.model)
+    logger.info(
+        "worker %s: redis=%s model=%s (%s)",
+        args.name,
+        settings.redacted_redis_url(),
+        settings.served_name,
+        settings.model,
+    )
     try:
         runtime.start(settings)
     except EngineLoadError as exc:
@@ -76,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     concurrency = args.concurrency or settings.worker_concurrency
     # Celery's pool takes bulk chunks; interactive chunks have a consumer of their own (workers.interactive).
     consume_interactive(app)
-    app.worker_main(worker_argv(f"{args.name}@%h", [QUEUE_BULK], concurrency, args.loglevel, task_events=True))
+    queues = [bulk_queue(settings.served_name)]  # this worker's model's
+    app.worker_main(worker_argv(f"{args.name}@%h", queues, concurrency, args.loglevel, task_events=True))
     return 0
 
 

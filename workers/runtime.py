@@ -99,7 +99,8 @@ class Heartbeat:
             "hostname": hostname,
             "engine": runtime.engine.name,
             "device": runtime.engine.device,
-            "model": runtime.settings.model,
+            "model": runtime.settings.served_name,
+            "model_id": runtime.settings.model,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -155,7 +156,10 @@ class Heartbeat:
             }
             self._gpu_metrics()
             try:
-                self.client.set(keys.worker_key(self.hostname), json.dumps(info), ex=period * keys.WORKER_TTL_FACTOR)
+                with self.client.pipeline(transaction=False) as pipe:
+                    pipe.set(keys.worker_key(self.hostname), json.dumps(info), ex=period * keys.WORKER_TTL_FACTOR)
+                    pipe.zadd(keys.MODELS_SEEN, {self.runtime.settings.served_name: time.time()})
+                    pipe.execute()
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %r", exc)
             self._stop.wait(period)

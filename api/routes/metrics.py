@@ -14,7 +14,7 @@ async def prometheus_metrics(request: Request, store: StoreDep) -> Response:
     settings = request.app.state.settings
     if not settings.metrics_public:
         await get_tenant(request)
-    for queue, depth in (await store.queue_depths()).items():
-        metrics.QUEUE_DEPTH.labels(queue).set(depth)
+    for (queue, model), depth in (await store.queue_depths()).items():
+        metrics.QUEUE_DEPTH.labels(queue, model).set(depth)
     metrics.WORKERS_ALIVE.set(len(await store.live_workers()))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -106,9 +106,8 @@ async def answer(
             f"a rerank call takes at most {settings.max_documents_per_rerank} documents; this one has "
             f"{pairs}: submit a bulk job (/v1/jobs or /v1/batches) for more"
         )
-    job = await store.submit(
-        JobCreate(requests=requests, priority=9), tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens
-    )
+    body = JobCreate(model=getattr(call, "model", None), requests=requests, priority=9)  # TEI's calls name none
+    job = await store.submit(body, tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens)
     timeout = getattr(call, "timeout", None) or settings.interactive_timeout_s
     job = await wait_for_caller(request, store, job.id, tenant, timeout)
     if job.status is JobStatus.failed and job.error is not None:
@@ -118,7 +117,8 @@ async def answer(
     if job.status is JobStatus.cancelled:
         raise JobNotFinished(f"job {job.id} was cancelled")
     results = (await store.results(job.id, tenant)).data
-    return Answer(job_id=job.id, model=settings.model, results=results, tokens=job.tokens, timings=job.timings)
+    model = job.model or settings.default_served
+    return Answer(job_id=job.id, model=model, results=results, tokens=job.tokens, timings=job.timings)
 
 
 def timing_headers(answer: Answer, total_s: float) -> dict[str, str]:

@@ -18,7 +18,7 @@ from api.main import create_app
 from rerankfarm.chaos import FarmWorker
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas.settings import Settings
-from tests.conftest import VLLM_TEST_ENV
+from tests.conftest import TINY, VLLM_TEST_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -71,8 +71,15 @@ def worker(redis_url: str, tiny_model_dir: Path, log_dir: Path) -> Iterator[Work
     w.stop()
 
 
+# The model names the client tests send, mapped on purpose to the tiny model (as a farm maps a client's default).
+CLIENT_ALIASES = {
+    name: TINY for name in ("rerank-v3.5", "rerank-english-v3.0", "rerank-2", "jina-reranker-v2-base-multilingual")
+}
+
+
 def farm_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
-    return Settings(redis_url=redis_url, model=str(model_dir), **{"chunk_size": 5, "auth": "off", **overrides})
+    defaults = {"chunk_size": 5, "auth": "off", "model_aliases": CLIENT_ALIASES}
+    return Settings(redis_url=redis_url, model=str(model_dir), **{**defaults, **overrides})
 
 
 @pytest.fixture

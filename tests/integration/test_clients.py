@@ -20,7 +20,7 @@ from haystack_integrations.components.rankers.huggingface_api import HuggingFace
 
 from api.shapes import raw_score
 from schemas import keys
-from tests.conftest import random_text
+from tests.conftest import TINY, random_text
 
 with warnings.catch_warnings():  # LlamaIndex's own models warn about their fields at import
     warnings.simplefilter("ignore")
@@ -118,7 +118,7 @@ def test_tei_shape_options_info_and_errors(live_api, worker, reference) -> None:
 def test_vllm_score_one_to_many_and_pairwise(live_api, worker, reference) -> None:
     query, docs = _docs(36, 3)
     with httpx.Client(base_url=live_api, timeout=60) as http:
-        one = http.post("/v1/score", json={"model": "m", "text_1": query, "text_2": docs}).json()
+        one = http.post("/v1/score", json={"model": TINY, "text_1": query, "text_2": docs}).json()
         assert [d["index"] for d in one["data"]] == [0, 1, 2] and one["object"] == "list"
         for d in one["data"]:
             assert d["object"] == "score"
@@ -232,7 +232,7 @@ def test_openai_compatible_generic_payloads(live_api, worker) -> None:
     with httpx.Client(base_url=live_api, timeout=60) as http:
         assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [http.get("/info").json()["model_id"]]
         for path, top_n in [("/rerank", 3), ("/v1/rerank", 10)]:
-            out = http.post(path, json={"model": "m", "query": query, "documents": docs, "top_n": top_n}).json()
+            out = http.post(path, json={"model": TINY, "query": query, "documents": docs, "top_n": top_n}).json()
             assert sorted(r["index"] for r in out["results"]) == [0, 1, 2]
             scores = [r["relevance_score"] for r in out["results"]]
             assert scores == sorted(scores, reverse=True)

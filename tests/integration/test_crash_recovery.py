@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
-from tests.conftest import Reference, random_text
+from tests.conftest import TINY, Reference, random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
 
 pytestmark = pytest.mark.integration
@@ -331,7 +331,7 @@ def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, 
     settings = farm_settings(url, tiny_model_dir, chunk_size=10)
     with TestClient(create_app(settings)) as client:
         job = client.post("/v1/jobs", json=body).json()  # no worker yet: every chunk waits in the queue
-        copy = ChunkRef(job_id=job["id"], index=3, priority=5, lane=keys.QUEUE_INTERACTIVE, seq=0)
+        copy = ChunkRef(job_id=job["id"], index=3, priority=5, lane=keys.interactive_queue(TINY), seq=0)
         sender = Celery("test-sender")
         sender.conf.update(celery_config(settings))
         publish(sender, [copy, copy])  # the interactive queue is consumed first: the copies arrive while the job runs

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from rerankfarm.embedded_redis import free_port
+from tests.conftest import TINY
 
 pytestmark = pytest.mark.integration
 
@@ -58,7 +59,7 @@ def test_flower_shows_workers_and_queues_behind_basic_auth(redis_url, worker, cl
             time.sleep(1)
         queues = httpx.get(f"{base}/api/queues/length", auth=auth, timeout=30).json()
         names = {q["name"] for q in queues["active_queues"]}
-        assert {"rerank.bulk", "rerank.interactive"} <= names, queues
+        assert {f"rerank.bulk.{TINY}", f"rerank.interactive.{TINY}"} <= names, queues
         # Stopping `rerankfarm flower` stops Flower: it is the same process (no child to orphan), and nothing of it
         # is left listening.
         tree = [psutil.Process(flower.pid), *psutil.Process(flower.pid).children(recursive=True)]

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.main import create_app
 from rerankfarm.embedded_redis import free_port
+from tests.conftest import TINY
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
 
 pytestmark = pytest.mark.integration
@@ -36,14 +37,14 @@ def test_metrics_move_when_jobs_run(redis_url, tiny_model_dir, log_dir) -> None:
         job = client.post("/v1/jobs", json={"requests": [{"query": "w1", "documents": ["w2 w3"] * 40}]}).json()
         assert wait_for(client, job["id"])["status"] == "succeeded"
         after_api = _samples(client.get("/metrics").text)
-        key = ("rerank_jobs_submitted_total", (("kind", "bulk"),))
+        key = ("rerank_jobs_submitted_total", (("kind", "bulk"), ("model", TINY)))
         assert after_api[key] == before_api.get(key, 0) + 1
-        assert ("rerank_queue_depth", (("queue", "rerank.bulk"),)) in after_api
+        assert ("rerank_queue_depth", (("model", TINY), ("queue", f"rerank.bulk.{TINY}"))) in after_api
         assert after_api[("rerank_workers_alive", ())] >= 1
         after_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
         pairs = ("rerank_pairs_scored_total", ())
         assert after_worker[pairs] == before_worker.get(pairs, 0) + 40
-        finished = ("rerank_jobs_finished_total", (("status", "succeeded"),))
+        finished = ("rerank_jobs_finished_total", (("model", TINY), ("status", "succeeded")))
         assert after_worker[finished] == before_worker.get(finished, 0) + 1
         assert ("rerank_engine_seconds_count", ()) in after_worker and (
             "rerank_batch_pairs_bucket",

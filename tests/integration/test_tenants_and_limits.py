@@ -15,6 +15,7 @@ from api.main import create_app
 from schemas import keys
 from store import api_keys as auth
 from store.queueing import bulk_queue_keys
+from tests.conftest import TINY
 from tests.integration.conftest import farm_settings, other_db, wait_for
 
 pytestmark = pytest.mark.integration
@@ -106,11 +107,11 @@ def test_limits_answer_429_with_retry_after_and_leave_the_queue_alone(redis_url,
         c.post(f"/v1/jobs/{first[0]['id']}/cancel")  # a job that ends frees its slot
         assert c.post("/v1/jobs", json=JOB).status_code == 202
     client = redis.Redis.from_url(url)
-    depth = sum(client.llen(k) for k in bulk_queue_keys())
+    depth = sum(client.llen(k) for k in bulk_queue_keys(TINY))
     with TestClient(create_app(farm_settings(url, tiny_model_dir, max_queue_depth=depth + 1))) as c:
         r = c.post("/v1/jobs", json={"requests": [{"query": "w1", "documents": ["w2"] * 12}]})  # 3 chunks of 5
         assert r.status_code == 429 and r.headers["retry-after"] == "30"
-        assert sum(client.llen(k) for k in bulk_queue_keys()) == depth  # nothing was enqueued
+        assert sum(client.llen(k) for k in bulk_queue_keys(TINY)) == depth  # nothing was enqueued
     with TestClient(
         create_app(farm_settings(url, tiny_model_dir, rate_limit_per_minute=2, max_jobs_in_flight_per_tenant=100))
     ) as c:

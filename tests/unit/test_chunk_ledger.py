@@ -17,7 +17,7 @@ from store.job_state import JobRecord
 from store.queueing import lane_of
 from workers.recovery import Recovery
 
-LANE = lane_of("bulk", 5)  # rerank.bulk:4
+LANE = lane_of("bulk", 5, "m")  # rerank.bulk.m:4
 NOW = 10_000.0
 GRACE = 40.0
 
@@ -43,7 +43,7 @@ def r() -> fakeredis.FakeRedis:
 
 def new_job(r: fakeredis.FakeRedis, chunks: int, job_id: str = "job_1", at: float = NOW - 100) -> int:
     """A running bulk job (priority 5) whose chunks were all sent at `at`; returns chunk 0's sequence number."""
-    record = JobRecord(id=job_id, tenant="acme", priority=5, created_at=job_state.now_iso(), total=chunks,
+    record = JobRecord(id=job_id, tenant="acme", model="m", priority=5, created_at=job_state.now_iso(), total=chunks,
                        chunks_total=chunks, request_count=1, status="running")  # fmt: skip
     r.hset(keys.job_key(job_id), mapping=record.to_hash())
     ledger = Ledger(r)
@@ -125,7 +125,7 @@ def test_recovery_sends_lost_chunks_again_and_fails_a_job_whose_chunk_is_sent_to
     [(message, queue, priority)] = celery.sent
     assert (message["job_id"], message["index"], message["send"], message["seq"]) == ("job_1", 0, 2, 1)
     # to the front: the bulk queue's first step, served before the backlog it already waited behind once
-    assert (queue, priority, message["lane"], message["priority"]) == ("rerank.bulk", 0, "rerank.bulk", 5)
+    assert (queue, priority, message["lane"], message["priority"]) == ("rerank.bulk.m", 0, "rerank.bulk.m", 5)
     record = JobRecord.from_hash(r.hgetall(keys.job_key("job_1")))
     assert record.status == "failed" and record.error_code == "chunk_lost" and "4 times" in record.error_message
     assert r.zcard(keys.CHUNKS_OPEN) == 0  # the failed job's chunks are no longer open

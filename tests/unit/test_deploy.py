@@ -70,7 +70,7 @@ def test_workers_take_one_gpu_each_and_keda_scales_them_on_the_queues() -> None:
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"]["name"] == "rerankfarm-worker"
     lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
-    assert lists == {"rerank.bulk", "rerank.interactive"}
+    assert lists == {"rerank.bulk.qwen3-reranker-0.6b", "rerank.interactive.qwen3-reranker-0.6b"}
     assert ("StatefulSet", "rerankfarm-redis") in docs and ("Deployment", "rerankfarm-flower") in docs
     redis_args = docs[("StatefulSet", "rerankfarm-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--appendonly" in redis_args
