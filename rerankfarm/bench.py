@@ -54,9 +54,9 @@ def run_raw(settings: Settings, requests: list[dict[str, Any]]) -> dict[str, Any
     above all, is free again before the farm's worker loads): vLLM gets the whole workload in one `LLM.classify`
     call, which keeps its scheduler full; transformers gets length-sorted batches under the farm's token budget."""
     from workers.engines.factory import choose_engine
-    from workers.prompts import Pair, PromptBuilder
+    from workers.prompts import Pair, load_prompts
 
-    builder = PromptBuilder.from_pretrained(settings.model, settings.max_length)
+    builder = load_prompts(settings)
     pairs = [Pair(r["query"], d) for r in requests for d in r["documents"]]
     started = time.perf_counter()
     prompts = builder.encode(pairs)
@@ -64,7 +64,9 @@ def run_raw(settings: Settings, requests: list[dict[str, Any]]) -> dict[str, Any
     kind = choose_engine(settings)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        seconds, scores, gpu_mem = pool.submit(_raw_scores, settings, kind, builder.max_length, prompts).result()
+        starts = [builder.document_start(p) for p in prompts]
+        job = pool.submit(_raw_scores, settings, kind, builder.family, builder.max_length, prompts, starts)
+        seconds, scores, gpu_mem = job.result()
     return {
         "seconds": seconds + tokenize_s,
         "scores": scores,
@@ -74,30 +76,37 @@ def run_raw(settings: Settings, requests: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _raw_scores(
-    settings: Settings, kind: str, max_length: int, prompts: list[list[int]]
+    settings: Settings, kind: str, family: Any, max_length: int, prompts: list[list[int]], starts: list[int | None]
 ) -> tuple[float, list[float], float | None]:
-    """In the child process: load the engine, warm it up, then time the whole workload."""
+    """In the child process: load the engine, warm it up, then time the whole workload (`starts`: where each
+    prompt's token type 1 starts, for two-segment cross-encoders)."""
     if kind == "vllm":
         from vllm import LLM
         from vllm.inputs import TokensPrompt
+        from vllm.pooling_params import PoolingParams
 
         from workers.engines.vllm_engine import engine_kwargs, on_cpu_platform, prepare_environment
+        from workers.models.cross_encoder import VLLM_TOKEN_TYPES_KEY
 
         on_cpu = on_cpu_platform()
         prepare_environment(settings, on_cpu)
-        llm = LLM(**engine_kwargs(settings, max_length, on_cpu))
+        llm = LLM(**engine_kwargs(settings, max_length, on_cpu, family))
         requests = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        llm.classify(requests[:64], use_tqdm=False)
+        params = [
+            PoolingParams(task="classify", extra_kwargs=None if start is None else {VLLM_TOKEN_TYPES_KEY: start})
+            for start in starts
+        ]
+        llm.classify(requests[:64], pooling_params=params[:64], use_tqdm=False)
         started = time.perf_counter()
-        outputs = llm.classify(requests, use_tqdm=False)
+        outputs = llm.classify(requests, pooling_params=params, use_tqdm=False)
         seconds = time.perf_counter() - started
         scores = [float(o.outputs.probs[-1]) for o in outputs]
     else:
         from workers.engines.batcher import plan_batches
         from workers.engines.transformers_engine import TransformersEngine
-        from workers.prompts import PromptBuilder
+        from workers.prompts import load_prompts
 
-        engine = TransformersEngine.load(settings, PromptBuilder.from_pretrained(settings.model, max_length))
+        engine = TransformersEngine.load(settings, load_prompts(settings))
         engine.score(prompts[:64])
         started = time.perf_counter()
         scores = [0.0] * len(prompts)

@@ -1,6 +1,7 @@
-"""A tiny random Qwen3 reranker with a word-level tokenizer, built locally: for tests, benchmarks on the CPU and
-trying the farm on a machine that cannot download the real model. Its scores are meaningless but follow the real
-code path (same architecture family, same prompt, same yes/no rule)."""
+"""Tiny random rerankers with word-level tokenizers, built locally: for tests, benchmarks on the CPU and trying the
+farm on a machine that cannot download the real models. Their scores are meaningless but follow the real code paths:
+a Qwen3 reranker (`build_tiny_model`: same architecture family, same prompt, same yes/no rule) and a BERT
+cross-encoder (`build_tiny_cross_encoder`: a pair with two segments, one logit)."""
 
 from __future__ import annotations
 
@@ -73,5 +74,48 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     torch.manual_seed(seed)
     path.mkdir(parents=True, exist_ok=True)
     Qwen3ForCausalLM(cfg).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return path
+
+
+def build_tiny_cross_encoder(directory: str | os.PathLike[str], seed: int = 0) -> Path:
+    """A tiny random BertForSequenceClassification (one label) whose tokenizer joins a pair as
+    `[CLS] query [SEP] document [SEP]` with token types 0 then 1, as bert-based rerankers do; kept if built."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+    path = Path(directory)
+    if (path / "tokenizer.json").exists() and (path / "config.json").exists():
+        return path
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB_WORDS)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_input_names=["input_ids", "token_type_ids", "attention_mask"],
+    )
+    cfg = BertConfig(
+        vocab_size=len(words),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        num_labels=1,  # type: ignore[call-arg]  # a PretrainedConfig keyword BertConfig's stub does not list
+        pad_token_id=0,
+        initializer_range=0.3,  # spreads the scores over (0, 1)
+    )
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    BertForSequenceClassification(cfg).save_pretrained(path)
     hf_tok.save_pretrained(path)
     return path

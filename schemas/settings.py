@@ -41,6 +41,12 @@ class Settings(BaseSettings):
         description="The worker's model: a Hugging Face model id or local directory. One engine, one model per "
         "worker; a farm serves the models of its live workers.",
     )
+    model_family: Literal["auto", "qwen3-reranker", "cross-encoder"] = Field(
+        "auto",
+        description="How the worker's model scores a pair: `qwen3-reranker` (P(yes) after the Qwen3-Reranker "
+        "prompt) or `cross-encoder` (a sequence classifier's one logit, through a sigmoid); `auto` reads the "
+        "checkpoint's config (a Qwen3 causal LM, or another architecture's sequence classifier).",
+    )
     model_name: str | None = Field(
         None,
         pattern=MODEL_NAME_PATTERN,

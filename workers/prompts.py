@@ -1,5 +1,8 @@
-"""How a (query, document) pair becomes the token ids an engine scores: the one place prompts are built.
+"""How a (query, document) pair becomes the token ids an engine scores: the one place prompts are built, for each
+model family (`load_prompts` picks the builder): `PromptBuilder` for Qwen3-Rerankers, `PairPromptBuilder` for
+cross-encoders.
 
+Qwen3-Reranker:
 The text is the model card's (`workers.models.qwen3_reranker`): PREFIX + "<Instruct>: ...\\n<Query>: ...\\n<Document>:
 ..." + SUFFIX. The middle part is tokenized on its own and cut from its end so the whole prompt fits the max length
 (with `truncate_left`, the document loses its start instead); PREFIX and SUFFIX are never cut, so every prompt ends
@@ -15,6 +18,9 @@ from typing import Any, NamedTuple
 
 from schemas.chunks import PairOptions
 from schemas.errors import EngineLoadError, InvalidInput
+from schemas.settings import Settings
+from workers.models import Family, family_of
+from workers.models.cross_encoder import document_start
 from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body, label_ids
 
 logger = logging.getLogger(__name__)
@@ -34,8 +40,29 @@ class Window(NamedTuple):
     end: int
 
 
+def _load(model: str, max_length: int) -> tuple[Any, Any, int]:
+    """The model's tokenizer and config, and `max_length` capped to the model's positions."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as exc:
+        raise EngineLoadError.model_unloadable(model, exc) from None
+    tokenizer.truncation_side = "right"
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and max_length > positions:
+        logger.warning(
+            "RERANK_MAX_LENGTH=%d exceeds the model's %d positions; using %d", max_length, positions, positions
+        )
+        max_length = positions
+    return tokenizer, config, max_length
+
+
 class PromptBuilder:
-    """Token ids of prompts for one tokenizer and max length. Thread-safe (fast tokenizers are)."""
+    """Qwen3-Reranker prompts' token ids for one tokenizer and max length. Thread-safe (fast tokenizers are)."""
+
+    family: Family = "qwen3-reranker"
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -50,21 +77,12 @@ class PromptBuilder:
     @classmethod
     def from_pretrained(cls, model: str, max_length: int) -> PromptBuilder:
         """The model's tokenizer, with `max_length` capped to the model's positions."""
-        from transformers import AutoConfig, AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model)
-            config = AutoConfig.from_pretrained(model)
-        except (OSError, ValueError) as exc:
-            raise EngineLoadError.model_unloadable(model, exc) from None
-        tokenizer.truncation_side = "right"
-        positions = getattr(config, "max_position_embeddings", None)
-        if positions and max_length > positions:
-            logger.warning(
-                "RERANK_MAX_LENGTH=%d exceeds the model's %d positions; using %d", max_length, positions, positions
-            )
-            max_length = positions
+        tokenizer, _, max_length = _load(model, max_length)
         return cls(tokenizer, max_length)
+
+    def document_start(self, ids: Sequence[int]) -> int | None:
+        """Where token type 1 starts: never (one segment)."""
+        return None
 
     @property
     def pad_id(self) -> int:
@@ -138,3 +156,109 @@ class PromptBuilder:
             if start + size >= len(doc):
                 break
         return windows
+
+
+class PairPromptBuilder:
+    """Cross-encoder inputs' token ids: the tokenizer's own pair encoding of (query, document), special tokens
+    included, cut to the max length from the document's end (or start, `truncate_left`). The instruction is not
+    part of the input. Thread-safe (fast tokenizers are)."""
+
+    family: Family = "cross-encoder"
+
+    def __init__(self, tokenizer: Any, max_length: int, two_segments: bool) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.specials = tokenizer.num_special_tokens_to_add(pair=True)
+        self.sep_id: int = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.two_segments = two_segments  # the model reads token types (BERT); XLM-RoBERTa has one
+        if max_length - self.specials < 16:
+            raise EngineLoadError(f"RERANK_MAX_LENGTH={max_length} leaves no room for a query and a document")
+
+    @property
+    def pad_id(self) -> int:
+        pad: int | None = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    def document_start(self, ids: Sequence[int]) -> int | None:
+        """Where token type 1 starts in a prompt, for two-segment models; None for the others."""
+        return document_start(ids, self.sep_id) if self.two_segments else None
+
+    def _budget(self, options: PairOptions) -> int:
+        budget = (
+            self.max_length if options.max_prompt_tokens is None else min(self.max_length, options.max_prompt_tokens)
+        )
+        if budget - self.specials < 8:
+            raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
+        return budget
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _cut(self, text: str, tokens: int, keep_end: bool = False) -> str:
+        ids = self._ids(text)
+        if len(ids) <= tokens:
+            return text
+        return str(self.tokenizer.decode(ids[len(ids) - tokens :] if keep_end else ids[:tokens]))
+
+    def _room(self, query: str, budget: int) -> int:
+        """Document tokens that fit beside the query."""
+        return budget - self.specials - len(self._ids(query))
+
+    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
+        """Token ids of each pair, cut to the max length (or InvalidInput when `options.truncate` is false and a
+        pair is too long)."""
+        options = options or PairOptions()
+        budget = self._budget(options)
+        docs = [p.document for p in pairs]
+        if options.max_doc_tokens is not None:
+            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
+        if options.truncate and options.truncate_left:
+            docs = [
+                self._cut(d, max(1, self._room(p.query, budget)), keep_end=True)
+                for p, d in zip(pairs, docs, strict=True)
+            ]
+        queries = [p.query for p in pairs]
+        if options.truncate:
+            enc = self.tokenizer(queries, docs, truncation="longest_first", max_length=budget)
+        else:
+            enc = self.tokenizer(queries, docs)
+            longest = max(len(ids) for ids in enc["input_ids"])
+            if longest > budget:
+                raise InvalidInput(f"a prompt has {longest} tokens, over the limit of {budget}, and truncation is off")
+        return [list(ids) for ids in enc["input_ids"]]
+
+    def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
+        """Inputs for overlapping windows of a long document; one window (the `encode` input) when it fits."""
+        budget = self._budget(options)
+        room = self._room(pair.query, budget)
+        if room < 8:
+            raise InvalidInput("the query leaves no room for a document window")
+        size = min(options.window_tokens or room, room)
+        document = pair.document
+        if options.max_doc_tokens is not None:
+            document = self._cut(document, options.max_doc_tokens)
+        doc = self._ids(document)
+        if len(doc) <= size:
+            return [Window(self.encode([pair], options)[0], 0, len(doc))]
+        step = max(1, size - options.window_overlap)
+        windows = []
+        for start in range(0, len(doc), step):
+            piece = doc[start : start + size]
+            text = str(self.tokenizer.decode(piece))
+            ids = self.tokenizer(pair.query, text, truncation="longest_first", max_length=budget)["input_ids"]
+            windows.append(Window(list(ids), start, start + len(piece)))
+            if start + size >= len(doc):
+                break
+        return windows
+
+
+Prompts = PromptBuilder | PairPromptBuilder
+
+
+def load_prompts(settings: Settings, model: str | None = None) -> Prompts:
+    """The prompt builder of the worker's model (or `model`), for its family (RERANK_MODEL_FAMILY, or its config)."""
+    tokenizer, config, max_length = _load(model or settings.model, settings.max_length)
+    family = family_of(config) if settings.model_family == "auto" else settings.model_family
+    if family == "cross-encoder":
+        return PairPromptBuilder(tokenizer, max_length, getattr(config, "type_vocab_size", 1) > 1)
+    return PromptBuilder(tokenizer, max_length)

@@ -25,7 +25,7 @@ from store.job_state import now_iso
 from workers.engines.base import Engine
 from workers.engines.factory import load_engine
 from workers.job_store import WorkerJobStore
-from workers.prompts import PromptBuilder
+from workers.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
-    prompts: PromptBuilder
+    prompts: Prompts
     engine: Engine
     store: WorkerJobStore
 
@@ -52,7 +52,7 @@ def start(settings: Settings) -> Runtime:
     global _runtime
     with _lock:
         if _runtime is None:
-            prompts = PromptBuilder.from_pretrained(settings.model, settings.max_length)
+            prompts = load_prompts(settings)
             engine = load_engine(settings, prompts)
             client = redis_client(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
@@ -101,6 +101,7 @@ class Heartbeat:
             "device": runtime.engine.device,
             "model": runtime.settings.served_name,
             "model_id": runtime.settings.model,
+            "family": runtime.prompts.family,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "pid": os.getpid(),
             "host": socket.gethostname(),

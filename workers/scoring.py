@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from schemas.chunks import Chunk, ChunkResult
-from workers.prompts import Pair, PromptBuilder
+from workers.prompts import Pair, Prompts
 
 
 @dataclass
@@ -19,7 +19,7 @@ class Prepared:
     request_tokens: list[list[int]] = field(default_factory=list)  # [request, prompt tokens] per segment
 
 
-def prepare(prompts: PromptBuilder, chunk: Chunk) -> Prepared:
+def prepare(prompts: Prompts, chunk: Chunk) -> Prepared:
     """Tokenize every pair of the chunk (InvalidInput propagates: the input is at fault)."""
     out = Prepared()
     for segment in chunk.segments:

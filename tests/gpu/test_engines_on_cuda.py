@@ -31,7 +31,7 @@ def test_vllm_on_cuda_ranks_like_transformers_on_cuda(cuda, tiny_model_dir) -> N
     rng = random.Random(5)
     pairs = [Pair(random_text(rng, 2, 10), random_text(rng, 5, 400)) for _ in range(64)]
     ids = prompts.encode(pairs)
-    vllm_engine = VllmEngine.load(settings, prompts.max_length)
+    vllm_engine = VllmEngine.load(settings, prompts)
     try:
         assert vllm_engine.device == "cuda"
         by_vllm = vllm_engine.score(ids)

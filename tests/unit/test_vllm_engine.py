@@ -28,10 +28,10 @@ def settings(tiny_model_dir) -> Settings:
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(settings) -> Iterator[object]:
+def vllm_engine(settings, prompts) -> Iterator[object]:
     from workers.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine.load(settings, MAX_LENGTH)
+    engine = VllmEngine.load(settings, prompts)
     yield engine
     engine.close()
 
@@ -152,7 +152,7 @@ def test_an_interactive_submission_overtakes_bulk_prompts_waiting_in_vllm(vllm_e
 def test_health_then_close(settings, prompts) -> None:
     from workers.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine.load(settings, MAX_LENGTH)
+    engine = VllmEngine.load(settings, prompts)
     assert engine.health() is None
     engine.close()
     assert engine.health() == "closed"

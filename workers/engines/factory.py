@@ -8,7 +8,7 @@ import logging
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import Engine
-from workers.prompts import PromptBuilder
+from workers.prompts import Prompts
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,11 @@ def choose_engine(settings: Settings) -> str:
     return "vllm" if vllm_installed() else "transformers"
 
 
-def load_engine(settings: Settings, prompts: PromptBuilder) -> Engine:
+def load_engine(settings: Settings, prompts: Prompts) -> Engine:
     """Load the configured engine, or raise EngineLoadError with a message that says what to do. The prompt
     builder's tokenizer and max length (capped to the model's positions) are the engine's too."""
     kind = choose_engine(settings)
-    logger.info("loading %s engine for model %s", kind, settings.model)
+    logger.info("loading %s engine for model %s (%s)", kind, settings.model, prompts.family)
     if kind == "vllm":
         if not vllm_installed():
             raise EngineLoadError(
@@ -37,7 +37,7 @@ def load_engine(settings: Settings, prompts: PromptBuilder) -> Engine:
             )
         from workers.engines.vllm_engine import VllmEngine
 
-        return VllmEngine.load(settings, prompts.max_length)
+        return VllmEngine.load(settings, prompts)
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None:
         raise EngineLoadError(
             "the transformers engine needs torch and transformers: install the worker extra, "

@@ -1,7 +1,8 @@
-"""Qwen3-Reranker on Hugging Face transformers: the fallback engine (CPU or GPU) and the reference for vLLM.
+"""Rerankers on Hugging Face transformers: the fallback engine (CPU or GPU) and the reference for vLLM.
 
-The rule is the model card's: the score is the softmax over the "no"/"yes" logits at the last position of the
-prompt (built by `workers.prompts`), keeping P(yes).
+Each family's rule is its card's (`workers.models`). Qwen3-Reranker: the softmax over the "no"/"yes" logits at the
+last position of the prompt (built by `workers.prompts`), keeping P(yes). Cross-encoders: the sigmoid of the
+sequence classifier's one logit, with the token types the card derives for two-segment models.
 
 Batches are padded on the right and each row is read at its own last token. With a causal mask, pads after a row's
 last token cannot change it and positions start at 0 in every row, so a pair scores the same alone or in any batch.
@@ -17,13 +18,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import EngineStats, Scoring
 from workers.engines.batcher import Batcher
-from workers.prompts import PromptBuilder
+from workers.prompts import PromptBuilder, Prompts
 
 logger = logging.getLogger(__name__)
 
@@ -33,27 +34,22 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(
-        self,
-        model: Any,
-        label_ids: tuple[int, int],
-        pad_id: int,
-        device: str,
-        max_batch_tokens: int,
-        batch_window: int = 8,
-    ) -> None:
+    def __init__(self, model: Any, prompts: Prompts, device: str, max_batch_tokens: int, batch_window: int = 8) -> None:
         self.model = model
         self.device = device
-        head = model.get_output_embeddings().weight
-        self.head = head[list(label_ids)].detach().clone()  # [2, hidden]: rows of "no" and "yes"
-        self.pad_id = pad_id
+        self.prompts = prompts
+        self.head: torch.Tensor | None = None
+        if isinstance(prompts, PromptBuilder):  # Qwen3-Reranker: [2, hidden], the LM head's rows of "no" and "yes"
+            self.head = model.get_output_embeddings().weight[list(prompts.label_ids)].detach().clone()
+        self.pad_id = prompts.pad_id
         self.stats = EngineStats()
         self.batcher = Batcher(self.score, max_batch_tokens, self.stats, window_batches=batch_window)
         self._closed = False
 
     @classmethod
-    def load(cls, settings: Settings, prompts: PromptBuilder) -> TransformersEngine:
-        """The model on its device; the yes/no rows and the pad id come from the prompt builder's tokenizer."""
+    def load(cls, settings: Settings, prompts: Prompts) -> TransformersEngine:
+        """The model on its device, loaded as its family wants; the label rows and the pad id come from the prompt
+        builder's tokenizer."""
         device: str = settings.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,12 +59,13 @@ class TransformersEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device == "cuda" else "float32"
         try:
-            model = AutoModelForCausalLM.from_pretrained(settings.model, dtype=_DTYPES[dtype_name])
+            auto = AutoModelForCausalLM if isinstance(prompts, PromptBuilder) else AutoModelForSequenceClassification
+            model = auto.from_pretrained(settings.model, dtype=_DTYPES[dtype_name])
         except (OSError, ValueError) as exc:
             raise EngineLoadError.model_unloadable(settings.model, exc) from None
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, prompts.label_ids, prompts.pad_id, device, settings.max_batch_tokens, settings.batch_window)
+        return cls(model, prompts, device, settings.max_batch_tokens, settings.batch_window)
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         if self._closed:
@@ -100,6 +97,15 @@ class TransformersEngine:
         for row, x in enumerate(batch):
             ids[row, : len(x)] = torch.tensor(x, dtype=torch.long)
             mask[row, : len(x)] = 1
+        if self.head is None:  # a cross-encoder: the sigmoid of its one logit
+            inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+            starts = [self.prompts.document_start(x) for x in batch]
+            if starts[0] is not None:
+                types = torch.zeros_like(ids)
+                for row, start in enumerate(starts):
+                    types[row, start : len(batch[row])] = 1
+                inputs["token_type_ids"] = types.to(self.device)
+            return torch.sigmoid(self.model(**inputs).logits[:, 0].float()).tolist()
         hidden = self.model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
         last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
         logits = (last @ self.head.T).float()  # [batch, 2] = ("no", "yes") logits, as the full LM head gives them

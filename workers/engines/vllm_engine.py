@@ -29,7 +29,8 @@ from schemas.chunks import INTERACTIVE_PRIORITY
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
-from workers.models.qwen3_reranker import VLLM_HF_OVERRIDES
+from workers.models import Family, cross_encoder, qwen3_reranker
+from workers.prompts import Prompts
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +59,18 @@ def check_cpu_install() -> None:
         )
 
 
-def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool) -> dict[str, Any]:
-    """vLLM engine arguments from the settings; the worker and `rerankfarm bench`'s raw run use the same."""
+def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool, family: Family) -> dict[str, Any]:
+    """vLLM engine arguments from the settings and the model's family; the worker and `rerankfarm bench`'s raw run
+    use the same."""
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
     kv_gib = settings.kv_cache_gib or (CPU_KV_CACHE_GIB if on_cpu else None)
     step_tokens = settings.vllm_max_num_batched_tokens or (CPU_STEP_TOKENS if on_cpu else GPU_STEP_TOKENS)
     return {
         "model": settings.model,
         "runner": "pooling",
-        "hf_overrides": VLLM_HF_OVERRIDES,
+        "hf_overrides": qwen3_reranker.VLLM_HF_OVERRIDES
+        if family == "qwen3-reranker"
+        else cross_encoder.VLLM_HF_OVERRIDES,
         "dtype": dtype,
         "max_model_len": max_length,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
@@ -97,8 +101,9 @@ def on_cpu_platform() -> bool:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm_engine: Any, device: str, step_tokens: int) -> None:
+    def __init__(self, llm_engine: Any, device: str, step_tokens: int, prompts: Prompts | None = None) -> None:
         self.engine = llm_engine
+        self.prompts = prompts  # where a prompt's token type 1 starts (two-segment cross-encoders)
         self.device = device
         self.step_tokens = step_tokens  # vLLM's max_num_batched_tokens: what one forward pass takes
         self.stats = EngineStats()
@@ -117,13 +122,13 @@ class VllmEngine:
         self._thread.start()
 
     @classmethod
-    def load(cls, settings: Settings, max_length: int) -> VllmEngine:
+    def load(cls, settings: Settings, prompts: Prompts) -> VllmEngine:
         check_cpu_install()
         on_cpu = on_cpu_platform()
         prepare_environment(settings, on_cpu)
         from vllm import EngineArgs, LLMEngine
 
-        kwargs = engine_kwargs(settings, max_length, on_cpu)
+        kwargs = engine_kwargs(settings, prompts.max_length, on_cpu, prompts.family)
         try:
             llm_engine = LLMEngine.from_engine_args(EngineArgs(**kwargs))
         except (OSError, ValueError) as exc:
@@ -145,7 +150,7 @@ class VllmEngine:
             settings.vllm_enforce_eager,
             kwargs["max_num_batched_tokens"],
         )
-        return cls(llm_engine, device, kwargs["max_num_batched_tokens"])
+        return cls(llm_engine, device, kwargs["max_num_batched_tokens"], prompts)
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         scoring = Scoring(prompts, priority)
@@ -203,10 +208,12 @@ class VllmEngine:
             request_id = f"{self._live[scoring]}{i}"
             self._running[request_id] = (scoring, i)
             self._admitted_tokens += len(prompt)
+            start = self.prompts.document_start(prompt) if self.prompts is not None else None
+            extra = {cross_encoder.VLLM_TOKEN_TYPES_KEY: start} if start is not None else None
             self.engine.add_request(
                 request_id,
                 TokensPrompt(prompt_token_ids=list(prompt)),
-                PoolingParams(task="classify"),
+                PoolingParams(task="classify", extra_kwargs=extra),
                 priority=negative_priority,
             )
 
