@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 
 TINY = "tiny-qwen3-reranker"  # the tiny model's served name (its directory's)
+TINY_CE = "tiny-cross-encoder"  # the tiny BERT cross-encoder's
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +45,36 @@ class Reference:
         with self.torch.inference_mode():
             logits = self.model(ids).logits[0, -1, [self.no, self.yes]].float()
         return float(self.torch.softmax(logits, -1)[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from rerankfarm.tiny_model import build_tiny_cross_encoder
+
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / TINY_CE)
+
+
+class CrossEncoderReference:
+    """A cross-encoder's score for one pair alone, the way its model card computes it: the tokenizer's pair
+    encoding (token types included), the sigmoid of the one logit (no engine code)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    def score(self, query: str, document: str, instruction: str | None = None) -> float:
+        enc = self.tok(query, document, return_tensors="pt")
+        with self.torch.inference_mode():
+            return float(self.torch.sigmoid(self.model(**enc).logits[0, 0].float()))
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_reference(tiny_cross_encoder_dir: Path) -> CrossEncoderReference:
+    return CrossEncoderReference(tiny_cross_encoder_dir)
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,8 @@ def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool, family: Fam
         "kv_cache_memory_bytes": int(kv_gib * 2**30) if kv_gib else None,
         "max_num_batched_tokens": max(step_tokens, max_length),
         "max_num_seqs": settings.vllm_max_num_seqs,
-        "enable_prefix_caching": settings.prefix_caching,
+        # An encoder-only cross-encoder keeps no KV cache to share (vLLM refuses prefix caching for it).
+        "enable_prefix_caching": settings.prefix_caching and family == "qwen3-reranker",
         "enforce_eager": settings.vllm_enforce_eager,
         "scheduling_policy": "priority",
         "disable_log_stats": True,
