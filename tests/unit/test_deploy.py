@@ -15,6 +15,8 @@ import yaml
 from prometheus_client import REGISTRY
 
 import schemas.metrics  # noqa: F401  # registers the farm's metrics
+from schemas import keys
+from schemas.settings import public_name
 
 ROOT = Path(__file__).parents[2]
 K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
@@ -61,16 +63,27 @@ def test_kubernetes_manifests_are_schema_valid(doc: dict) -> None:
     kubernetes_validate.validate(doc, "1.30", strict=True)
 
 
-def test_workers_take_one_gpu_each_and_keda_scales_them_on_the_queues() -> None:
+def test_workers_take_one_gpu_each_and_keda_scales_each_model_on_its_queues() -> None:
     docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs()}
-    worker = docs[("Deployment", "rerankfarm-worker")]
-    [container] = worker["spec"]["template"]["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    scaled = docs[("ScaledObject", "rerankfarm-worker")]
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    assert scaled["spec"]["scaleTargetRef"]["name"] == "rerankfarm-worker"
-    lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
-    assert lists == {"rerank.bulk.qwen3-reranker-0.6b", "rerank.interactive.qwen3-reranker-0.6b"}
+    config = docs[("ConfigMap", "rerankfarm-config")]["data"]
+    served = {}
+    for (kind, name), worker in docs.items():
+        if kind != "Deployment" or not name.startswith("rerankfarm-worker"):
+            continue
+        [container] = worker["spec"]["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        served[name] = public_name(env.get("RERANK_MODEL", config["RERANK_MODEL"]))
+    assert served == {
+        "rerankfarm-worker": "qwen3-reranker-0.6b",
+        "rerankfarm-worker-bge-reranker-v2-m3": "bge-reranker-v2-m3",
+    }
+    for name, model in served.items():  # each model's workers scale on that model's own queues
+        scaled = docs[("ScaledObject", name)]
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        assert scaled["spec"]["scaleTargetRef"]["name"] == name
+        lists = {t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"}
+        assert lists == {keys.bulk_queue(model), keys.interactive_queue(model)}
     assert ("StatefulSet", "rerankfarm-redis") in docs and ("Deployment", "rerankfarm-flower") in docs
     redis_args = docs[("StatefulSet", "rerankfarm-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--appendonly" in redis_args
