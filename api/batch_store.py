@@ -127,7 +127,7 @@ def read_plan(lines: Iterable[bytes], endpoint: str, defaults: dict[str, Any]) -
         if call.max_prompt_tokens is not None:
             fail(n, "invalid_request", "truncate_prompt_tokens is not served in batches: use max_tokens_per_doc")
             continue
-        model = getattr(call, "model", None)
+        model = call.model
         if model and plan.model and model != plan.model:
             fail(n, "model_mismatch", f"a batch uses one model: this line names {model!r}, earlier ones {plan.model!r}")
             continue

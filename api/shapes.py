@@ -215,6 +215,9 @@ class TeiRerank(ShapedCall):
 
     shape: ClassVar[Shape] = Shape.tei
 
+    model: str | None = Field(
+        None, description="Not TEI's (a TEI server holds one model): a served model for this farm; default if omitted."
+    )
     query: NonBlank
     texts: list[NonBlank] = Field(min_length=1)
     truncate: bool | None = Field(

@@ -106,7 +106,7 @@ async def answer(
             f"a rerank call takes at most {settings.max_documents_per_rerank} documents; this one has "
             f"{pairs}: submit a bulk job (/v1/jobs or /v1/batches) for more"
         )
-    body = JobCreate(model=getattr(call, "model", None), requests=requests, priority=9)  # TEI's calls name none
+    body = JobCreate(model=call.model, requests=requests, priority=9)
     job = await store.submit(body, tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens)
     timeout = getattr(call, "timeout", None) or settings.interactive_timeout_s
     job = await wait_for_caller(request, store, job.id, tenant, timeout)

@@ -76,13 +76,15 @@ def test_each_model_is_served_by_its_own_workers_with_its_familys_rule(
             [entry] = client.get(f"/v1/jobs/{job['id']}/results").json()["data"]
             _close(_scores(entry["results"]), query, docs, ref)
 
-        # Interactive calls: Cohere's shape naming an alias, TEI's (which names no model: the default).
+        # Interactive calls: Cohere's shape naming an alias, TEI's naming none (the default), then naming one.
         query, docs = _docs(3, 6)
         cohere = client.post("/v1/rerank", json={"model": "rerank-v3.5", "query": query, "documents": docs})
         assert cohere.status_code == 200, cohere.text
         _close(_scores(cohere.json()["results"]), query, docs, cross_encoder_reference)
         tei = client.post("/rerank", json={"query": query, "texts": docs}).json()
         _close({r["index"]: r["score"] for r in tei}, query, docs, reference)
+        tei_named = client.post("/rerank", json={"model": TINY_CE, "query": query, "texts": docs}).json()
+        _close({r["index"]: r["score"] for r in tei_named}, query, docs, cross_encoder_reference)
 
         # A batch whose lines name the cross-encoder.
         call = {"model": TINY_CE, "query": query, "documents": docs}
