@@ -76,8 +76,11 @@ def _job_body(
     priority: int | None,
     metadata: dict[str, str] | None,
     webhook: dict[str, Any] | None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"requests": requests}
+    if model is not None:
+        body["model"] = model
     if priority is not None:
         body["priority"] = priority
     if metadata is not None:
@@ -107,9 +110,10 @@ class _Calls(Generic[R, H]):
         priority: int | None = None,
         metadata: dict[str, str] | None = None,
         webhook: dict[str, Any] | None = None,
+        model: str | None = None,
     ) -> R:
-        """Submit a bulk job; returns it, queued."""
-        return self._send(_Call("POST", "/v1/jobs", _job_body(requests, priority, metadata, webhook)))
+        """Submit a bulk job (to `model`, a served model's name, or the farm's default); returns it, queued."""
+        return self._send(_Call("POST", "/v1/jobs", _job_body(requests, priority, metadata, webhook, model)))
 
     def job(self, job_id: str) -> R:
         return self._send(_Call("GET", f"/v1/jobs/{job_id}"))
@@ -121,7 +125,7 @@ class _Calls(Generic[R, H]):
         return self._send(_Call("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def rerank(self, query: str, documents: list[str | dict[str, Any]], **options: Any) -> R:
-        """The interactive call: one query, its documents ranked in the answer."""
+        """The interactive call: one query, its documents ranked in the answer (`model=...` among the options)."""
         return self._send(_Call("POST", "/v1/rerank", {"query": query, "documents": documents, **options}))
 
 
