@@ -11,6 +11,7 @@ WEBHOOKS_DUE = f"{NAMESPACE}:webhooks:due"  # sorted set: job id -> unix time it
 TASK_SCORE_CHUNK = "rerank.score_chunk"
 
 MODELS_SEEN = f"{NAMESPACE}:models:seen"  # sorted set: served model name -> unix time a live worker last announced it
+MODELS_SEEN_KEPT_S = 7 * 86400  # heartbeats drop models not seen for a week
 
 WORKER_KEY_PATTERN = f"{NAMESPACE}:worker:*"
 WORKER_TTL_FACTOR = 3  # a worker is alive while its heartbeat is younger than 3 heartbeat periods

@@ -160,6 +160,7 @@ class Heartbeat:
                 with self.client.pipeline(transaction=False) as pipe:
                     pipe.set(keys.worker_key(self.hostname), json.dumps(info), ex=period * keys.WORKER_TTL_FACTOR)
                     pipe.zadd(keys.MODELS_SEEN, {self.runtime.settings.served_name: time.time()})
+                    pipe.zremrangebyscore(keys.MODELS_SEEN, "-inf", time.time() - keys.MODELS_SEEN_KEPT_S)
                     pipe.execute()
             except redis.RedisError as exc:
                 logger.warning("heartbeat failed: %r", exc)
