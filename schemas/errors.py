@@ -49,7 +49,7 @@ class ModelNotFound(RerankError):
 
     def __init__(self, model: str, served: Sequence[str]) -> None:
         names = ", ".join(served) or "none"
-        super().__init__(f"model {model!r} is not served here; served models: {names}")
+        super().__init__(f"model {model[:100]!r} is not served here; served models: {names}")
 
 
 class FileNotFound(RerankError):

@@ -43,11 +43,11 @@ _error_shapes: dict[str, Any] = {
     }
 }
 _errors: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 422, 429, 502, 503, 504)
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 502, 503, 504)
 }
 _shaped_errors: dict[int | str, dict[str, Any]] = {
     code: {"description": "The error, in the shape of the call", **_error_shapes}
-    for code in (400, 401, 413, 422, 429, 502, 503, 504)
+    for code in (400, 401, 404, 413, 422, 429, 502, 503, 504)
 }
 # The error shapes are referenced above; listing them once as a response adds them to the schema's components.
 _shaped_errors["default"] = {"model": TeiError | VoyageError, "description": "TEI and Voyage error shapes"}
