@@ -13,7 +13,7 @@ engines score exactly the same prompts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from schemas.chunks import PairOptions
@@ -57,6 +57,32 @@ def _load(model: str, max_length: int) -> tuple[Any, Any, int]:
         )
         max_length = positions
     return tokenizer, config, max_length
+
+
+def split_windows(
+    builder: PromptBuilder | PairPromptBuilder,
+    pair: Pair,
+    options: PairOptions,
+    room: int,
+    prompt: Callable[[str], list[int]],
+) -> list[Window]:
+    """A long document's overlapping windows of up to `room` document tokens (`options.window_tokens` when smaller),
+    each made a prompt by `prompt(window text)`; one window, the `encode` prompt, when the document fits."""
+    size = min(options.window_tokens or room, room)
+    document = pair.document
+    if options.max_doc_tokens is not None:  # "cut each document first", windows or not
+        document = builder._cut(document, options.max_doc_tokens)
+    doc = builder.tokenizer(document, add_special_tokens=False)["input_ids"]
+    if len(doc) <= size:  # fits beside the query: the one prompt truncate mode would score
+        return [Window(builder.encode([pair], options)[0], 0, len(doc))]
+    step = max(1, size - options.window_overlap)
+    windows = []
+    for start in range(0, len(doc), step):
+        piece = doc[start : start + size]
+        windows.append(Window(prompt(str(builder.tokenizer.decode(piece))), start, start + len(piece)))
+        if start + size >= len(doc):
+            break
+    return windows
 
 
 class PromptBuilder:
@@ -135,27 +161,17 @@ class PromptBuilder:
 
     def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
         """Prompts for overlapping windows of a long document; one window (the `encode` prompt) when it fits."""
-        room = self._room(pair, self._budget(options))
+        budget = self._budget(options)
+        room = self._room(pair, budget)
         if room < 8:
             raise InvalidInput("the query and instruction leave no room for a document window")
-        size = min(options.window_tokens or room, room)
-        document = pair.document
-        if options.max_doc_tokens is not None:  # "cut each document first", windows or not
-            document = self._cut(document, options.max_doc_tokens)
-        doc = self.tokenizer(document, add_special_tokens=False)["input_ids"]
-        if len(doc) <= size:  # fits beside the query: the one prompt truncate mode would score
-            return [Window(self.encode([pair], options)[0], 0, len(doc))]
-        step = max(1, size - options.window_overlap)
-        windows = []
-        for start in range(0, len(doc), step):
-            piece = doc[start : start + size]
-            text = str(self.tokenizer.decode(piece))
+
+        def prompt(text: str) -> list[int]:
             body = format_body(pair.query, text, pair.instruction)
-            ids = self.tokenizer(body, add_special_tokens=False, truncation=True, max_length=self._budget(options))
-            windows.append(Window(self.prefix_ids + ids["input_ids"] + self.suffix_ids, start, start + len(piece)))
-            if start + size >= len(doc):
-                break
-        return windows
+            ids = self.tokenizer(body, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+            return self.prefix_ids + ids + self.suffix_ids
+
+        return split_windows(self, pair, options, room, prompt)
 
 
 class PairPromptBuilder:
@@ -233,23 +249,11 @@ class PairPromptBuilder:
         room = self._room(pair.query, budget)
         if room < 8:
             raise InvalidInput("the query leaves no room for a document window")
-        size = min(options.window_tokens or room, room)
-        document = pair.document
-        if options.max_doc_tokens is not None:
-            document = self._cut(document, options.max_doc_tokens)
-        doc = self._ids(document)
-        if len(doc) <= size:
-            return [Window(self.encode([pair], options)[0], 0, len(doc))]
-        step = max(1, size - options.window_overlap)
-        windows = []
-        for start in range(0, len(doc), step):
-            piece = doc[start : start + size]
-            text = str(self.tokenizer.decode(piece))
-            ids = self.tokenizer(pair.query, text, truncation="longest_first", max_length=budget)["input_ids"]
-            windows.append(Window(list(ids), start, start + len(piece)))
-            if start + size >= len(doc):
-                break
-        return windows
+
+        def prompt(text: str) -> list[int]:
+            return list(self.tokenizer(pair.query, text, truncation="longest_first", max_length=budget)["input_ids"])
+
+        return split_windows(self, pair, options, room, prompt)
 
 
 Prompts = PromptBuilder | PairPromptBuilder
