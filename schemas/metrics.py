@@ -33,21 +33,30 @@ CHUNKS_RECOVERED = Counter(
     "Lost chunks found by the ledger's recovery: sent again, or given up (their job failed).",
     ["outcome"],
 )
-PAIRS_SCORED = Counter("rerank_pairs_scored_total", "Pairs scored by this worker.")
-TOKENS_SCORED = Counter("rerank_tokens_scored_total", "Prompt tokens scored by this worker (without padding).")
-BATCH_PAIRS = Histogram("rerank_batch_pairs", "Pairs per engine call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+# A worker's engine series carry its model's served name.
+PAIRS_SCORED = Counter("rerank_pairs_scored_total", "Pairs scored by this worker.", ["model"])
+TOKENS_SCORED = Counter(
+    "rerank_tokens_scored_total", "Prompt tokens scored by this worker (without padding).", ["model"]
+)
+BATCH_PAIRS = Histogram(
+    "rerank_batch_pairs", "Pairs per engine call.", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+)
 BATCH_TOKENS = Histogram(
     "rerank_batch_padded_tokens",
     "Padded tokens per engine call.",
+    ["model"],
     buckets=(256, 1024, 4096, 8192, 16384, 32768, 65536, 131072),
 )
 ENGINE_SECONDS = Histogram(
-    "rerank_engine_seconds", "Time of one engine call.", buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+    "rerank_engine_seconds",
+    "Time of one engine call.",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 JOB_LATENCY = Histogram(
     "rerank_job_latency_seconds",
-    "From submission to success, by kind.",
-    ["kind"],
+    "From submission to success, by kind and model.",
+    ["kind", "model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600),
 )
 GPU_MEMORY_USED = Gauge("rerank_gpu_memory_used_bytes", "GPU memory in use (NVML), per worker.", ["worker", "gpu"])

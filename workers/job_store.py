@@ -51,7 +51,8 @@ class WorkerJobStore:
         recorded = self.run(move)
         if recorded.record is not None:
             metrics.JOBS_FINISHED.labels("succeeded", recorded.record.model).inc()
-            metrics.JOB_LATENCY.labels(recorded.record.kind).observe(recorded.record.duration_s or 0.0)
+            record = recorded.record
+            metrics.JOB_LATENCY.labels(record.kind, record.model).observe(record.duration_s or 0.0)
         return recorded
 
     def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:

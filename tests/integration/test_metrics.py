@@ -42,14 +42,13 @@ def test_metrics_move_when_jobs_run(redis_url, tiny_model_dir, log_dir) -> None:
         assert ("rerank_queue_depth", (("model", TINY), ("queue", f"rerank.bulk.{TINY}"))) in after_api
         assert after_api[("rerank_workers_alive", ())] >= 1
         after_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
-        pairs = ("rerank_pairs_scored_total", ())
+        pairs = ("rerank_pairs_scored_total", (("model", TINY),))
         assert after_worker[pairs] == before_worker.get(pairs, 0) + 40
         finished = ("rerank_jobs_finished_total", (("model", TINY), ("status", "succeeded")))
         assert after_worker[finished] == before_worker.get(finished, 0) + 1
-        assert ("rerank_engine_seconds_count", ()) in after_worker and (
-            "rerank_batch_pairs_bucket",
-            (("le", "1.0"),),
-        ) in after_worker
+        assert ("rerank_engine_seconds_count", (("model", TINY),)) in after_worker
+        assert ("rerank_batch_pairs_bucket", (("le", "1.0"), ("model", TINY))) in after_worker
+        assert ("rerank_job_latency_seconds_count", (("kind", "bulk"), ("model", TINY))) in after_worker
 
         # Failures by cause: a request the API refuses, and a job its worker fails (input over the max length with
         # truncation off).

@@ -88,6 +88,7 @@ class EngineStats:
     padded_tokens: int = 0
     real_tokens: int = 0
     engine_s: float = 0.0  # wall time in forward passes
+    model: str = ""  # the served model's name, the metrics' label
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def record(self, pairs: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
@@ -97,11 +98,11 @@ class EngineStats:
             self.real_tokens += real_tokens
             self.padded_tokens += padded_tokens
             self.engine_s += seconds
-        metrics.PAIRS_SCORED.inc(pairs)
-        metrics.TOKENS_SCORED.inc(real_tokens)
-        metrics.BATCH_PAIRS.observe(pairs)
-        metrics.BATCH_TOKENS.observe(padded_tokens)
-        metrics.ENGINE_SECONDS.observe(seconds)
+        metrics.PAIRS_SCORED.labels(self.model).inc(pairs)
+        metrics.TOKENS_SCORED.labels(self.model).inc(real_tokens)
+        metrics.BATCH_PAIRS.labels(self.model).observe(pairs)
+        metrics.BATCH_TOKENS.labels(self.model).observe(padded_tokens)
+        metrics.ENGINE_SECONDS.labels(self.model).observe(seconds)
 
 
 class Engine(Protocol):

@@ -34,7 +34,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, model: Any, prompts: Prompts, device: str, max_batch_tokens: int, batch_window: int = 8) -> None:
+    def __init__(
+        self, model: Any, prompts: Prompts, device: str, max_batch_tokens: int, batch_window: int = 8, name: str = ""
+    ) -> None:
         self.model = model
         self.device = device
         self.prompts = prompts
@@ -42,7 +44,7 @@ class TransformersEngine:
         if isinstance(prompts, PromptBuilder):  # Qwen3-Reranker: [2, hidden], the LM head's rows of "no" and "yes"
             self.head = model.get_output_embeddings().weight[list(prompts.label_ids)].detach().clone()
         self.pad_id = prompts.pad_id
-        self.stats = EngineStats()
+        self.stats = EngineStats(model=name)
         self.batcher = Batcher(self.score, max_batch_tokens, self.stats, window_batches=batch_window)
         self._closed = False
 
@@ -65,7 +67,7 @@ class TransformersEngine:
             raise EngineLoadError.model_unloadable(settings.model, exc) from None
         model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types `to` too narrowly
         logger.info("transformers engine ready: model=%s device=%s dtype=%s", settings.model, device, dtype_name)
-        return cls(model, prompts, device, settings.max_batch_tokens, settings.batch_window)
+        return cls(model, prompts, device, settings.max_batch_tokens, settings.batch_window, settings.served_name)
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         if self._closed:

@@ -102,12 +102,14 @@ def on_cpu_platform() -> bool:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(self, llm_engine: Any, device: str, step_tokens: int, prompts: Prompts | None = None) -> None:
+    def __init__(
+        self, llm_engine: Any, device: str, step_tokens: int, prompts: Prompts | None = None, name: str = ""
+    ) -> None:
         self.engine = llm_engine
         self.prompts = prompts  # where a prompt's token type 1 starts (two-segment cross-encoders)
         self.device = device
         self.step_tokens = step_tokens  # vLLM's max_num_batched_tokens: what one forward pass takes
-        self.stats = EngineStats()
+        self.stats = EngineStats(model=name)
         self._wake = threading.Condition()
         self._inbox: list[Scoring] = []
         self._live: dict[Scoring, str] = {}  # submissions not settled yet -> the stem of their vLLM request ids
@@ -151,7 +153,7 @@ class VllmEngine:
             settings.vllm_enforce_eager,
             kwargs["max_num_batched_tokens"],
         )
-        return cls(llm_engine, device, kwargs["max_num_batched_tokens"], prompts)
+        return cls(llm_engine, device, kwargs["max_num_batched_tokens"], prompts, settings.served_name)
 
     def submit(self, prompts: Sequence[Sequence[int]], priority: int = 0) -> Scoring:
         scoring = Scoring(prompts, priority)
