@@ -25,7 +25,6 @@ from store.job_state import as_str
 class ServedModel:
     name: str
     live: bool  # a worker of it announced itself within its heartbeat's lifetime
-    last_seen: float | None  # unix time; None: the default model, never seen yet
 
 
 class ModelCatalog:
@@ -40,9 +39,9 @@ class ModelCatalog:
         seen: Any = await self.redis.zrangebyscore(
             keys.MODELS_SEEN, now - self.settings.model_grace_s, "+inf", withscores=True
         )
-        found = {as_str(name): ServedModel(as_str(name), at >= live_after, at) for name, at in seen}
+        found = {as_str(name): ServedModel(as_str(name), at >= live_after) for name, at in seen}
         default = self.settings.default_served
-        first = found.pop(default, ServedModel(default, False, None))
+        first = found.pop(default, ServedModel(default, False))
         return [first, *(found[name] for name in sorted(found))]
 
     async def resolve(self, requested: str | None) -> str:

@@ -78,12 +78,18 @@ def _side(value: str | None) -> Literal["left", "right"]:
 
 
 class ShapedCall(BaseModel):
-    """What every call shape has: its `shape`, fields of other clients ignored, and by default no prompt limit and
-    no render options (shapes with either override them)."""
+    """What every call shape has: its `shape`, the `model` it names, fields of other clients ignored, and by default
+    no prompt limit and no render options (shapes with either override them)."""
 
     shape: ClassVar[Shape]
     # Client libraries send fields of their own (vLLM's priority, Cohere's max_chunks_per_doc...): accepted, ignored.
     model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(
+        None,
+        description="A served model, or an alias of one; the farm's default if omitted (TEI's clients send none: a "
+        "TEI server holds one model).",
+    )
 
     @property
     def max_prompt_tokens(self) -> int | None:
@@ -99,7 +105,6 @@ class ShapedCall(BaseModel):
 class RerankCall(LongDocuments, ShapedCall):
     shape: ClassVar[Shape] = Shape.rerank
 
-    model: str | None = Field(None, description="A served model, or an alias of one; the farm's default if omitted.")
     query: NonBlank
     documents: list[NonBlank | dict[str, Any]] = Field(
         min_length=1, description="Strings, or objects: `{text, id?}`, or any fields named in `rank_fields`."
@@ -215,9 +220,6 @@ class TeiRerank(ShapedCall):
 
     shape: ClassVar[Shape] = Shape.tei
 
-    model: str | None = Field(
-        None, description="Not TEI's (a TEI server holds one model): a served model for this farm; default if omitted."
-    )
     query: NonBlank
     texts: list[NonBlank] = Field(min_length=1)
     truncate: bool | None = Field(
@@ -304,7 +306,6 @@ class VoyageRerank(ShapedCall):
 
     query: NonBlank
     documents: list[NonBlank] = Field(min_length=1)
-    model: str | None = None
     top_k: int | None = Field(None, ge=1, description="Keep the k best documents; all when omitted.")
     return_documents: bool | None = None
     truncation: bool | None = Field(None, description="false: a too long prompt is an error, not cut.")
@@ -366,7 +367,6 @@ class ScoreCall(ShapedCall):
 
     shape: ClassVar[Shape] = Shape.score
 
-    model: str | None = None
     text_1: NonBlank | list[NonBlank] | None = Field(None, description="The query, or queries (vLLM's older names).")
     text_2: NonBlank | list[NonBlank] | None = Field(None, description="The document, or documents.")
     queries: NonBlank | list[NonBlank] | None = None

@@ -18,12 +18,15 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from schemas.jobs import JobStatus
 from schemas.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from workers.models import Family
 
 DOCS_PER_QUERY = 100
 
@@ -76,7 +79,7 @@ def run_raw(settings: Settings, requests: list[dict[str, Any]]) -> dict[str, Any
 
 
 def _raw_scores(
-    settings: Settings, kind: str, family: Any, max_length: int, prompts: list[list[int]], starts: list[int | None]
+    settings: Settings, kind: str, family: Family, max_length: int, prompts: list[list[int]], starts: list[int | None]
 ) -> tuple[float, list[float], float | None]:
     """In the child process: load the engine, warm it up, then time the whole workload (`starts`: where each
     prompt's token type 1 starts, for two-segment cross-encoders)."""

@@ -13,6 +13,7 @@ engines score exactly the same prompts.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -59,40 +60,83 @@ def _load(model: str, max_length: int) -> tuple[Any, Any, int]:
     return tokenizer, config, max_length
 
 
-def split_windows(
-    builder: PromptBuilder | PairPromptBuilder,
-    pair: Pair,
-    options: PairOptions,
-    room: int,
-    prompt: Callable[[str], list[int]],
-) -> list[Window]:
-    """A long document's overlapping windows of up to `room` document tokens (`options.window_tokens` when smaller),
-    each made a prompt by `prompt(window text)`; one window, the `encode` prompt, when the document fits."""
-    size = min(options.window_tokens or room, room)
-    document = pair.document
-    if options.max_doc_tokens is not None:  # "cut each document first", windows or not
-        document = builder._cut(document, options.max_doc_tokens)
-    doc = builder.tokenizer(document, add_special_tokens=False)["input_ids"]
-    if len(doc) <= size:  # fits beside the query: the one prompt truncate mode would score
-        return [Window(builder.encode([pair], options)[0], 0, len(doc))]
-    step = max(1, size - options.window_overlap)
-    windows = []
-    for start in range(0, len(doc), step):
-        piece = doc[start : start + size]
-        windows.append(Window(prompt(str(builder.tokenizer.decode(piece))), start, start + len(piece)))
-        if start + size >= len(doc):
-            break
-    return windows
+class TokenPrompts(ABC):
+    """What both families' builders share: the tokenizer and max length, the pad id, cutting a text to a number of
+    tokens, and splitting a long document into windows. Thread-safe (fast tokenizers are)."""
 
-
-class PromptBuilder:
-    """Qwen3-Reranker prompts' token ids for one tokenizer and max length. Thread-safe (fast tokenizers are)."""
-
-    family: Family = "qwen3-reranker"
+    family: Family
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
+
+    @abstractmethod
+    def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
+        """The token ids of each pair's prompt."""
+
+    @abstractmethod
+    def document_start(self, ids: Sequence[int]) -> int | None:
+        """Where token type 1 starts in a prompt (two-segment models); None for the others."""
+
+    @abstractmethod
+    def _room(self, pair: Pair, budget: int) -> int:
+        """Document tokens that fit beside the rest of the pair's prompt, in `budget` tokens."""
+
+    @property
+    def pad_id(self) -> int:
+        pad: int | None = self.tokenizer.pad_token_id
+        return 0 if pad is None else pad
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _cut(self, text: str, tokens: int, keep_end: bool = False) -> str:
+        ids = self._ids(text)
+        if len(ids) <= tokens:
+            return text
+        return str(self.tokenizer.decode(ids[len(ids) - tokens :] if keep_end else ids[:tokens]))
+
+    def _documents(self, pairs: Sequence[Pair], options: PairOptions, budget: int) -> list[str]:
+        """The pairs' documents, cut first to `max_doc_tokens`, then, with `truncate_left`, to their end that fits
+        (the prompt's own truncation then only trims)."""
+        docs = [p.document for p in pairs]
+        if options.max_doc_tokens is not None:
+            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
+        if options.truncate and options.truncate_left:
+            docs = [
+                self._cut(d, max(1, self._room(p, budget)), keep_end=True) for p, d in zip(pairs, docs, strict=True)
+            ]
+        return docs
+
+    def _split_windows(
+        self, pair: Pair, options: PairOptions, room: int, prompt: Callable[[str], list[int]]
+    ) -> list[Window]:
+        """A long document's overlapping windows of up to `room` document tokens (`options.window_tokens` when
+        smaller), each made a prompt by `prompt(window text)`; one window, the `encode` prompt, when it fits."""
+        size = min(options.window_tokens or room, room)
+        document = pair.document
+        if options.max_doc_tokens is not None:  # "cut each document first", windows or not
+            document = self._cut(document, options.max_doc_tokens)
+        doc = self._ids(document)
+        if len(doc) <= size:  # fits beside the query: the one prompt truncate mode would score
+            return [Window(self.encode([pair], options)[0], 0, len(doc))]
+        step = max(1, size - options.window_overlap)
+        windows = []
+        for start in range(0, len(doc), step):
+            piece = doc[start : start + size]
+            windows.append(Window(prompt(str(self.tokenizer.decode(piece))), start, start + len(piece)))
+            if start + size >= len(doc):
+                break
+        return windows
+
+
+class PromptBuilder(TokenPrompts):
+    """Qwen3-Reranker prompts' token ids for one tokenizer and max length."""
+
+    family: Family = "qwen3-reranker"
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        super().__init__(tokenizer, max_length)
         self.label_ids = label_ids(tokenizer.get_vocab())  # ("no", "yes")
         self.prefix_ids: list[int] = tokenizer.encode(PREFIX, add_special_tokens=False)
         self.suffix_ids: list[int] = tokenizer.encode(SUFFIX, add_special_tokens=False)
@@ -110,11 +154,6 @@ class PromptBuilder:
         """Where token type 1 starts: never (one segment)."""
         return None
 
-    @property
-    def pad_id(self) -> int:
-        pad: int | None = self.tokenizer.pad_token_id
-        return 0 if pad is None else pad
-
     def _budget(self, options: PairOptions) -> int:
         if options.max_prompt_tokens is None:
             return self.body_budget
@@ -123,30 +162,16 @@ class PromptBuilder:
             raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
         return budget
 
-    def _cut(self, text: str, tokens: int, keep_end: bool = False) -> str:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= tokens:
-            return text
-        return str(self.tokenizer.decode(ids[len(ids) - tokens :] if keep_end else ids[:tokens]))
-
     def _room(self, pair: Pair, budget: int) -> int:
         """Document tokens that fit beside the pair's query and instruction."""
-        return budget - len(
-            self.tokenizer(format_body(pair.query, "", pair.instruction), add_special_tokens=False)["input_ids"]
-        )
+        return budget - len(self._ids(format_body(pair.query, "", pair.instruction)))
 
     def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
         """Prompt token ids for each pair, cut to the max length (or InvalidInput when `options.truncate` is false
         and a prompt is too long)."""
         options = options or PairOptions()
         budget = self._budget(options)
-        docs = [p.document for p in pairs]
-        if options.max_doc_tokens is not None:
-            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
-        if options.truncate and options.truncate_left:  # keep the document's end; the cut below then only trims
-            docs = [
-                self._cut(d, max(1, self._room(p, budget)), keep_end=True) for p, d in zip(pairs, docs, strict=True)
-            ]
+        docs = self._documents(pairs, options, budget)
         bodies = [format_body(p.query, d, p.instruction) for p, d in zip(pairs, docs, strict=True)]
         if options.truncate:
             enc = self.tokenizer(bodies, add_special_tokens=False, truncation=True, max_length=budget)
@@ -171,29 +196,23 @@ class PromptBuilder:
             ids = self.tokenizer(body, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
             return self.prefix_ids + ids + self.suffix_ids
 
-        return split_windows(self, pair, options, room, prompt)
+        return self._split_windows(pair, options, room, prompt)
 
 
-class PairPromptBuilder:
+class PairPromptBuilder(TokenPrompts):
     """Cross-encoder inputs' token ids: the tokenizer's own pair encoding of (query, document), special tokens
     included, cut to the max length from the document's end (or start, `truncate_left`). The instruction is not
-    part of the input. Thread-safe (fast tokenizers are)."""
+    part of the input."""
 
     family: Family = "cross-encoder"
 
     def __init__(self, tokenizer: Any, max_length: int, two_segments: bool) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
+        super().__init__(tokenizer, max_length)
         self.specials = tokenizer.num_special_tokens_to_add(pair=True)
         self.sep_id: int = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.two_segments = two_segments  # the model reads token types (BERT); XLM-RoBERTa has one
         if max_length - self.specials < 16:
             raise EngineLoadError(f"RERANK_MAX_LENGTH={max_length} leaves no room for a query and a document")
-
-    @property
-    def pad_id(self) -> int:
-        pad: int | None = self.tokenizer.pad_token_id
-        return 0 if pad is None else pad
 
     def document_start(self, ids: Sequence[int]) -> int | None:
         """Where token type 1 starts in a prompt, for two-segment models; None for the others."""
@@ -207,32 +226,16 @@ class PairPromptBuilder:
             raise InvalidInput(f"a prompt limit of {options.max_prompt_tokens} tokens leaves no room for the text")
         return budget
 
-    def _ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def _cut(self, text: str, tokens: int, keep_end: bool = False) -> str:
-        ids = self._ids(text)
-        if len(ids) <= tokens:
-            return text
-        return str(self.tokenizer.decode(ids[len(ids) - tokens :] if keep_end else ids[:tokens]))
-
-    def _room(self, query: str, budget: int) -> int:
+    def _room(self, pair: Pair, budget: int) -> int:
         """Document tokens that fit beside the query."""
-        return budget - self.specials - len(self._ids(query))
+        return budget - self.specials - len(self._ids(pair.query))
 
     def encode(self, pairs: Sequence[Pair], options: PairOptions | None = None) -> list[list[int]]:
         """Token ids of each pair, cut to the max length (or InvalidInput when `options.truncate` is false and a
         pair is too long)."""
         options = options or PairOptions()
         budget = self._budget(options)
-        docs = [p.document for p in pairs]
-        if options.max_doc_tokens is not None:
-            docs = [self._cut(d, options.max_doc_tokens) for d in docs]
-        if options.truncate and options.truncate_left:
-            docs = [
-                self._cut(d, max(1, self._room(p.query, budget)), keep_end=True)
-                for p, d in zip(pairs, docs, strict=True)
-            ]
+        docs = self._documents(pairs, options, budget)
         queries = [p.query for p in pairs]
         if options.truncate:
             enc = self.tokenizer(queries, docs, truncation="longest_first", max_length=budget)
@@ -246,14 +249,14 @@ class PairPromptBuilder:
     def windows(self, pair: Pair, options: PairOptions) -> list[Window]:
         """Inputs for overlapping windows of a long document; one window (the `encode` input) when it fits."""
         budget = self._budget(options)
-        room = self._room(pair.query, budget)
+        room = self._room(pair, budget)
         if room < 8:
             raise InvalidInput("the query leaves no room for a document window")
 
         def prompt(text: str) -> list[int]:
             return list(self.tokenizer(pair.query, text, truncation="longest_first", max_length=budget)["input_ids"])
 
-        return split_windows(self, pair, options, room, prompt)
+        return self._split_windows(pair, options, room, prompt)
 
 
 Prompts = PromptBuilder | PairPromptBuilder

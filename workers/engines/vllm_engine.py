@@ -102,9 +102,7 @@ def on_cpu_platform() -> bool:
 class VllmEngine:
     name = "vllm"
 
-    def __init__(
-        self, llm_engine: Any, device: str, step_tokens: int, prompts: Prompts | None = None, name: str = ""
-    ) -> None:
+    def __init__(self, llm_engine: Any, device: str, step_tokens: int, prompts: Prompts, name: str = "") -> None:
         self.engine = llm_engine
         self.prompts = prompts  # where a prompt's token type 1 starts (two-segment cross-encoders)
         self.device = device
@@ -211,7 +209,7 @@ class VllmEngine:
             request_id = f"{self._live[scoring]}{i}"
             self._running[request_id] = (scoring, i)
             self._admitted_tokens += len(prompt)
-            start = self.prompts.document_start(prompt) if self.prompts is not None else None
+            start = self.prompts.document_start(prompt)
             extra = {cross_encoder.VLLM_TOKEN_TYPES_KEY: start} if start is not None else None
             self.engine.add_request(
                 request_id,

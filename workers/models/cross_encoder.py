@@ -6,7 +6,7 @@ A sequence-classification model with one output: the tokenizer joins query and d
 logit. No instruction: a request's `instruction` is not part of the input (these models were not trained with one).
 Models whose pair has two segments (BERT: `type_vocab_size` 2) mark the document's tokens with token type 1; the
 document starts after the first separator (`document_start`). Both engines score the token ids `workers.prompts`
-builds: transformers gives the model the token types it derives here; vLLM loads the model as it is (no overrides)
+builds: transformers gives the model token types 1 from that start on; vLLM loads the model as it is (no overrides)
 and takes the document's start per prompt (`VLLM_TOKEN_TYPES_KEY`), as its own score API does.
 """
 
@@ -24,9 +24,3 @@ def document_start(ids: Sequence[int], sep_id: int) -> int:
         return list(ids).index(sep_id) + 1
     except ValueError:
         return len(ids)
-
-
-def token_types(ids: Sequence[int], sep_id: int) -> list[int]:
-    """0 for the query's segment, 1 for the document's (two-segment models only)."""
-    start = document_start(ids, sep_id)
-    return [0] * start + [1] * (len(ids) - start)
