@@ -193,6 +193,10 @@ class BatchStore:
         return raw
 
     async def get(self, batch_id: str, tenant: str) -> Batch:
+        return (await self._read(batch_id, tenant))[0]
+
+    async def _read(self, batch_id: str, tenant: str) -> tuple[Batch, Job | None]:
+        """The batch, and its job (None for a batch that failed validation)."""
         record = await self._record(batch_id, tenant)
         lines = int(record["lines"])
         batch = Batch(
@@ -210,7 +214,7 @@ class BatchStore:
         if "errors" in record:  # failed validation: no job
             batch.errors = BatchErrors.model_validate_json(record["errors"])
             batch.failed_at = int(record["failed_at"])
-            return batch
+            return batch, None
         try:
             job = await self.jobs.get(record["job_id"], tenant)
         except JobNotFound:
@@ -219,7 +223,7 @@ class BatchStore:
             job = await self.jobs.cancel(job.id, tenant)
             await self.redis.hsetnx(keys.batch_key(batch_id), "expired_at", int(time.time()))
             record = await self._record(batch_id, tenant)
-        return self._with_job(batch, job, record)
+        return self._with_job(batch, job, record), job
 
     @staticmethod
     def _with_job(batch: Batch, job: Job, record: dict[str, str]) -> Batch:
@@ -255,21 +259,22 @@ class BatchStore:
         index = keys.tenant_batches_key(tenant)
         return await newest_first(self.redis, index, limit, after, lambda i: self.get(i, tenant), BatchNotFound)
 
-    async def _completed(self, file_id: str, tenant: str) -> Batch:
-        """The batch whose output file this is, once it has completed (404 for no such batch, 409 before)."""
+    async def _completed(self, file_id: str, tenant: str) -> tuple[Batch, Job]:
+        """The batch whose output file this is and its job, once it has completed (404 for no such batch, 409
+        before)."""
         batch_id = batch_of_output(file_id)
         if batch_id is None:
             raise FileNotFound(file_id)
         try:
-            batch = await self.get(batch_id, tenant)
+            batch, job = await self._read(batch_id, tenant)
         except BatchNotFound:
             raise FileNotFound(file_id) from None
-        if batch.status != "completed":
+        if batch.status != "completed" or job is None:
             raise JobNotFinished(f"batch {batch_id} is {batch.status}: its output exists once it has completed")
-        return batch
+        return batch, job
 
     async def output_file(self, file_id: str, tenant: str) -> FileObject:
-        batch = await self._completed(file_id, tenant)
+        batch, _ = await self._completed(file_id, tenant)
         return FileObject(
             id=file_id,
             bytes=None,
@@ -281,11 +286,10 @@ class BatchStore:
     async def output(self, file_id: str, tenant: str) -> AsyncIterator[str]:
         """The output file's lines: `{id, custom_id, response: {status_code, request_id, body}, error}`, the body in
         the shape of the line's call, written as the job's results are read."""
-        batch = await self._completed(file_id, tenant)
-        batch_id, job_id = batch.id, batch.job_id
-        assert job_id is not None  # a completed batch has its job
+        batch, job = await self._completed(file_id, tenant)
+        batch_id, job_id = batch.id, job.id
         entries = (await self.jobs.stream_results(job_id, tenant)).__aiter__()
-        model = (await self.jobs.get(job_id, tenant)).model or self.settings.default_served
+        model = job.model or self.settings.default_served
 
         async def lines() -> AsyncIterator[str]:
             n = 0
