@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
@@ -38,32 +40,58 @@ def _head_dim(path: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
+# The shape both tiny models share: two small layers.
+TINY_LAYERS: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
+
+
+def _word_level(words: list[str], unk_token: str, post_processor: Any = None, **special: Any) -> Any:
+    """A word-level tokenizer over `words` (ids in order, duplicates dropped), splitting on whitespace, with the
+    given post-processor and special tokens, as transformers loads it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token=unk_token))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if post_processor is not None:
+        tok.post_processor = post_processor
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk_token, **special)
+
+
+def _save(path: Path, seed: int, model: Callable[[], Any], tokenizer: Any) -> Path:
+    """Random weights from `seed` (`model()` builds them) and the tokenizer, written to `path`."""
+    import torch
+
+    torch.manual_seed(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     """Write config, random weights and tokenizer to `directory` (kept if already built) and return it."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     path = Path(directory)
     if (path / "tokenizer.json").exists() and _head_dim(path) == HEAD_DIM and '"assistant"' in _vocab(path):
         return path
     words = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "yes", "no"]
     words += sorted({w for w in _prompt_words()} | {f"w{i}" for i in range(VOCAB_WORDS)})
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
+    hf_tok = _word_level(
+        words,
+        "<unk>",
         pad_token="<|endoftext|>",
         eos_token="<|im_end|>",
         additional_special_tokens=["<|im_start|>"],  # as in Qwen's tokenizer: split off the word after it
     )
     cfg = Qwen3Config(
         vocab_size=len(hf_tok),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **TINY_LAYERS,
         num_key_value_heads=2,
         head_dim=HEAD_DIM,
         max_position_embeddings=4096,
@@ -71,32 +99,25 @@ def build_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
         pad_token_id=hf_tok.pad_token_id,
         initializer_range=0.1,
     )
-    torch.manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    Qwen3ForCausalLM(cfg).save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    return path
+    return _save(path, seed, lambda: Qwen3ForCausalLM(cfg), hf_tok)
 
 
 def build_tiny_cross_encoder(directory: str | os.PathLike[str], seed: int = 0) -> Path:
     """A tiny random BertForSequenceClassification (one label) whose tokenizer joins a pair as
     `[CLS] query [SEP] document [SEP]` with token types 0 then 1, as bert-based rerankers do; kept if built."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from tokenizers import processors
+    from transformers import BertConfig, BertForSequenceClassification
 
     path = Path(directory)
     if (path / "tokenizer.json").exists() and (path / "config.json").exists():
         return path
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(VOCAB_WORDS)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
+    hf_tok = _word_level(
+        words,
+        "[UNK]",
+        post_processor=processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        ),
         pad_token="[PAD]",
         cls_token="[CLS]",
         sep_token="[SEP]",
@@ -105,17 +126,10 @@ def build_tiny_cross_encoder(directory: str | os.PathLike[str], seed: int = 0) -
     )
     cfg = BertConfig(
         vocab_size=len(words),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **TINY_LAYERS,
         max_position_embeddings=512,
         num_labels=1,  # type: ignore[call-arg]  # a PretrainedConfig keyword BertConfig's stub does not list
         pad_token_id=0,
         initializer_range=0.3,  # spreads the scores over (0, 1)
     )
-    torch.manual_seed(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    BertForSequenceClassification(cfg).save_pretrained(path)
-    hf_tok.save_pretrained(path)
-    return path
+    return _save(path, seed, lambda: BertForSequenceClassification(cfg), hf_tok)
