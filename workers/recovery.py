@@ -13,6 +13,7 @@ could take it, and 4 jobs of 3,000 waited for ever.) The workers' looks are spre
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -99,10 +100,13 @@ class Recovery:
         return 0
 
     def _run(self) -> None:
-        wait = random.uniform(0, self.period_s)  # spread the workers' looks over the interval
-        while not self._stop.wait(wait):
+        # A look as it starts (a worker that dies young has still looked once), then every period, the workers'
+        # looks spread over it at random.
+        waits = itertools.chain([0.0, random.uniform(0, self.period_s)], itertools.repeat(self.period_s))
+        for wait in waits:
+            if self._stop.wait(wait):
+                return
             try:
                 self.sweep_once()
             except Exception as exc:  # Redis or the broker away: look again next period
                 logger.warning("recovery sweep failed: %r", exc)
-            wait = self.period_s

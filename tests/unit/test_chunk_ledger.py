@@ -4,6 +4,7 @@ closed, the re-send's compare-and-set and its cap, and the one-process lock."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import fakeredis
@@ -141,3 +142,20 @@ def test_two_workers_finding_the_same_lost_chunk_send_it_once(r) -> None:
     assert lost[0] == lost[1] and len(lost[0]) == 1  # both looked before either sent
     assert [sweeps[k]._recover(lost[k][0]) for k in (0, 1)] == [1, 0]  # the second is told 'raced'
     assert (len(first.sent), len(second.sent)) == (1, 0)
+
+
+def test_a_starting_worker_looks_at_once_before_its_first_period(r) -> None:
+    """A worker that dies a few seconds after it starts has still looked for lost chunks once."""
+    new_job(r, 1)
+    r.hset(keys.lane_key(LANE), "taken", 1)
+    celery = RecordingCelery()
+    recovery = Recovery(Settings(), celery, r)  # type: ignore[arg-type]
+    recovery.period_s = 3600.0  # only the look at start can find it in this test's time
+    recovery.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not celery.sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        recovery.stop()
+    assert [m["job_id"] for m, _, _ in celery.sent] == ["job_1"]
