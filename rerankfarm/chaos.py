@@ -46,6 +46,18 @@ def _stamp(text: str) -> float:
     return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, parent pid, process group) of every process, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        found.append((int(stat.parent.name), state, int(ppid), int(group)))
+    return found
+
+
 class FarmWorker:
     """`rerankfarm worker` as a user starts it, logging to a file."""
 
@@ -71,6 +83,7 @@ class FarmWorker:
         self.process: subprocess.Popen[bytes] | None = None
         self.killed_at: float | None = None
         self.group: int | None = None  # the killed worker's process group (it leads it; vLLM's engine is in it)
+        self.consuming_since: float | None = None  # monotonic; set once its heartbeat says it consumes
 
     def start(self, timeout: float = 120) -> FarmWorker:
         """Start it and wait until its heartbeat says it consumes."""
@@ -82,7 +95,12 @@ class FarmWorker:
                 self.stop()
                 raise RuntimeError(f"worker {self.name} did not start:\n{self.log()}")
             time.sleep(0.2)
+        self.consuming_since = time.monotonic()
         return self
+
+    def consumed_for(self) -> float:
+        """Seconds since it started consuming (0 while it starts)."""
+        return 0.0 if self.consuming_since is None else time.monotonic() - self.consuming_since
 
     def alive_hostnames(self) -> list[str]:
         from schemas import keys
@@ -94,13 +112,11 @@ class FarmWorker:
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def pid(self) -> int:
-        """The Celery worker process (the launcher's child), from its heartbeat."""
-        from schemas import keys
-
-        [hostname] = self.alive_hostnames()
-        info = self.redis.get(keys.worker_key(hostname))
-        assert info is not None
-        return int(json.loads(info)["pid"])
+        """The Celery worker process: the launcher's one child (read from /proc, not from the heartbeat, whose key
+        may expire between two reads)."""
+        assert self.process is not None
+        [pid] = [pid for pid, state, ppid, _ in _processes() if ppid == self.process.pid and state != "Z"]
+        return pid
 
     def kill(self, settle_s: float = 10.0) -> None:
         """SIGKILL the launcher: its worker dies with it (no warm shutdown), and so does the engine it started.
@@ -125,15 +141,7 @@ class FarmWorker:
         """Processes of the killed worker's group still alive (its worker, its engine processes)."""
         if self.group is None:
             return []
-        found = []
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == self.group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
-                found.append(int(stat.parent.name))
-        return found
+        return [pid for pid, state, _, group in _processes() if group == self.group and state != "Z"]
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -206,42 +214,88 @@ def run(
     timeout: float = 600,
     documents: tuple[int, int] = (1, 4),
     words: tuple[int, int] = (2, 20),
+    min_kills: int = 0,
+    window: int = 16,
 ) -> Report:
-    """Submit `jobs` small jobs from `clients` threads while one of `workers` workers is SIGKILLed every
-    `kill_every` seconds and replaced; then count every job. A job is one query with `documents` (a range) of
-    `words` (a range) each. `score_of(query, document)` checks every score."""
-    report = Report(jobs=jobs)
+    """Submit at least `jobs` small jobs from `clients` threads while one of `workers` workers after the other is
+    SIGKILLed and replaced, every `kill_every` seconds at most and each once it has consumed for `kill_every`
+    seconds; then count every job. A job is one query with `documents` (a range) of
+    `words` (a range) each. `score_of(query, document)` checks every score.
+
+    The load is a closed loop: each client keeps at most `window` jobs unfinished and submits the next one when one
+    ends, so the backlog never outgrows the workers however slow the machine. The clients go on past `jobs` until
+    `min_kills` kills have happened (kills are paced by how fast a replacement starts, which a loaded machine
+    slows), for at most half of `timeout`; `Report.jobs` counts every job submitted. The run ends when every job
+    has ended or `timeout` seconds after it began."""
+    report = Report()
     started = time.monotonic()
+    stop_submitting, deadline = started + timeout / 2, started + timeout
     slots = [FarmWorker(redis_url, model, log_dir, env=worker_env).start() for _ in range(workers)]
     every = list(slots)
-    submitted: list[tuple[str, dict[str, Any]]] = []
+    finished: list[tuple[str, dict[str, Any]]] = []
     lock = threading.Lock()
     done = threading.Event()
     starters: list[threading.Thread] = []  # replacements being started: joined before the end stops every worker
 
+    def more_jobs() -> bool:
+        with lock:
+            if report.jobs >= jobs and (report.kills >= min_kills or time.monotonic() > stop_submitting):
+                return False
+            report.jobs += 1
+            return True
+
+    def settle(http: httpx.Client, unfinished: dict[str, dict[str, Any]]) -> None:
+        """Poll the unfinished jobs once; count each that has ended."""
+        for job_id in list(unfinished):
+            job = http.get(f"/v1/jobs/{job_id}").json()
+            if job["status"] not in ("succeeded", "failed", "cancelled"):
+                continue
+            body = unfinished.pop(job_id)
+            with lock:
+                if job["status"] != "succeeded":
+                    report.lost += 1
+                    continue
+                report.succeeded += 1
+                pairs = sum(len(r["documents"]) for r in body["requests"])
+                if job["progress"]["completed"] != pairs or sum(job["workers"].values()) != pairs:
+                    report.counted_twice += 1
+                finished.append((job_id, body))
+
     def client(k: int) -> None:
         rng = random.Random(seed * 1000 + k)
+        unfinished: dict[str, dict[str, Any]] = {}
         with httpx.Client(base_url=api_url, timeout=60) as http:
-            for _ in range(jobs // clients + (1 if k < jobs % clients else 0)):
+            while more_jobs():
+                while len(unfinished) >= window and time.monotonic() < deadline:
+                    settle(http, unfinished)
+                    time.sleep(0.1)
                 body = _small_job(rng, documents, words)
                 r = http.post("/v1/jobs", json=body)
-                with lock:
-                    if r.status_code == 202:
-                        submitted.append((r.json()["id"], body))
-                    else:
+                if r.status_code == 202:
+                    unfinished[r.json()["id"]] = body
+                else:
+                    with lock:
                         report.refused.append(f"{r.status_code} {r.text[:200]}")
+            while unfinished and time.monotonic() < deadline:
+                settle(http, unfinished)
+                time.sleep(0.2)
+            with lock:
+                report.lost += len(unfinished)  # never ended
 
     def killer() -> None:
         slot = 0
         while not done.wait(kill_every):
             victim = slots[slot]
-            # Only a worker that consumes: one killed while it loads its engine would take nothing with it.
-            while not done.is_set() and not victim.alive_hostnames():
+            # Only a worker that has consumed for `kill_every` too: one killed while it loads its engine would take
+            # nothing with it, and replacements killed as soon as they consume would leave the farm no time to work
+            # (nor their recovery to look).
+            while not done.is_set() and victim.consumed_for() < kill_every:
                 time.sleep(0.2)
             if done.is_set() or victim.process is None or victim.process.poll() is not None:
                 continue
             victim.kill()
-            report.kills += 1
+            with lock:
+                report.kills += 1
             fresh = FarmWorker(redis_url, model, log_dir, env=worker_env)
             slots[slot] = fresh
             starter = threading.Thread(target=_start_quietly, args=(fresh,), daemon=True)
@@ -256,28 +310,9 @@ def run(
     for t in threads:
         t.start()
     chaos.start()
-    for t in threads:
-        t.join()
-    pending = dict(submitted)
-    finished: list[tuple[str, dict[str, Any]]] = []
-    deadline = time.monotonic() + timeout
     try:
-        with httpx.Client(base_url=api_url, timeout=60) as http:
-            while pending and time.monotonic() < deadline:
-                for job_id in list(pending):
-                    job = http.get(f"/v1/jobs/{job_id}").json()
-                    if job["status"] not in ("succeeded", "failed", "cancelled"):
-                        continue
-                    body = pending.pop(job_id)
-                    if job["status"] != "succeeded":
-                        report.lost += 1
-                        continue
-                    report.succeeded += 1
-                    pairs = sum(len(r["documents"]) for r in body["requests"])
-                    if job["progress"]["completed"] != pairs or sum(job["workers"].values()) != pairs:
-                        report.counted_twice += 1
-                    finished.append((job_id, body))
-                time.sleep(0.2)
+        for t in threads:
+            t.join()
     finally:
         done.set()
         chaos.join(kill_every + 130)
@@ -290,7 +325,6 @@ def run(
     if score_of is not None:  # once the workers are gone: the reference wants the CPU
         with httpx.Client(base_url=api_url, timeout=60) as http:
             report.wrong_scores = sum(_wrong_scores(http, job_id, body, score_of) for job_id, body in finished)
-    report.lost += len(pending)
     time.sleep(2)  # a killed worker's reaper ends its group at once; give the kernel a moment
     report.left_running = sum(len(w.left_running()) for w in every)
     times = recoveries(every)

@@ -1,6 +1,6 @@
 """A test-sized chaos soak (`rerankfarm.chaos`): many jobs from several concurrent clients while a worker is
-SIGKILLed every few seconds and replaced. Every accepted job must succeed, no pair may be counted twice, and every
-score must equal the reference's."""
+SIGKILLed every few seconds and replaced, at least 3 times while jobs are still coming. Every accepted job must
+succeed, no pair may be counted twice, and every score must equal the reference's."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from tests.integration.conftest import farm_settings, other_db, serve
 
 pytestmark = pytest.mark.integration
 
-# Kills are paced by how fast a replacement starts (each kill waits for its victim to consume): 4-7 in a run on 2
-# cores, fewer when the machine is loaded. What proves the mechanism is a chunk in hand recovered, checked below.
+# Kills are paced by how fast a replacement starts (each kill waits for its victim to consume), so the clients go on
+# past JOBS until MIN_KILLS kills have happened; their load is a closed loop (a few jobs unfinished per client), so
+# a slow machine gets a longer run, not a flood of jobs. What proves the mechanism is a chunk in hand recovered.
 JOBS, KILL_EVERY_S, MIN_KILLS = 600, 6.0, 3
 
 
@@ -38,11 +39,13 @@ def test_soak_with_workers_sigkilled_every_few_seconds(redis_url, tiny_model_dir
             seed=7,
             documents=(3, 8),  # enough work that kills find chunks in hand
             words=(20, 60),
+            min_kills=MIN_KILLS,
         )
     print(f"soak:\n{report.table()}")
     assert report.refused == []
     assert report.kills >= MIN_KILLS, "too few kills to prove anything"
     assert report.chunks_recovered > 0, "no kill found a chunk in hand: the soak proved nothing"
-    assert (report.succeeded, report.lost, report.counted_twice, report.wrong_scores) == (JOBS, 0, 0, 0)
+    assert report.jobs >= JOBS
+    assert (report.succeeded, report.lost, report.counted_twice, report.wrong_scores) == (report.jobs, 0, 0, 0)
     assert report.longest_recovery_s < 60
     assert report.left_running == 0  # killed launchers took their workers and engines with them
