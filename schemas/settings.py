@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
@@ -280,6 +281,15 @@ class Settings(BaseSettings):
 
     def retry_delays(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_delays.split(",") if x.strip()]
+
+    @model_validator(mode="after")
+    def _served_names_fit_queue_names(self) -> Settings:
+        if self.model_name is None and not re.match(MODEL_NAME_PATTERN, public_name(self.model)):
+            raise ValueError(
+                f"RERANK_MODEL={self.model!r} gives the public name {public_name(self.model)!r}, which cannot name "
+                f"queues (letters, digits, '.', '_', '-', at most 64); set RERANK_MODEL_NAME"
+            )
+        return self
 
     @property
     def served_name(self) -> str:
