@@ -284,10 +284,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _served_names_fit_queue_names(self) -> Settings:
-        if self.model_name is None and not re.match(MODEL_NAME_PATTERN, public_name(self.model)):
+        if not re.match(MODEL_NAME_PATTERN, self.served_name):  # only a derived name can fail: fields are checked
             raise ValueError(
-                f"RERANK_MODEL={self.model!r} gives the public name {public_name(self.model)!r}, which cannot name "
-                f"queues (letters, digits, '.', '_', '-', at most 64); set RERANK_MODEL_NAME"
+                f"RERANK_MODEL={self.model!r} gives the public name {self.served_name!r}, which cannot name queues "
+                f"(letters, digits, '.', '_', '-', at most 64); set RERANK_MODEL_NAME"
             )
         return self
 

@@ -49,9 +49,9 @@ class WorkerJobStore:
             self.ttl, *timings_ms,
         )  # fmt: skip
         recorded = self.run(move)
-        if recorded.record is not None:
-            metrics.JOBS_FINISHED.labels("succeeded", recorded.record.model).inc()
-            record = recorded.record
+        record = recorded.record
+        if record is not None:
+            metrics.JOBS_FINISHED.labels("succeeded", record.model).inc()
             metrics.JOB_LATENCY.labels(record.kind, record.model).observe(record.duration_s or 0.0)
         return recorded
 
