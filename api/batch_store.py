@@ -46,6 +46,7 @@ from schemas.batches import (
 from schemas.errors import BatchNotFound, FileNotFound, JobNotFinished, JobNotFound, describe_validation
 from schemas.jobs import Job, JobCreate, JobStatus, RequestResults, RerankRequest
 from schemas.settings import Settings
+from store.idempotency import Claim
 from store.job_state import decode_hash
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ OUTPUT_SUFFIX = "-output"
 
 def _epoch(stamp: datetime | None) -> int | None:
     return int(stamp.timestamp()) if stamp is not None else None
+
+
+def batch_id_of(job_id: str) -> str:
+    """A batch's id, from its job's."""
+    return "batch_" + job_id.removeprefix("job_")
 
 
 def output_file_id(batch_id: str) -> str:
@@ -146,7 +152,7 @@ class BatchStore:
         self.files = files
         self.settings = settings
 
-    async def create(self, body: BatchCreate, tenant: str) -> Batch:
+    async def create(self, body: BatchCreate, tenant: str, claim: Claim | None = None) -> Batch:
         """Validate the input file and queue its job; a file with bad lines gives a failed batch naming them."""
         lines = await self.files.lines(body.input_file_id, tenant)  # 404 unless the tenant's own
         plan = await anyio.to_thread.run_sync(read_plan, lines, body.endpoint, body.request_params or {})
@@ -168,9 +174,9 @@ class BatchStore:
             logger.info("batch %s failed validation: %d bad lines", batch_id, len(plan.errors))
         else:
             create = JobCreate(model=plan.model, requests=plan.requests, metadata=body.metadata)
-            job = await self.jobs.submit(create, tenant)
+            job = await self.jobs.submit(create, tenant, claim=claim)
             plan.requests = []  # the job has them now
-            batch_id = "batch_" + job.id.removeprefix("job_")
+            batch_id = batch_id_of(job.id)
             record["job_id"] = job.id
             ttl = self.settings.result_ttl_s
             async with self.redis.pipeline(transaction=False) as pipe:

@@ -3,7 +3,7 @@
 import json
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request, Response
 
 from api.batch_store import BatchStore
 from api.file_store import FileStore
@@ -11,6 +11,7 @@ from api.job_store import JobStore
 from schemas.errors import Unauthorized
 from schemas.settings import Settings
 from store.api_keys import API_KEYS, hash_key
+from store.idempotency import REPLAYED_HEADER, Idempotency
 
 DEFAULT_TENANT = "default"  # the one tenant when authentication is off
 
@@ -28,6 +29,17 @@ def get_files(request: Request) -> FileStore:
 def get_batches(request: Request) -> BatchStore:
     batches: BatchStore = request.app.state.batches
     return batches
+
+
+def get_idempotency(request: Request) -> Idempotency:
+    idempotency: Idempotency = request.app.state.idempotency
+    return idempotency
+
+
+def replayed(response: Response) -> None:
+    """Answer a retried submission: 200 (nothing new was accepted) with `Idempotent-Replayed: true`."""
+    response.status_code = 200
+    response.headers[REPLAYED_HEADER] = "true"
 
 
 def get_app_settings(request: Request) -> Settings:
@@ -56,3 +68,13 @@ SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 TenantDep = Annotated[str, Depends(get_tenant)]
 FilesDep = Annotated[FileStore, Depends(get_files)]
 BatchesDep = Annotated[BatchStore, Depends(get_batches)]
+IdempotencyDep = Annotated[Idempotency, Depends(get_idempotency)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="A unique key per submission (e.g. a UUID): a retry with the same key and body within "
+        "RERANK_IDEMPOTENCY_TTL_S answers what the first request created (200, `Idempotent-Replayed: true`) "
+        "instead of creating it again.",
+    ),
+]

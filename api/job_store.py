@@ -23,6 +23,7 @@ from schemas.errors import (
     JobNotFinished,
     JobNotFound,
     Overloaded,
+    StoreFull,
     TooLarge,
     Unavailable,
     WaitTimeout,
@@ -30,8 +31,9 @@ from schemas.errors import (
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent
-from store import job_state
+from store import job_state, redis_memory
 from store.chunk_ledger import Ledger
+from store.idempotency import Claim
 from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
 from store.queueing import bulk_queue_keys, lane_of, publish
 from store.results import open_results
@@ -126,10 +128,16 @@ class JobStore:
             raise InvalidRequest(f"webhook.url: {exc}") from None
 
     async def submit(
-        self, body: JobCreate, tenant: str, interactive: bool = False, max_prompt_tokens: int | None = None
+        self,
+        body: JobCreate,
+        tenant: str,
+        interactive: bool = False,
+        max_prompt_tokens: int | None = None,
+        claim: Claim | None = None,
     ) -> Job:
         """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, and
-        push their final status to a list that `wait` blocks on."""
+        push their final status to a list that `wait` blocks on. A job that would push Redis past its memory
+        headroom is refused (`StoreFull`). An Idempotency-Key's `claim` is recorded in the creating transaction."""
         self.check_limits(body)
         model = await self.models.resolve(body.model)
         if body.webhook is not None:
@@ -160,31 +168,44 @@ class JobStore:
         lane = lane_of(record.kind, body.priority, model)
         level = chunk_priority(record.kind, body.priority)
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
+        new_job = job_state.NewJob.of(record, job_input, chunk_list)
+        del chunk_list
+        needed = redis_memory.job_bytes(new_job.input_bytes, total, chunks)
+        redis_memory.admit(await redis_memory.aread_memory(self.redis), self.settings.redis_memory_headroom, needed)
         ttl = self.settings.result_ttl_s
         async with self.redis.pipeline(transaction=True) as pipe:
-            job_state.create(pipe, record, job_input, chunk_list, ttl)
+            job_state.create(pipe, new_job, ttl)
+            opened_at = len(pipe)  # where the ledger's reply (chunk 0's sequence number) will be
             await self.ledger.open_chunks(pipe, job_id, chunks, lane, ttl)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
             pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
+            if claim is not None:
+                claim.record(pipe, job_id)
             replies = await pipe.execute()
-        first_seq = int(replies[-3])
+        first_seq = int(replies[opened_at])
         refs = [
-            ChunkRef(job_id=job_id, index=c.index, tenant=tenant, priority=level, lane=lane, seq=first_seq + c.index)
-            for c in chunk_list
+            ChunkRef(job_id=job_id, index=index, tenant=tenant, priority=level, lane=lane, seq=first_seq + index)
+            for index in new_job.chunk_inputs
         ]
-        del chunk_list
+        del new_job
         try:
             await self.replicated(job_id)
             await anyio.to_thread.run_sync(publish, self.celery, refs)
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
             # The one path to a final state: the job leaves its tenant's in-flight set, a waiter and a webhook
-            # hear of it. (Chunks sent before the failure find the job failed and are skipped.)
+            # hear of it. (Chunks sent before the failure find the job failed and are skipped.) The move is taken
+            # by a full Redis too (`store.job_state`'s final moves).
             with contextlib.suppress(Exception):
                 move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
                 if (await self.run(move)).moved:
                     metrics.JOBS_FINISHED.labels("failed", model).inc()
                     metrics.JOBS_FAILED.labels("enqueue_failed").inc()
+            if redis_memory.is_out_of_memory(exc):
+                raise StoreFull(
+                    "the job store is full: Redis refused the job's messages; retry later",
+                    headers={"Retry-After": str(redis_memory.STORE_FULL_RETRY_AFTER_S)},
+                ) from exc
             raise Unavailable("the job queue is unreachable; retry later") from exc
         metrics.JOBS_SUBMITTED.labels(record.kind, model).inc()
         logger.info(
@@ -294,6 +315,16 @@ class JobStore:
             metrics.JOBS_FINISHED.labels("cancelled", finished.job.record.model).inc()
             logger.info("job %s cancelled%s", job_id, f": {reason}" if reason else "")
         return finished.job.to_job()
+
+    async def delete(self, job_id: str, tenant: str) -> None:
+        """Free a finished job's record, inputs and results at once (its caller has them); 409 while it runs."""
+        await self._view(job_id, tenant)
+        outcome = await self.run(job_state.delete(job_id, tenant))
+        if outcome is None:  # expired since it was read
+            raise JobNotFound(job_id)
+        if outcome != "deleted":
+            raise JobNotFinished(f"job {job_id} is {outcome}: cancel it first, or delete it once it has ended")
+        logger.info("job %s deleted", job_id)
 
     async def _lengths(self, names: list[str]) -> list[int]:
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -27,7 +27,9 @@ from api.shapes import SHAPE_TAGS, Shape, error_payload
 from schemas.errors import RerankError, describe_validation
 from schemas.metrics import REQUEST_FAILURES
 from schemas.settings import Settings, get_settings
+from store import redis_memory
 from store.connect import async_redis_client, close_async
+from store.idempotency import Idempotency
 from store.queueing import celery_config
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.store = JobStore(client, sender, settings, waiter)
     app.state.files = FileStore(client, settings)
     app.state.batches = BatchStore(client, app.state.store, app.state.files, settings)
+    app.state.idempotency = Idempotency(client, settings.idempotency_ttl_s, settings.idempotency_lock_s)
+    try:
+        memory = await redis_memory.aread_memory(client)
+    except RedisError as exc:  # Redis not up yet: /readyz checks the policy once it answers
+        logger.warning("api: could not read Redis's memory settings at start (%r)", exc)
+    else:
+        try:
+            redis_memory.check_policy(memory, settings.redis_allow_eviction, "api")
+        except redis_memory.EvictingRedis as exc:
+            logger.error("%s", exc)
+            await close_async(client)
+            await close_async(waiter)
+            raise
     if settings.auth == "off":
         logger.warning(
             "AUTHENTICATION IS OFF (RERANK_AUTH=off): anyone who can reach this API can submit work and read "
@@ -98,6 +113,18 @@ async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     return _error(request, 503, "unavailable", "the job store is unreachable; retry later", {"Retry-After": "5"})
 
 
+async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
+    """Redis answered a command with an error. Full (`noeviction` at its maxmemory): 503 `store_full`, nothing was
+    accepted, retry later. Anything else is a bug, answered 500 in the caller's shape and logged with its traceback."""
+    if redis_memory.is_out_of_memory(exc):
+        logger.warning("redis full: %r", exc)
+        message = "the job store is full (Redis refused a write); retry later"
+        retry = {"Retry-After": str(redis_memory.STORE_FULL_RETRY_AFTER_S)}
+        return _error(request, 503, "store_full", message, retry)
+    logger.error("redis refused a command", exc_info=exc)
+    return _error(request, 500, "internal_error", "internal error (logged); retry later")
+
+
 def protected_docs_router(app: FastAPI) -> APIRouter:
     """/openapi.json and /docs for callers with a valid key only."""
     router = APIRouter(include_in_schema=False, dependencies=[Depends(get_tenant)])
@@ -144,5 +171,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(ResponseError, _redis_refused)  # OutOfMemoryError included
     app.add_exception_handler(ReadOnlyError, _redis_down)  # a demoted primary, during a Sentinel failover
     return app

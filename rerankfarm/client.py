@@ -18,10 +18,12 @@ import asyncio
 import json
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import httpx
+from tenacity import AsyncRetrying, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from schemas.jobs import JobStatus
 
@@ -64,11 +66,41 @@ def _base_url(url: str | None) -> str:
 
 
 class _Call(NamedTuple):
-    """One HTTP call of the farm's API, built once for both clients."""
+    """One HTTP call of the farm's API, built once for both clients. A submission carries an Idempotency-Key: it is
+    sent again on a timeout, a dropped connection or a 5xx (`_retrying`), and the farm answers a retry with the job
+    the first send created."""
 
     method: str
     path: str
     json: Any = None
+    idempotency_key: str | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Idempotency-Key": self.idempotency_key} if self.idempotency_key else {}
+
+
+def _transient(exc: BaseException) -> bool:
+    """Worth sending again with the same Idempotency-Key: no answer (timeout, connection lost), a 5xx, or the farm
+    still handling the first send (409 idempotency_in_progress)."""
+    if isinstance(exc, httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError):
+        return True
+    if isinstance(exc, RerankFarmError):
+        return exc.status >= 500 or exc.code == "idempotency_in_progress"
+    return False
+
+
+SUBMIT_ATTEMPTS = 5  # sends of one submission at most (backoff 0.5 s, 1 s, 2 s ... with jitter, 10 s at most)
+
+
+def _retrying(call: _Call) -> dict[str, Any]:
+    """tenacity's arguments for a call: a submission is sent up to SUBMIT_ATTEMPTS times, anything else once."""
+    return {
+        "retry": retry_if_exception(_transient),
+        "stop": stop_after_attempt(SUBMIT_ATTEMPTS if call.idempotency_key else 1),
+        "wait": wait_exponential_jitter(multiplier=0.5, max=10),
+        "reraise": True,
+    }
 
 
 def _job_body(
@@ -111,9 +143,13 @@ class _Calls(Generic[R, H]):
         metadata: dict[str, str] | None = None,
         webhook: dict[str, Any] | None = None,
         model: str | None = None,
+        idempotency_key: str | None = None,
     ) -> R:
-        """Submit a bulk job (to `model`, a served model's name, or the farm's default); returns it, queued."""
-        return self._send(_Call("POST", "/v1/jobs", _job_body(requests, priority, metadata, webhook, model)))
+        """Submit a bulk job (to `model`, a served model's name, or the farm's default); returns it, queued. Sent
+        again on a timeout or a 5xx with the same `idempotency_key` (a new UUID unless given), so a retry never makes
+        a second job."""
+        body = _job_body(requests, priority, metadata, webhook, model)
+        return self._send(_Call("POST", "/v1/jobs", body, idempotency_key or str(uuid.uuid4())))
 
     def job(self, job_id: str) -> R:
         return self._send(_Call("GET", f"/v1/jobs/{job_id}"))
@@ -141,7 +177,10 @@ class RerankFarm(_Calls[dict[str, Any], httpx.Client]):
     _http_class = httpx.Client
 
     def _send(self, call: _Call) -> dict[str, Any]:
-        return _answer(self.http.request(call.method, call.path, json=call.json))
+        for attempt in Retrying(**_retrying(call)):
+            with attempt:
+                return _answer(self.http.request(call.method, call.path, json=call.json, headers=call.headers))
+        raise AssertionError("unreachable: tenacity reraises")
 
     def wait(
         self,
@@ -187,7 +226,10 @@ class AsyncRerankFarm(_Calls[Awaitable[dict[str, Any]], httpx.AsyncClient]):
     _http_class = httpx.AsyncClient
 
     async def _send(self, call: _Call) -> dict[str, Any]:
-        return _answer(await self.http.request(call.method, call.path, json=call.json))
+        async for attempt in AsyncRetrying(**_retrying(call)):
+            with attempt:
+                return _answer(await self.http.request(call.method, call.path, json=call.json, headers=call.headers))
+        raise AssertionError("unreachable: tenacity reraises")
 
     async def wait(self, job_id: str, timeout: float | None = None, poll: float = 0.5) -> dict[str, Any]:
         async def until_final() -> dict[str, Any]:

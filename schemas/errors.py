@@ -126,6 +126,27 @@ class EngineLoadError(RerankError):
         )
 
 
+class StoreFull(RerankError):
+    """Redis is too full to take this work now (near `maxmemory`, or it refused a write): retry later."""
+
+    code = "store_full"
+    status = 503
+
+
+class IdempotencyInProgress(RerankError):
+    """A request with the same Idempotency-Key is still being handled: retry it shortly for its answer."""
+
+    code = "idempotency_in_progress"
+    status = 409
+
+
+class IdempotencyKeyReused(RerankError):
+    """The Idempotency-Key was used before with another request body."""
+
+    code = "idempotency_key_reused"
+    status = 422
+
+
 class InvalidInput(RerankError):
     """Input the engine rejects; the job fails without retries."""
 

@@ -150,6 +150,17 @@ class Job(BaseModel):
     workers: dict[str, int] = Field(default_factory=dict, description="Pairs scored by each worker (hostname).")
     webhook: WebhookStatus | None = None
     timings: Timings | None = Field(None, description="Once a worker took its first chunk.")
+    expires_at: datetime | None = Field(
+        None,
+        description="When the job and its results leave Redis (RERANK_RESULT_TTL_S after its last update; "
+        "`DELETE /v1/jobs/{id}` frees a finished job at once).",
+    )
+
+
+class JobDeleted(BaseModel):
+    id: str
+    object: Literal["rerank.job.deleted"] = "rerank.job.deleted"
+    deleted: bool = True
 
 
 class JobList(BaseModel):

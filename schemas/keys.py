@@ -41,6 +41,12 @@ def tenant_rate_key(tenant: str, minute: int) -> str:
     return f"{NAMESPACE}:tenant:{tenant}:rate:{minute}"
 
 
+def idempotency_key(tenant: str, route: str, key_hash: str) -> str:
+    """Hash with a TTL: an Idempotency-Key's claim (`fingerprint` of the first request's body) and what it created
+    (`resource`: a job, batch or file id). `store.idempotency`."""
+    return f"{NAMESPACE}:tenant:{tenant}:idem:{route}:{key_hash}"
+
+
 def job_key(job_id: str) -> str:
     """Hash: the job record (status, counts, timestamps, error)."""
     return f"{NAMESPACE}:job:{job_id}"

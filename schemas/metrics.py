@@ -11,10 +11,14 @@ JOBS_FINISHED = Counter("rerank_jobs_finished_total", "Jobs that reached a final
 JOBS_FAILED = Counter(
     "rerank_jobs_failed_total",
     "Jobs that failed, by cause (the job's error code: invalid_input, engine_error, chunk_lost, internal_error, "
-    "enqueue_failed).",
+    "enqueue_failed, store_full).",
     ["cause"],
 )
-REQUESTS_REFUSED = Counter("rerank_requests_refused_total", "Requests refused by a limit.", ["reason"])
+REQUESTS_REFUSED = Counter(
+    "rerank_requests_refused_total",
+    "Requests refused by a limit, by reason (rate_limit, jobs_in_flight, queue_depth, not_replicated, store_full).",
+    ["reason"],
+)
 REQUEST_FAILURES = Counter(
     "rerank_request_failures_total",
     "API requests answered with an error, by cause (the error code of the answer: invalid_request, overloaded, "
@@ -26,6 +30,8 @@ QUEUE_DEPTH = Gauge(
     "Messages waiting in a queue (read from Redis at scrape), per served model.",
     ["queue", "model"],
 )
+REDIS_MEMORY_USED = Gauge("rerank_redis_memory_used_bytes", "Redis used_memory (INFO memory, at scrape).")
+REDIS_MEMORY_MAX = Gauge("rerank_redis_memory_max_bytes", "Redis maxmemory (INFO memory, at scrape); 0: no limit.")
 WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")
 
 CHUNKS_RECOVERED = Counter(

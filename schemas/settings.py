@@ -37,6 +37,40 @@ class Settings(BaseSettings):
         description="Where the Redis primary has replicas, the API answers 202 only once one has the job "
         "(Redis WAIT, up to this many ms; 503 otherwise), so a failover cannot forget an accepted job. 0: no wait.",
     )
+    redis_allow_eviction: bool = Field(
+        False,
+        description="Run on a Redis that may evict keys (a `maxmemory` with a `maxmemory-policy` other than "
+        "`noeviction`). Off: the API, workers and webhook worker refuse to start on such a Redis and /readyz "
+        "answers 503, since an evicting Redis deletes job records, chunks and results silently. On: they run, "
+        "and say so as an error at start.",
+    )
+    redis_memory_headroom: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="API: the fraction of Redis's `maxmemory` that new jobs may fill. A job whose estimated size "
+        "(inputs, results, bookkeeping) would push `used_memory` past it answers 503 `store_full` with "
+        "Retry-After; the rest is left for the results of jobs already accepted. No effect without a maxmemory.",
+    )
+    store_full_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="Workers: how long a chunk's scores wait for room when Redis refuses them (full, "
+        "`noeviction`) before its job fails with `store_full`. A job always ends: the writes that end it are "
+        "taken by a full Redis.",
+    )
+    idempotency_ttl_s: int = Field(
+        86_400,
+        ge=60,
+        description="How long an `Idempotency-Key` is remembered (per tenant): a retry within it answers the "
+        "first request's job, batch or file instead of creating another.",
+    )
+    idempotency_lock_s: int = Field(
+        300,
+        ge=1,
+        description="How long a key's first request may take before a retry with the same key may run again "
+        "(the first request's API process died). Meanwhile retries answer 409 `idempotency_in_progress`.",
+    )
     model: str = Field(
         DEFAULT_MODEL,
         description="The worker's model: a Hugging Face model id or local directory. One engine, one model per "
@@ -299,7 +333,7 @@ class Settings(BaseSettings):
     @property
     def default_served(self) -> str:
         """The API's model for requests that name none."""
-        return self.default_model or public_name(self.model)
+        return self.default_model or self.served_name
 
     def redacted_redis_url(self) -> str:
         return redact_url(self.redis_url)

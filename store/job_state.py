@@ -8,6 +8,7 @@ Moves, each one atomic (a Lua script, or the creating transaction), each returni
     fail, cancel      -> failed | cancelled, with a cause                         -> Finished    (API, workers)
     webhook_attempt   one delivery attempt of the job's event, and the next due   -> None        (webhook worker)
     redeliver         the job's last event scheduled again                        -> JobView     (API)
+    delete            a finished job and all it holds, at once                    -> str         (API)
     read, status      the job as the API shows it; its status alone                              (everyone)
 
     queued ──first chunk taken──▶ running ──last chunk recorded──▶ succeeded
@@ -28,7 +29,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from pydantic import BaseModel
@@ -195,16 +196,18 @@ class JobView:
     record: JobRecord
     workers: dict[str, int]
     attempts: list[str]
+    expires_at: datetime | None = None
 
     @classmethod
     def from_reply(cls, reply: Sequence[Any]) -> JobView:
-        """From a script's `view()`: {job hash, workers hash, attempts list}."""
-        raw_job, raw_workers, raw_attempts = reply
+        """From a script's `view()`: {job hash, workers hash, attempts list, the record's PTTL}."""
+        raw_job, raw_workers, raw_attempts, ttl_ms = reply
         workers = {k: int(v) for k, v in _fields(raw_workers).items()}
-        return cls(JobRecord.from_hash(_fields(raw_job)), workers, [as_str(a) for a in raw_attempts])
+        expires_at = datetime.now(UTC) + timedelta(milliseconds=int(ttl_ms)) if int(ttl_ms) >= 0 else None
+        return cls(JobRecord.from_hash(_fields(raw_job)), workers, [as_str(a) for a in raw_attempts], expires_at)
 
     def to_job(self) -> Job:
-        return self.record.to_job(self.workers, self.attempts)
+        return self.record.to_job(self.workers, self.attempts).model_copy(update={"expires_at": self.expires_at})
 
 
 # The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, webhooks due
@@ -225,10 +228,12 @@ def script_keys(job_id: str, tenant: str) -> list[str]:
     ]
 
 
-# view(): the job, its pairs per worker and its webhook attempts, as `JobView.from_reply` reads them.
+# view(): the job, its pairs per worker, its webhook attempts and its record's time to live (ms), as
+# `JobView.from_reply` reads them.
 _VIEW = """
 local function view()
-  return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[3]), redis.call('LRANGE', KEYS[11], 0, -1)}
+  return {redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[3]), redis.call('LRANGE', KEYS[11], 0, -1),
+          redis.call('PTTL', KEYS[1])}
 end
 """
 
@@ -315,8 +320,15 @@ end
 return {'taken', input, started}
 """
 
+# Taken by a full Redis. Moves that end a job or record its webhook must go through when Redis is at its maxmemory
+# (`noeviction`), or a job answered 202 could never end. Redis checks memory at a script's writes only until the
+# script's first write (seen on redis-server 6.2 and 7.0: a script whose first write is a delete writes on past
+# maxmemory; `shared/REFERENCE.md`), so such a move's first write is a delete, which Redis always takes and which
+# frees memory. Their other writes are small. Every other move is refused by a full Redis before it writes anything.
+
 # ARGV: final status ('failed' or 'cancelled'), error code, error message, now, done-list ttl. Only a job that is
-# not final yet moves; returns {1 when it moved, view()}, or false for an unknown job.
+# not final yet moves; returns {1 when it moved, view()}, or false for an unknown job. Taken by a full Redis: its
+# first write deletes the chunks' ledger (as `finalize` does anyway).
 FINISH = (
     _FINALIZE
     + _VIEW
@@ -324,6 +336,7 @@ FINISH = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' or status == 'running' then
+  redis.call('DEL', KEYS[9])
   redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[4])
   if ARGV[2] ~= '' then
     redis.call('HSET', KEYS[1], 'error_code', ARGV[2], 'error_message', ARGV[3])
@@ -351,10 +364,11 @@ return view()
 )
 
 # One delivery attempt. KEYS: job, attempts, webhooks due set. ARGV: job id, attempt entry (JSON), state after it,
-# attempt number, when the next attempt is due (unix; '' for none), attempts kept, ttl seconds.
+# attempt number, when the next attempt is due (unix; '' for none), attempts kept (2 or more), ttl seconds. Taken by a
+# full Redis: its first write trims the attempts kept (a delete).
 WEBHOOK_ATTEMPT = """
+redis.call('LTRIM', KEYS[2], 1 - tonumber(ARGV[6]), -1)
 redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
 redis.call('EXPIRE', KEYS[2], ARGV[7])
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('HSET', KEYS[1], 'webhook_state', ARGV[3], 'webhook_attempt', ARGV[4])
@@ -372,6 +386,22 @@ return view()
 )
 
 STATUS = "return redis.call('HGET', KEYS[1], 'status')"
+
+# A finished job deleted with everything it holds (its caller has downloaded its results). KEYS: script_keys, then
+# the tenant's recent-jobs index. Returns 'deleted', the status of a job not final yet (nothing deleted), or false
+# for an unknown job. Taken by a full Redis (deletes only).
+DELETE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return false end
+if status == 'queued' or status == 'running' then return status end
+local id = redis.call('HGET', KEYS[1], 'id')
+for _, i in ipairs({1, 2, 3, 4, 5, 8, 9, 11}) do redis.call('DEL', KEYS[i]) end
+if id then
+  redis.call('ZREM', KEYS[6], id)
+  redis.call('ZREM', KEYS[12], id)
+end
+return 'deleted'
+"""
 
 
 @dataclass(frozen=True)
@@ -408,15 +438,34 @@ class Finished(NamedTuple):
     job: JobView | None
 
 
-def create(pipe: Any, record: JobRecord, job_input: JobInput, chunks: Sequence[Chunk], ttl_s: int) -> None:
+@dataclass
+class NewJob:
+    """A job about to be created: its record, and its input summary and chunks' inputs as the JSON it stores
+    (serialized once: their size is what the job will hold in Redis, `store.redis_memory.job_bytes`)."""
+
+    record: JobRecord
+    input_json: str
+    chunk_inputs: dict[int, str]
+
+    @classmethod
+    def of(cls, record: JobRecord, job_input: JobInput, chunks: Sequence[Chunk]) -> NewJob:
+        return cls(record, job_input.model_dump_json(), {c.index: c.model_dump_json() for c in chunks})
+
+    @property
+    def input_bytes(self) -> int:
+        return len(self.input_json) + sum(len(text) for text in self.chunk_inputs.values())
+
+
+def create(pipe: Any, job: NewJob, ttl_s: int) -> None:
     """Queue on `pipe` (the creating transaction, sync or asyncio) a new job's writes: its record, its input
     summary, each chunk's input, and its place in its tenant's in-flight set. `store.chunk_ledger.Ledger.open_chunks`
     adds the chunks' first sends to the same transaction."""
+    record = job.record
     pipe.hset(keys.job_key(record.id), mapping=record.to_hash())
     pipe.expire(keys.job_key(record.id), ttl_s)
-    pipe.set(keys.job_input_key(record.id), job_input.model_dump_json(), ex=ttl_s)
-    if chunks:
-        pipe.hset(keys.job_chunks_key(record.id), mapping={c.index: c.model_dump_json() for c in chunks})
+    pipe.set(keys.job_input_key(record.id), job.input_json, ex=ttl_s)
+    if job.chunk_inputs:
+        pipe.hset(keys.job_chunks_key(record.id), mapping=job.chunk_inputs)
         pipe.expire(keys.job_chunks_key(record.id), ttl_s)
     pipe.sadd(keys.tenant_inflight_key(record.tenant), record.id)
 
@@ -487,7 +536,13 @@ def status(job_id: str) -> Move[JobStatus | None]:
     return Move(STATUS, [keys.job_key(job_id)], [], lambda reply: None if reply is None else JobStatus(as_str(reply)))
 
 
-_SCRIPTS = (RECORD_CHUNK, TAKE, FINISH, REDELIVER, WEBHOOK_ATTEMPT, READ, STATUS)
+def delete(job_id: str, tenant: str) -> Move[str | None]:
+    """Delete a finished job: 'deleted', else the status of a job not final yet, or None for an unknown job."""
+    move_keys = [*script_keys(job_id, tenant), keys.recent_jobs_key(tenant)]
+    return Move(DELETE, move_keys, [], lambda reply: None if reply is None else as_str(reply))
+
+
+_SCRIPTS = (RECORD_CHUNK, TAKE, FINISH, REDELIVER, WEBHOOK_ATTEMPT, READ, STATUS, DELETE)
 
 
 class Runner:

@@ -28,7 +28,7 @@ from schemas import keys, metrics
 from schemas.errors import JobNotFound
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import WebhookAttempt, WebhookState, event_payload
-from store import job_state
+from store import job_state, redis_memory
 from store.connect import redis_client
 from store.job_state import JobRecord
 from store.queueing import celery_config, worker_argv
@@ -182,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = get_settings()
+    try:
+        redis_memory.check_at_start(_redis(), settings.redis_allow_eviction, "rerankfarm webhooks")
+    except redis_memory.EvictingRedis as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     if settings.webhook_secret is None:
         logger.warning("RERANK_WEBHOOK_SECRET is not set: no webhook can be signed until it is")
     if settings.webhook_metrics_port:

@@ -3,7 +3,10 @@ chunk's re-send through `store.chunk_ledger`."""
 
 from __future__ import annotations
 
+import logging
+
 import redis
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from schemas import metrics
 from schemas.chunks import ChunkRef, ChunkResult
@@ -12,14 +15,26 @@ from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import Recorded, Taken
 from store.queueing import resend_lane
+from store.redis_memory import is_out_of_memory
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerJobStore:
-    def __init__(self, client: redis.Redis, result_ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, result_ttl_s: int, store_full_wait_s: float = 0.0) -> None:
         self.redis = client
         self.ttl = result_ttl_s
         self.run = job_state.Runner(client)
         self.ledger = Ledger(client)
+        # A full Redis (noeviction) refuses a take or a record: try again for up to store_full_wait_s, as running
+        # jobs end and free their chunks' inputs; then the error goes up and the chunk's job fails `store_full`.
+        self._with_room = Retrying(
+            retry=retry_if_exception(is_out_of_memory),
+            stop=stop_after_delay(store_full_wait_s),
+            wait=wait_exponential(multiplier=0.1, max=2.0),
+            before_sleep=lambda state: logger.warning("redis full: waiting for room (%r)", state.outcome),
+            reraise=True,
+        )
 
     def status(self, job_id: str) -> JobStatus | None:
         return self.run(job_state.status(job_id))
@@ -30,7 +45,7 @@ class WorkerJobStore:
         return status is None or status.final
 
     def take(self, ref: ChunkRef, worker: str) -> Taken:
-        return self.run(job_state.take(ref.job_id, ref.index, worker, ref.lane, ref.seq))
+        return self._with_room(self.run, job_state.take(ref.job_id, ref.index, worker, ref.lane, ref.seq))
 
     def resend(self, ref: ChunkRef, max_sends: int) -> tuple[str, ChunkRef | None]:
         """Count another send of the chunk this message delivered: ('sent', the new message to publish), or
@@ -48,7 +63,7 @@ class WorkerJobStore:
             ref.job_id, ref.tenant, ref.index, result.model_dump_json(), len(result.scores), worker, result.tokens,
             self.ttl, *timings_ms,
         )  # fmt: skip
-        recorded = self.run(move)
+        recorded = self._with_room(self.run, move)
         record = recorded.record
         if record is not None:
             metrics.JOBS_FINISHED.labels("succeeded", record.model).inc()

@@ -16,6 +16,8 @@ from prometheus_client import start_http_server
 from schemas.errors import EngineLoadError
 from schemas.keys import bulk_queue
 from schemas.settings import get_settings
+from store import redis_memory
+from store.connect import redis_client
 from store.queueing import worker_argv
 from workers import runtime
 from workers.launcher import guard_group
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         settings.served_name,
         settings.model,
     )
+    try:
+        with redis_client(settings.redis_url, socket_timeout=10) as client:
+            redis_memory.check_at_start(client, settings.redis_allow_eviction, f"rerankfarm worker {args.name}")
+    except redis_memory.EvictingRedis as exc:
+        print(f"cannot start: {exc}", file=sys.stderr)
+        return 2
     try:
         runtime.start(settings)
     except EngineLoadError as exc:

@@ -26,6 +26,7 @@ from schemas.chunks import ChunkRef, chunk_priority
 from schemas.settings import Settings
 from store.chunk_ledger import Lost
 from store.queueing import SWEEP_INTERVAL_S, lane_of, publish, resend_lane
+from store.redis_memory import is_out_of_memory
 from workers.job_store import WorkerJobStore
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,19 @@ class Recovery:
         return sent
 
     def _recover(self, lost: Lost) -> int:
+        try:
+            return self._send_again(lost)
+        except redis.RedisError as exc:
+            if not is_out_of_memory(exc):
+                raise
+            # A chunk lost while Redis is full cannot be sent again: its job ends, with the reason.
+            message = f"chunk {lost.index} was lost and Redis is full: it cannot be sent again ({exc})"
+            if self.store.fail(lost.job_id, "store_full", message, lost.tenant):
+                metrics.CHUNKS_RECOVERED.labels("given_up").inc()
+                logger.error("job %s failed: %s", lost.job_id, message)
+            return 0
+
+    def _send_again(self, lost: Lost) -> int:
         lane = resend_lane(lost.lane)
         outcome, seq, sends = self.ledger.resend(lost.job_id, lost.index, lane, lost.sends, self.max_sends)
         if outcome == "sent":

@@ -57,7 +57,8 @@ def start(settings: Settings) -> Runtime:
             client = redis_client(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )
-            _runtime = Runtime(settings, prompts, engine, WorkerJobStore(client, settings.result_ttl_s))
+            store = WorkerJobStore(client, settings.result_ttl_s, settings.store_full_wait_s)
+            _runtime = Runtime(settings, prompts, engine, store)
         return _runtime
 
 

@@ -18,6 +18,7 @@ from schemas.chunks import ChunkRef
 from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
 from store.queueing import publish
+from store.redis_memory import is_out_of_memory
 from workers import runtime, scoring
 from workers.celery_app import app
 from workers.engines.base import Cancelled, Scoring
@@ -59,18 +60,23 @@ def _wait(submission: Scoring, is_cancelled: Callable[[], bool], timeout: float)
 def score(message: dict[str, Any], hostname: str) -> str:
     """Take the chunk a message names, score it and record it; returns the outcome. A failed engine call sends the
     chunk again (after a backoff) while its sends allow, else fails the job. Raises redis-py's errors when Redis
-    stayed away (the caller gives the message back). Any other error is a bug: the job fails with `internal_error`
-    and the traceback is logged, rather than the chunk going round through re-sends."""
+    stayed away (the caller gives the message back). A Redis that stays full (refusing the take or the record for
+    RERANK_STORE_FULL_WAIT_S) fails the job with `store_full`. Any other error is a bug: the job fails with
+    `internal_error` and the traceback is logged, rather than the chunk going round through re-sends."""
     ref = ChunkRef.model_validate(message)
     try:
         return _score(ref, hostname)
     except (redis.ConnectionError, redis.TimeoutError):
         raise
     except Exception as exc:
+        rt = runtime.get()
+        if is_out_of_memory(exc):  # Redis stayed full for RERANK_STORE_FULL_WAIT_S: the job ends, with the reason
+            reason = f"chunk {ref.index}: Redis is full: {exc}"
+            logger.error("job %s failed, Redis full for %g s: %s", ref.job_id, rt.settings.store_full_wait_s, reason)
+            rt.store.fail(ref.job_id, "store_full", reason, ref.tenant)
+            return "failed"
         logger.exception("job %s chunk %d: scoring failed", ref.job_id, ref.index)
-        runtime.get().store.fail(
-            ref.job_id, "internal_error", f"chunk {ref.index}: scoring failed: {exc!r}", ref.tenant
-        )
+        rt.store.fail(ref.job_id, "internal_error", f"chunk {ref.index}: scoring failed: {exc!r}", ref.tenant)
         return "failed"
 
 

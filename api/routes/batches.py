@@ -2,9 +2,10 @@
 
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
-from api.deps import BatchesDep, TenantDep
+from api.batch_store import batch_id_of
+from api.deps import BatchesDep, IdempotencyDep, IdempotencyKey, TenantDep, replayed
 from schemas.batches import Batch, BatchCreate, BatchList
 from schemas.jobs import ErrorResponse
 
@@ -15,10 +16,30 @@ _errors: dict[int | str, dict[str, Any]] = {
 
 
 @router.post("", responses=_errors)
-async def create_batch(body: BatchCreate, batches: BatchesDep, tenant: TenantDep) -> Batch:
+async def create_batch(
+    body: BatchCreate,
+    batches: BatchesDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency: IdempotencyDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Batch:
     """Run every line of an uploaded JSONL file (`{custom_id, method, url, body}`; `url` may be left to
-    `endpoint`) as one job. A file with bad lines gives a `failed` batch whose `errors` name them."""
-    return await batches.create(body, tenant)
+    `endpoint`) as one job. A file with bad lines gives a `failed` batch whose `errors` name them. A retry with the
+    same `Idempotency-Key` answers the batch the first request created."""
+    batch, again = await idempotency.once(
+        tenant,
+        "batches",
+        idempotency_key,
+        body.model_dump_json(),
+        create=lambda claim: batches.create(body, tenant, claim),
+        replay=lambda batch_id: batches.get(batch_id, tenant),
+        resource_id=lambda batch: batch.id,
+        resource_of=batch_id_of,
+    )
+    if again:
+        replayed(response)
+    return batch
 
 
 @router.get("", responses=_errors)

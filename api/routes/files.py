@@ -2,14 +2,16 @@
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Form, Query, UploadFile
+import anyio
+from fastapi import APIRouter, Form, Query, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool
 
 from api.batch_store import batch_of_output
-from api.deps import BatchesDep, FilesDep, TenantDep
+from api.deps import BatchesDep, FilesDep, IdempotencyDep, IdempotencyKey, TenantDep, replayed
 from schemas.batches import FileDeleted, FileList, FileObject
 from schemas.jobs import ErrorResponse
+from store.idempotency import content_hash
 
 router = APIRouter(prefix="/v1/files", tags=["batches"])
 _errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422)}
@@ -17,11 +19,32 @@ _errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for c
 
 @router.post("", responses=_errors)
 async def upload_file(
-    file: UploadFile, purpose: Annotated[str, Form()], files: FilesDep, tenant: TenantDep
+    file: UploadFile,
+    purpose: Annotated[str, Form()],
+    files: FilesDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency: IdempotencyDep,
+    idempotency_key: IdempotencyKey = None,
 ) -> FileObject:
     """Upload a JSONL file of batch requests (multipart: `purpose=batch`, `file`); up to RERANK_MAX_FILE_BYTES,
-    streamed to disk."""
-    return await files.save(tenant, file.filename or "upload.jsonl", purpose, file.file)
+    streamed to disk. A retry with the same `Idempotency-Key` and the same file answers the file stored first."""
+    filename = file.filename or "upload.jsonl"
+    body = ""
+    if idempotency_key is not None:  # the retry's file must be the same bytes
+        body = f"{purpose}\0{filename}\0{await anyio.to_thread.run_sync(content_hash, file.file)}"
+    stored, again = await idempotency.once(
+        tenant,
+        "files",
+        idempotency_key,
+        body,
+        create=lambda _: files.save(tenant, filename, purpose, file.file),
+        replay=lambda file_id: files.get(file_id, tenant),
+        resource_id=lambda record: record.id,
+    )
+    if again:
+        replayed(response)
+    return stored
 
 
 @router.get("", responses=_errors)

@@ -5,8 +5,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
-from api.deps import StoreDep, TenantDep
-from schemas.jobs import ErrorResponse, Job, JobCreate, JobList, JobResults, RequestResults
+from api.deps import IdempotencyDep, IdempotencyKey, StoreDep, TenantDep, replayed
+from schemas.jobs import ErrorResponse, Job, JobCreate, JobDeleted, JobList, JobResults, RequestResults
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 _errors: dict[int | str, dict[str, Any]] = {
@@ -14,10 +14,28 @@ _errors: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.post("", status_code=202, responses=_errors)
-async def create_job(body: JobCreate, store: StoreDep, tenant: TenantDep, response: Response) -> Job:
-    """Submit a bulk rerank job: many queries, each with its documents. Answers at once with the queued job."""
-    job = await store.submit(body, tenant)
+@router.post("", status_code=202, responses={**_errors, 200: {"model": Job, "description": "A replayed submission"}})
+async def create_job(
+    body: JobCreate,
+    store: StoreDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency: IdempotencyDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Job:
+    """Submit a bulk rerank job: many queries, each with its documents. Answers at once with the queued job (202),
+    or, for a retry with the same `Idempotency-Key`, with the job the first request created (200)."""
+    job, again = await idempotency.once(
+        tenant,
+        "jobs",
+        idempotency_key,
+        body.model_dump_json(),
+        create=lambda claim: store.submit(body, tenant, claim=claim),
+        replay=lambda job_id: store.get(job_id, tenant),
+        resource_id=lambda job: job.id,
+    )
+    if again:
+        replayed(response)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
 
@@ -67,6 +85,14 @@ async def _json(job_id: str, entries: AsyncIterator[RequestResults]) -> AsyncIte
         yield separator + entry.model_dump_json(exclude_none=True)
         separator = ","
     yield "]}"
+
+
+@router.delete("/{job_id}", responses={**_errors, 409: {"model": ErrorResponse}})
+async def delete_job(job_id: str, store: StoreDep, tenant: TenantDep) -> JobDeleted:
+    """Free a finished job's record, inputs and results in Redis at once (for callers that have downloaded its
+    results); 409 while it is queued or running. A webhook event not yet delivered is dropped with it."""
+    await store.delete(job_id, tenant)
+    return JobDeleted(id=job_id)
 
 
 @router.post("/{job_id}/cancel", responses=_errors)

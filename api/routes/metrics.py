@@ -4,6 +4,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import StoreDep, get_tenant
 from schemas import metrics
+from store import redis_memory
 
 router = APIRouter(include_in_schema=False)
 
@@ -17,4 +18,5 @@ async def prometheus_metrics(request: Request, store: StoreDep) -> Response:
     for (queue, model), depth in (await store.queue_depths()).items():
         metrics.QUEUE_DEPTH.labels(queue, model).set(depth)
     metrics.WORKERS_ALIVE.set(len(await store.live_workers()))
+    redis_memory.export(await redis_memory.aread_memory(store.redis))
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -45,11 +45,18 @@ def test_compose_file_is_valid_compose_with_the_farms_services() -> None:
     services = compose["services"]
     assert {"redis", "api", "flower", "worker", "webhooks"} <= set(services)
     assert "--appendonly" in services["redis"]["command"]
+    assert _option(services["redis"]["command"], "--maxmemory-policy") == "noeviction"
+    assert _option(services["redis"]["command"], "--maxmemory")
     [device] = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert device["device_ids"] == ["0"] and device["capabilities"] == ["gpu"]
     for name in ("api", "worker", "flower", "webhooks"):
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert all("healthcheck" in services[n] for n in ("redis", "api", "flower", "worker"))
+
+
+def _option(args: list[str], name: str) -> str | None:
+    """The value after `name` in a redis-server command line."""
+    return args[args.index(name) + 1] if name in args else None
 
 
 def test_api_image_has_no_torch_or_vllm() -> None:
@@ -90,6 +97,8 @@ def test_workers_take_one_gpu_each_and_keda_scales_each_model_on_its_queues() ->
     assert ("StatefulSet", "rerankfarm-redis") in docs and ("Deployment", "rerankfarm-flower") in docs
     redis_args = docs[("StatefulSet", "rerankfarm-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--appendonly" in redis_args
+    assert _option(redis_args, "--maxmemory-policy") == "noeviction"
+    assert _option(redis_args, "--maxmemory") == "3gb"  # under the container's 4Gi limit
 
 
 def test_dashboard_uses_only_metrics_the_farm_exports() -> None:

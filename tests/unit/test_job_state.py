@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import fakeredis
@@ -175,11 +176,17 @@ class _UnreachableQueue:
         raise ConnectionError("broker unreachable")
 
 
-def test_enqueue_failure_ends_the_job_through_the_one_final_path() -> None:
+def test_enqueue_failure_ends_the_job_through_the_one_final_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """The job fails through FINISH: its tenant's in-flight slot is freed (not held for the result TTL), a waiter is
     woken and the webhook scheduled, and the caller gets 503."""
     from api.job_store import JobStore
     from schemas.errors import Unavailable
+    from store import redis_memory
+
+    async def no_limit(_: object) -> redis_memory.Memory:  # fakeredis has no INFO
+        return redis_memory.Memory(used=0, maxmemory=0, policy="noeviction")
+
+    monkeypatch.setattr(redis_memory, "aread_memory", no_limit)
 
     async def scenario() -> tuple[str, JobRecord, fakeredis.aioredis.FakeRedis]:
         server = fakeredis.FakeServer()
@@ -360,3 +367,18 @@ def test_the_async_runner_runs_the_same_moves() -> None:
 
     finished, status = asyncio.run(scenario())
     assert finished.moved and finished.job is not None and status is JobStatus.cancelled
+
+
+def test_delete_frees_a_finished_job_at_once_and_refuses_one_not_ended(r, run) -> None:
+    new_job(r, chunks=1)
+    store_chunks(r, 1)
+    r.zadd(keys.recent_jobs_key("acme"), {"job_1": 1.0})
+    assert run(job_state.delete("job_1", "acme")) == "queued"  # nothing deleted
+    assert r.exists(keys.job_key("job_1")) and r.exists(keys.job_chunks_key("job_1"))
+    assert record(r, run, 0) == "finished"
+    view = run(job_state.read("job_1"))
+    assert view is not None and view.expires_at is not None  # the result TTL runs from the last record
+    assert 3590 < (view.expires_at - datetime.now(UTC)).total_seconds() <= 3600
+    assert run(job_state.delete("job_1", "acme")) == "deleted"
+    assert r.keys("rerank:job:job_1*") == [] and r.zscore(keys.recent_jobs_key("acme"), "job_1") is None
+    assert run(job_state.delete("job_1", "acme")) is None

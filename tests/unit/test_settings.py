@@ -22,3 +22,12 @@ def test_a_model_whose_name_cannot_name_queues_asks_for_a_public_name() -> None:
     assert Settings(model="/models/my reranker:v2", model_name="my-reranker").served_name == "my-reranker"
     with pytest.raises(ValidationError):
         Settings(model="m", model_name="my reranker")
+
+
+def test_the_default_model_of_requests_is_the_workers_public_name() -> None:
+    """A request that names no model goes to RERANK_MODEL_NAME's queues, not to a name derived from the path (which
+    kombu would split on ':')."""
+    settings = Settings(model="/models/my reranker:v2", model_name="my-reranker")
+    assert settings.default_served == "my-reranker"
+    assert Settings(model="Qwen/Qwen3-Reranker-0.6B").default_served == "qwen3-reranker-0.6b"
+    assert Settings(model="m", model_name="a", default_model="b").default_served == "b"
