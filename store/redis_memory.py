@@ -26,10 +26,10 @@ from schemas.errors import StoreFull
 
 logger = logging.getLogger(__name__)
 
-# Redis bytes per stored item beyond the text it holds, measured with MEMORY USAGE on redis-server 7.0
-# (README, "Redis memory"): a pair's score in its chunk's result JSON and the hash field around it, and a chunk's
-# ledger and open-set entries. `job_bytes` adds these to the exact size of the inputs it writes.
-RESULT_BYTES_PER_PAIR = 24
+# Redis bytes per stored item beyond the text it holds, from `python -m rerankfarm.bench_memory` (README, "Redis
+# memory"): a pair's score in its chunk's result JSON (22 measured, with margin), and a chunk's ledger and open-set
+# entries. `job_bytes` adds these to the exact size of the inputs it writes.
+RESULT_BYTES_PER_PAIR = 32
 BYTES_PER_CHUNK = 220
 BYTES_PER_JOB = 2_000  # the job hash, its input summary, index entries
 STORE_FULL_RETRY_AFTER_S = 30

@@ -245,3 +245,14 @@ def test_no_key_lives_without_a_ttl_but_the_farms_few_indexes(
     )
     assert unexpected == [], unexpected
     assert not any(k.startswith("rerank:job:") for k in after - before)
+
+
+def test_the_apis_estimate_covers_what_a_job_holds() -> None:
+    """`python -m rerankfarm.bench_memory`, small: the estimate the API admits jobs by is never below what a job
+    holds, waiting or finished, with and without echoed documents (else the headroom would let Redis fill)."""
+    from rerankfarm.bench_memory import run
+
+    for row in run(queries=3, docs=64):
+        assert row["waiting_bytes_per_pair"] <= row["estimate_bytes_per_pair"], row
+        assert row["finished_bytes_per_pair"] <= row["estimate_bytes_per_pair"], row
+        assert row["waiting_bytes_per_pair"] >= row["document_bytes_per_pair"], row  # the weighing sees the texts
