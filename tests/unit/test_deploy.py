@@ -110,6 +110,10 @@ def test_dashboard_uses_only_metrics_the_farm_exports() -> None:
     used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"rerank_[a-z_]+", t["expr"])}
     assert used <= exported, used - exported
     assert len(used) >= 12
+    assert {"rerank_redis_memory_used_bytes", "rerank_redis_memory_max_bytes"} <= used
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yaml").read_text())
+    alerting = {m for g in rules["groups"] for r in g["rules"] for m in re.findall(r"rerank_[a-z_]+", r["expr"])}
+    assert alerting and alerting <= exported, alerting - exported
 
 
 def test_compose_override_gives_each_gpu_its_own_worker(tmp_path) -> None:
