@@ -41,12 +41,18 @@ def job_bytes(input_bytes: int, pairs: int, chunks: int) -> int:
     return input_bytes + pairs * RESULT_BYTES_PER_PAIR + chunks * BYTES_PER_CHUNK + BYTES_PER_JOB
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """A write Redis refused because it is full: `OOM command not allowed...`, raised as such, or as the abort of a
-    transaction whose queued command it refused."""
-    if isinstance(exc, OutOfMemoryError):
-        return True
-    return isinstance(exc, ExecAbortError | ResponseError) and "OOM command not allowed" in str(exc)
+def is_out_of_memory(exc: BaseException | None) -> bool:
+    """A write Redis refused because it is full: `OOM command not allowed...`, raised as such, as the error of a
+    script (redis-server 6.2) or as the abort of a transaction; also when wrapped by another library (kombu), as the
+    cause of what it raised."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, OutOfMemoryError):
+            return True
+        if isinstance(exc, ExecAbortError | ResponseError) and "OOM command not allowed" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
 
 
 @dataclass(frozen=True)

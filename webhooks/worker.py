@@ -152,7 +152,7 @@ class Dispatcher:
         while not self._stop.is_set():
             try:
                 self.dispatch_once()
-            except redis.RedisError as exc:
+            except Exception as exc:  # Redis away or full, the broker refusing: due entries wait for the next look
                 logger.warning("webhook dispatch failed: %r", exc)
             self._stop.wait(self.settings.webhook_dispatch_interval_s)
 

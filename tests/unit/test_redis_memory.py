@@ -65,3 +65,17 @@ def test_a_full_redis_is_recognised_in_every_form(exc: Exception) -> None:
 
 def test_other_errors_are_not_a_full_redis() -> None:
     assert not is_out_of_memory(ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value"))
+
+
+def test_a_full_redis_is_recognised_behind_another_librarys_error() -> None:
+    class BrokerError(Exception):
+        pass
+
+    try:
+        try:
+            raise OutOfMemoryError("command not allowed when used memory > 'maxmemory'.")
+        except OutOfMemoryError as oom:
+            raise BrokerError("publish failed") from oom
+    except BrokerError as wrapped:
+        assert is_out_of_memory(wrapped)
+    assert not is_out_of_memory(BrokerError("publish failed"))
