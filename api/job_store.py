@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -42,6 +43,7 @@ from webhooks.ssrf import UnsafeURL, resolve_checked
 logger = logging.getLogger(__name__)
 
 REPLICAS_CHECK_S = 5.0  # how often submit asks the Redis primary how many replicas it has
+WAIT_GRACE_S = 5.0  # a wait's BLPOP that has not answered this long after its own timeout is given up
 
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 
@@ -294,8 +296,14 @@ class JobStore:
         return JobResults(id=job_id, data=[entry async for entry in await self.stream_results(job_id, tenant)])
 
     async def wait(self, job_id: str, tenant: str, timeout: float) -> Job:
-        """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`."""
-        popped = await self.waiter.blpop([keys.job_done_key(job_id)], timeout=timeout)
+        """Block (BLPOP on the job's done-list, no polling) until the job is final; WaitTimeout after `timeout`. The
+        waiter's connection has no socket timeout (a BLPOP is silent until it ends): a connection that dies without
+        a word is given up WAIT_GRACE_S after the BLPOP's own end."""
+        try:
+            async with asyncio.timeout(timeout + WAIT_GRACE_S):
+                popped = await self.waiter.blpop([keys.job_done_key(job_id)], timeout=timeout)
+        except TimeoutError:
+            popped = None
         job = await self.get(job_id, tenant)
         if popped is None and not job.status.final:
             raise WaitTimeout(

@@ -39,8 +39,10 @@ logger = logging.getLogger(__name__)
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     client = async_redis_client(settings.redis_url, health_check_interval=30, socket_timeout=10)
-    # Waits block a connection on BLPOP for up to the request's timeout: a client of their own, no socket timeout.
-    waiter = async_redis_client(settings.redis_url, health_check_interval=30)
+    # Waits block a connection on BLPOP for up to the request's timeout: a client of their own, without a socket
+    # timeout (redis-py 6+ sets 5 s by default, which cut every wait longer than that into a 503 "unreachable");
+    # `JobStore.wait` bounds each wait itself.
+    waiter = async_redis_client(settings.redis_url, health_check_interval=30, socket_timeout=None)
     sender = Celery("rerankfarm-api")
     sender.conf.update(celery_config(settings))
     app.state.store = JobStore(client, sender, settings, waiter)

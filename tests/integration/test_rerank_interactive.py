@@ -126,6 +126,18 @@ def test_timeout_answers_504_with_the_job_id_and_cancels_the_job(redis_url, tiny
         assert job["error"]["code"] == "timeout"
 
 
+def test_a_wait_longer_than_a_redis_client_timeout_is_no_outage(redis_url, tiny_model_dir) -> None:
+    """A call that waits longer than redis-py's default socket timeout (5 s since redis-py 6) answers at its own
+    timeout, 504 with the job id: the wait's BLPOP must not time out as if Redis were unreachable (it answered 503
+    `unavailable` after 5.0 s)."""
+    with TestClient(create_app(farm_settings(other_db(redis_url, 5), tiny_model_dir))) as lonely:
+        started = time.monotonic()
+        r = lonely.post("/v1/rerank", json={"query": "w1", "documents": ["w2", "w3"], "timeout": 6.5})
+        assert r.status_code == 504, r.text
+        assert 6.5 <= time.monotonic() - started < 9
+        assert r.json()["error"]["code"] == "timeout"
+
+
 def test_a_caller_that_hangs_up_has_its_pairs_dropped(redis_url, tiny_model_dir, worker) -> None:
     """A client sends a large interactive call over a plain socket and closes it once the worker holds the call's
     chunk (one chunk of 1000 pairs: seconds of engine time here): the API cancels the job at once, and the worker
