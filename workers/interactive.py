@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -45,10 +46,29 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
         self.pool = concurrent.futures.ThreadPoolExecutor(self.slots, thread_name_prefix="interactive")
         self.in_hand: set[concurrent.futures.Future[None]] = set()
         self.hostname = "unknown"
+        self.hub: Any = None  # the consumer's event loop (kombu's Hub)
+        self.stopping = False
 
     def start(self, c: Any) -> None:
         self.hostname = c.hostname
+        self.hub = c.hub
         super().start(c)
+
+    def on_event_loop(self, settle: Callable[[], None]) -> None:
+        """Ack or requeue on the consumer's event loop, and wake it. kombu's Redis channel asks for the next
+        messages (BRPOP) only on a turn of that loop, once the channel has room under its prefetch: settled from a
+        pool thread, the loop slept on until its next timer, up to a second with a call's next chunks waiting."""
+        if self.hub is None or self.stopping:  # no event loop (a green pool), or it has stopped turning: here
+            settle()
+            return
+
+        def settle_on_loop() -> None:
+            try:
+                settle()
+            except Exception as exc:  # the channel went away (worker stopping): kombu restores what was not acked
+                logger.warning("interactive chunk not settled: %r", exc)
+
+        self.hub.call_soon(settle_on_loop)
 
     def get_consumers(self, channel: Any) -> list[Consumer]:
         consumer = Consumer(
@@ -82,19 +102,21 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
                 tasks.score(ref.model_dump(), self.hostname)  # a bug fails the job there: the caller learns it
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 logger.warning("interactive chunk given back: Redis unavailable (%r)", exc)
-                message.requeue()
+                self.on_event_loop(message.requeue)
                 return
-            message.ack()
+            self.on_event_loop(message.ack)
         except Exception as exc:  # the channel went away (worker stopping): kombu restores what was not acked
             logger.warning("interactive chunk not acked: %r", exc)
         finally:
             held_elsewhere.pop(tag, None)
 
     def stop(self, c: Any) -> None:
+        self.stopping = True  # the event loop no longer turns: chunks finishing now are settled by their thread
         concurrent.futures.wait(list(self.in_hand), timeout=STOP_WAIT_S)
         super().stop(c)
 
     def shutdown(self, c: Any) -> None:
+        self.stopping = True
         concurrent.futures.wait(list(self.in_hand), timeout=STOP_WAIT_S)
         super().shutdown(c)
         self.pool.shutdown(wait=False)

@@ -16,9 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
 from tests.conftest import random_text
-from tests.integration.conftest import farm_settings, other_db, serve, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, other_db, serve, wait_for
 from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
 pytestmark = pytest.mark.integration
@@ -136,6 +137,30 @@ def test_a_wait_longer_than_a_redis_client_timeout_is_no_outage(redis_url, tiny_
         assert r.status_code == 504, r.text
         assert 6.5 <= time.monotonic() - started < 9
         assert r.json()["error"]["code"] == "timeout"
+
+
+def test_a_calls_next_chunks_are_taken_as_slots_free_without_a_polling_gap(tiny_model_dir, log_dir) -> None:
+    """One interactive slot, a call of 12 chunks: each chunk is taken the moment the one before it is settled. The
+    consumer settled its messages from a pool thread, and the worker's event loop asked for the next message only on
+    its next timer: about a second between chunks (12 chunks of a few pairs took ~6 s instead of a fraction of one)."""
+    server = EmbeddedRedis().start()  # a farm of its own: this worker alone takes the call's chunks
+    url = server.url
+    worker = WorkerProcess(url, tiny_model_dir, log_dir, RERANK_ENGINE="transformers",
+                           RERANK_INTERACTIVE_SLOTS="1").start()  # fmt: skip
+    try:
+        settings = farm_settings(url, tiny_model_dir, interactive_chunk_size=2)
+        with TestClient(create_app(settings)) as client:
+            body = {"query": "w1 w2", "documents": [f"w{n} w{n + 1}" for n in range(24)]}
+            assert client.post("/v1/rerank", json=body).status_code == 200  # warm
+            started = time.monotonic()
+            answer = client.post("/v1/rerank", json=body)
+            took = time.monotonic() - started
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 24
+        print(f"\n12 chunks, one slot: {took:.3f} s")
+        assert took < 2.5, f"12 chunks of 2 pairs took {took:.2f} s: the consumer waits between chunks"
+    finally:
+        worker.stop()
+        server.stop()
 
 
 def test_a_caller_that_hangs_up_has_its_pairs_dropped(redis_url, tiny_model_dir, worker) -> None:
