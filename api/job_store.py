@@ -35,6 +35,7 @@ from schemas.webhooks import WebhookEvent
 from store import job_state, redis_memory
 from store.chunk_ledger import Ledger
 from store.idempotency import Claim
+from store.interactive import InteractiveLimits
 from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
 from store.queueing import bulk_queue_keys, lane_of, publish
 from store.results import open_results
@@ -57,6 +58,9 @@ class JobStore:
         self.run = job_state.AsyncRunner(client)
         self.models = ModelCatalog(client, settings)
         self.ledger = Ledger(client)
+        self.interactive = InteractiveLimits(
+            client, settings.interactive_max_pairs_per_tenant, settings.interactive_max_pairs
+        )
         self._replica_count = 0
         self._replicas_checked = -REPLICAS_CHECK_S
 

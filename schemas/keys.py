@@ -47,6 +47,12 @@ def idempotency_key(tenant: str, route: str, key_hash: str) -> str:
     return f"{NAMESPACE}:tenant:{tenant}:idem:{route}:{key_hash}"
 
 
+def interactive_inflight_key(model: str) -> str:
+    """Sorted set with a TTL: the model's interactive calls in flight, `{tenant}|{call id}|{pairs}` -> the unix time
+    their wait ends (an entry whose API process died leaves at that time). `store.interactive`."""
+    return f"{NAMESPACE}:interactive:{model}:inflight"
+
+
 def job_key(job_id: str) -> str:
     """Hash: the job record (status, counts, timestamps, error)."""
     return f"{NAMESPACE}:job:{job_id}"

@@ -16,7 +16,8 @@ JOBS_FAILED = Counter(
 )
 REQUESTS_REFUSED = Counter(
     "rerank_requests_refused_total",
-    "Requests refused by a limit, by reason (rate_limit, jobs_in_flight, queue_depth, not_replicated, store_full).",
+    "Requests refused by a limit, by reason (rate_limit, jobs_in_flight, queue_depth, not_replicated, store_full, "
+    "interactive_tenant, interactive_model).",
     ["reason"],
 )
 REQUEST_FAILURES = Counter(

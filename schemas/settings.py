@@ -235,6 +235,21 @@ class Settings(BaseSettings):
         description="Pairs per chunk of an interactive request: small, so one request spreads over all workers.",
     )
     max_documents_per_rerank: int = Field(1000, ge=1, description="Max documents in one interactive /v1/rerank call.")
+    interactive_max_pairs_per_tenant: int = Field(
+        4_000,
+        ge=1,
+        description="Interactive pairs one tenant may have in flight (sent, not yet answered) per model; a call "
+        "that would pass it answers 429 with Retry-After at once instead of queueing to time out. A call alone is "
+        "always let in, whatever its size. Size it to what the model's workers score in a fraction of "
+        "RERANK_INTERACTIVE_TIMEOUT_S.",
+    )
+    interactive_max_pairs: int = Field(
+        16_000,
+        ge=1,
+        description="Interactive pairs in flight per model, all tenants together; past it, 429 with Retry-After. "
+        "Size it to what the model's workers score within RERANK_INTERACTIVE_TIMEOUT_S (pairs/s x timeout, from "
+        "`rerankfarm bench`).",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         description="Standard Webhooks signing secret (`whsec_` + base64). Jobs that name a webhook are refused "

@@ -106,10 +106,12 @@ async def answer(
             f"a rerank call takes at most {settings.max_documents_per_rerank} documents; this one has "
             f"{pairs}: submit a bulk job (/v1/jobs or /v1/batches) for more"
         )
-    body = JobCreate(model=call.model, requests=requests, priority=9)
-    job = await store.submit(body, tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens)
+    model = await store.models.resolve(call.model)
+    body = JobCreate(model=model, requests=requests, priority=9)
     timeout = getattr(call, "timeout", None) or settings.interactive_timeout_s
-    job = await wait_for_caller(request, store, job.id, tenant, timeout)
+    async with store.interactive.slot(model, tenant, pairs, timeout):  # 429 past the interactive limits
+        job = await store.submit(body, tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens)
+        job = await wait_for_caller(request, store, job.id, tenant, timeout)
     if job.status is JobStatus.failed and job.error is not None:
         if job.error.code == "invalid_input":
             raise InvalidRequest(job.error.message)
@@ -117,8 +119,7 @@ async def answer(
     if job.status is JobStatus.cancelled:
         raise JobNotFinished(f"job {job.id} was cancelled")
     results = (await store.results(job.id, tenant)).data
-    model = job.model or settings.default_served
-    return Answer(job_id=job.id, model=model, results=results, tokens=job.tokens, timings=job.timings)
+    return Answer(job_id=job.id, model=job.model or model, results=results, tokens=job.tokens, timings=job.timings)
 
 
 def timing_headers(answer: Answer, total_s: float) -> dict[str, str]:

@@ -13,12 +13,13 @@ import time
 import cohere
 import httpx
 import pytest
+import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
-from tests.conftest import random_text
+from tests.conftest import TINY, random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, serve, wait_for
 from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
@@ -293,3 +294,42 @@ def test_concurrent_interactive_calls_all_get_their_own_answers(client, worker, 
     for k, (query, docs) in enumerate(calls):
         for x in answers[k]["results"]:
             assert x["relevance_score"] == pytest.approx(reference.score(query, docs[x["index"]]), abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("limits", "refused_by"),
+    [({"interactive_max_pairs_per_tenant": 30}, "this tenant"), ({"interactive_max_pairs": 30}, "model")],
+)
+def test_interactive_pairs_past_a_limit_answer_429_at_once(tiny_model_dir, limits, refused_by) -> None:
+    """A tenant's (or the model's) interactive pairs in flight past their limit: the next call is refused at once
+    with 429 and Retry-After, not queued to time out; a call alone passes whatever its size; the pairs leave the
+    count once their call is answered."""
+    with EmbeddedRedis() as server:  # no worker: calls wait until their timeout
+        settings = farm_settings(server.url, tiny_model_dir, **limits)
+        with serve(settings) as url, httpx.Client(base_url=url, timeout=30) as http:
+            waiting: list[httpx.Response] = []
+            first = threading.Thread(
+                target=lambda: waiting.append(
+                    http.post(
+                        "/v1/rerank", json={"query": "q", "documents": [f"d{n}" for n in range(40)], "timeout": 3}
+                    )
+                )
+            )
+            first.start()  # 40 pairs alone: let in although past the limit of 30
+            deadline = time.monotonic() + 5
+            with redis.Redis.from_url(server.url) as direct:
+                while not direct.zcard(keys.interactive_inflight_key(TINY)):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.02)
+            started = time.monotonic()
+            refused = http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"], "timeout": 3})
+            assert time.monotonic() - started < 1
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+            error = refused.json()["error"]
+            assert error["code"] == "overloaded" and refused_by in error["message"], error
+            first.join()
+            assert waiting[0].status_code == 504  # the first call timed out; its pairs left the count
+            again = http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"], "timeout": 0.3})
+            assert again.status_code == 504
+            reason = "interactive_tenant" if refused_by == "this tenant" else "interactive_model"
+            assert f'rerank_requests_refused_total{{reason="{reason}"}}' in http.get("/metrics").text
