@@ -120,7 +120,7 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
 
 @pytest.fixture
 def small_redis() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(extra_args=("--maxmemory", "24mb")) as server:
+    with EmbeddedRedis(extra_args=("--maxmemory", "12mb")) as server:
         yield server
 
 
@@ -176,8 +176,8 @@ def test_a_full_redis_refuses_new_work_cleanly_and_ends_every_accepted_job(
             assert 500 not in codes and len(accepted) > 5, codes
             exported = client.get("/metrics").text
             assert metric(exported, 'rerank_requests_refused_total{reason="store_full"}') >= 3
-            assert metric(exported, "rerank_redis_memory_max_bytes") == 24 * MB
-            assert 0 < metric(exported, "rerank_redis_memory_used_bytes") <= 24 * MB
+            assert metric(exported, "rerank_redis_memory_max_bytes") == 12 * MB
+            assert 0 < metric(exported, "rerank_redis_memory_used_bytes") <= 12 * MB
 
             # 3. Deleting finished jobs (their results were read) frees room at once.
             for job_id in accepted:
