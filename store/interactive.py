@@ -58,18 +58,12 @@ class InteractiveLimits:
         args = [now, now + wait_s + 5, member, tenant, pairs, self.per_tenant, self.per_model, ttl]
         reply = await self._admit(keys=[key], args=args)
         outcome = as_str(reply[0])
-        if outcome == "tenant":
-            metrics.REQUESTS_REFUSED.labels("interactive_tenant").inc()
+        if outcome != "ok":
+            who, limit = ("this tenant", self.per_tenant) if outcome == "tenant" else (f"model {model}", self.per_model)
+            metrics.REQUESTS_REFUSED.labels(f"interactive_{outcome}").inc()
             raise Overloaded(
-                f"this tenant already has {int(reply[1])} interactive pairs in flight for model {model}; "
-                f"{pairs} more would pass its limit of {self.per_tenant}: retry when some are answered",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        if outcome == "model":
-            metrics.REQUESTS_REFUSED.labels("interactive_model").inc()
-            raise Overloaded(
-                f"model {model} already has {int(reply[1])} interactive pairs in flight; {pairs} more would pass "
-                f"its limit of {self.per_model}: retry shortly",
+                f"{who} already has {int(reply[1])} interactive pairs in flight for model {model}; {pairs} more "
+                f"would pass its limit of {limit}: retry when some are answered",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         try:

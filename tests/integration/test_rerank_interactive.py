@@ -298,7 +298,7 @@ def test_concurrent_interactive_calls_all_get_their_own_answers(client, worker, 
 
 @pytest.mark.parametrize(
     ("limits", "refused_by"),
-    [({"interactive_max_pairs_per_tenant": 30}, "this tenant"), ({"interactive_max_pairs": 30}, "model")],
+    [({"interactive_max_pairs_per_tenant": 30}, "this tenant"), ({"interactive_max_pairs": 30}, f"model {TINY}")],
 )
 def test_interactive_pairs_past_a_limit_answer_429_at_once(tiny_model_dir, limits, refused_by) -> None:
     """A tenant's (or the model's) interactive pairs in flight past their limit: the next call is refused at once
