@@ -112,8 +112,11 @@ class JobRecord:
             return None
         return (datetime.fromisoformat(self.finished_at) - datetime.fromisoformat(self.created_at)).total_seconds()
 
-    def to_job(self, workers: Mapping[str, int] | None = None, attempts: Sequence[str] = ()) -> Job:
-        """The job as the API shows it, with its per-worker pair counts and its webhook attempts (JSON entries)."""
+    def to_job(
+        self, workers: Mapping[str, int] | None = None, attempts: Sequence[str] = (), expires_at: datetime | None = None
+    ) -> Job:
+        """The job as the API shows it, with its per-worker pair counts, its webhook attempts (JSON entries) and when
+        it leaves Redis."""
         webhook = None
         if self.webhook_url:
             webhook = WebhookStatus(
@@ -146,6 +149,7 @@ class JobRecord:
             workers=dict(workers or {}),
             webhook=webhook,
             timings=timings,
+            expires_at=expires_at,
         )
 
 
@@ -207,7 +211,7 @@ class JobView:
         return cls(JobRecord.from_hash(_fields(raw_job)), workers, [as_str(a) for a in raw_attempts], expires_at)
 
     def to_job(self) -> Job:
-        return self.record.to_job(self.workers, self.attempts).model_copy(update={"expires_at": self.expires_at})
+        return self.record.to_job(self.workers, self.attempts, self.expires_at)
 
 
 # The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, webhooks due
