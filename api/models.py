@@ -50,6 +50,8 @@ class ModelCatalog:
         if not requested:
             return self.settings.default_served
         name = self.settings.model_aliases.get(requested, requested)
+        if name == self.settings.default_served:  # always served (`served` lists it first): no Redis read
+            return name
         served = [m.name for m in await self.served()]
         if name not in served:
             raise ModelNotFound(requested, served)
