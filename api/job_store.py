@@ -37,7 +37,7 @@ from store.chunk_ledger import Ledger
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
 from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
-from store.queueing import bulk_queue_keys, lane_of, publish
+from store.queueing import bulk_queue_keys, interactive_lanes, interactive_queue_keys, lane_of, publish
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
@@ -140,8 +140,10 @@ class JobStore:
         interactive: bool = False,
         max_prompt_tokens: int | None = None,
         claim: Claim | None = None,
+        ahead: int = 0,
     ) -> Job:
-        """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, and
+        """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, placed
+        in it by `ahead`, their tenant's interactive pairs in flight (`store.queueing.interactive_lanes`), and
         push their final status to a list that `wait` blocks on. A job that would push Redis past its memory
         headroom is refused (`StoreFull`). An Idempotency-Key's `claim` is recorded in the creating transaction."""
         self.check_limits(body)
@@ -172,6 +174,11 @@ class JobStore:
         job_input = JobInput.of(body.requests)
         record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
         lane = lane_of(record.kind, body.priority, model)
+        if interactive:
+            share = chunk_size * self.settings.interactive_slots
+            lanes = interactive_lanes(model, chunks, chunk_size, ahead, share)
+        else:
+            lanes = [lane] * chunks
         level = chunk_priority(record.kind, body.priority)
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         new_job = job_state.NewJob.of(record, job_input, chunk_list)
@@ -182,15 +189,15 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             job_state.create(pipe, new_job, ttl)
             opened_at = len(pipe)  # where the ledger's reply (chunk 0's sequence number) will be
-            await self.ledger.open_chunks(pipe, job_id, chunks, lane, ttl)
+            await self.ledger.open_chunks(pipe, job_id, lanes, lane, ttl)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
             pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
             if claim is not None:
                 claim.record(pipe, job_id)
             replies = await pipe.execute()
-        first_seq = int(replies[opened_at])
+        seqs = [int(seq) for seq in replies[opened_at]]
         refs = [
-            ChunkRef(job_id=job_id, index=index, tenant=tenant, priority=level, lane=lane, seq=first_seq + index)
+            ChunkRef(job_id=job_id, index=index, tenant=tenant, priority=level, lane=lanes[index], seq=seqs[index])
             for index in new_job.chunk_inputs
         ]
         del new_job
@@ -349,7 +356,7 @@ class JobStore:
         webhook queue (model '')."""
         queues: list[tuple[str, str, list[str]]] = [(keys.QUEUE_WEBHOOKS, "", [keys.QUEUE_WEBHOOKS])]
         for model in await self.models.served():
-            queues.append((keys.interactive_queue(model.name), model.name, [keys.interactive_queue(model.name)]))
+            queues.append((keys.interactive_queue(model.name), model.name, interactive_queue_keys(model.name)))
             queues.append((keys.bulk_queue(model.name), model.name, bulk_queue_keys(model.name)))
         lengths = iter(await self._lengths([name for _, _, names in queues for name in names]))
         return {(queue, model): sum(next(lengths) for _ in names) for queue, model, names in queues}

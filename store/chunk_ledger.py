@@ -24,6 +24,7 @@ write wins (`store.job_state.RECORD_CHUNK`), so a chunk that comes back twice co
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -34,18 +35,28 @@ from schemas.chunks import ChunkRef
 from schemas.jobs import JobStatus
 from store.job_state import as_str
 
-# KEYS: ledger, open chunks, lane. ARGV: job id, chunk count, now (unix), ttl. Chunks 0..count-1 of a new job, sent
-# once each in index order into one lane. Returns the first chunk's sequence number.
+# KEYS: ledger, open chunks, then each group's lane. ARGV: job id, now (unix), ttl, the job's own lane (`lane_of`'s),
+# then per group its lane's name and chunk count. Chunks 0..n-1 of a new job, sent once each in index order, group
+# by group (an interactive call's chunks go to several lanes: `store.queueing.interactive_lanes`). A chunk sent into
+# a lane other than its job's own has its lane written down. Returns each chunk's sequence number in its lane.
 OPEN = """
-local n = tonumber(ARGV[2])
-local top = redis.call('HINCRBY', KEYS[3], 'sent', n)
-local first = top - n + 1
-for i = 0, n - 1 do
-  redis.call('HSET', KEYS[1], i .. ':sends', 1, i .. ':seq', first + i)
-  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1] .. ':' .. i)
+local seqs = {}
+for g = 0, (#ARGV - 4) / 2 - 1 do
+  local lane, n = ARGV[5 + 2 * g], tonumber(ARGV[6 + 2 * g])
+  local top = redis.call('HINCRBY', KEYS[3 + g], 'sent', n)
+  for k = 1, n do
+    local i, seq = #seqs, top - n + k
+    seqs[i + 1] = seq
+    if lane == ARGV[4] then
+      redis.call('HSET', KEYS[1], i .. ':sends', 1, i .. ':seq', seq)
+    else
+      redis.call('HSET', KEYS[1], i .. ':sends', 1, i .. ':seq', seq, i .. ':lane', lane)
+    end
+    redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1] .. ':' .. i)
+  end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return first
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return seqs
 """
 
 # KEYS: job, scores, ledger, open chunks, the lane to send to. ARGV: chunk index, member, now (unix), the send count
@@ -126,12 +137,16 @@ class Ledger:
         self._resend = client.register_script(RESEND)
         self._renew = client.register_script(RENEW)
 
-    def open_chunks(self, pipe: Any, job_id: str, count: int, lane: str, ttl_s: int) -> Any:
-        """Queue on `pipe` (in the job's creating transaction) the first send of chunks 0..count-1; on an asyncio
-        client, await what this returns. The reply, at this command's place in the pipeline's results, is chunk 0's
-        sequence number; chunk k has that plus k."""
-        ledger_keys = [keys.job_ledger_key(job_id), keys.CHUNKS_OPEN, keys.lane_key(lane)]
-        return self._open(keys=ledger_keys, args=[job_id, count, time.time(), ttl_s], client=pipe)
+    def open_chunks(self, pipe: Any, job_id: str, lanes: list[str], own_lane: str, ttl_s: int) -> Any:
+        """Queue on `pipe` (in the job's creating transaction) the first send of chunks 0..n-1, chunk k into
+        `lanes[k]` (`own_lane`: the lane `lane_of` gives the job); on an asyncio client, await what this returns. The
+        reply, at this command's place in the pipeline's results, is each chunk's sequence number in its lane."""
+        groups = [(lane, len(list(run))) for lane, run in itertools.groupby(lanes)]
+        ledger_keys = [keys.job_ledger_key(job_id), keys.CHUNKS_OPEN, *(keys.lane_key(lane) for lane, _ in groups)]
+        args: list[Any] = [job_id, time.time(), ttl_s, own_lane]
+        for lane, count in groups:
+            args += [lane, count]
+        return self._open(keys=ledger_keys, args=args, client=pipe)
 
     def renew(self, refs: Iterable[ChunkRef], now: float | None = None) -> int:
         """Vouch for chunks this process holds. Returns how many it named."""

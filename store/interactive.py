@@ -22,7 +22,8 @@ from store.job_state import as_str
 RETRY_AFTER_S = 1
 
 # KEYS: the model's calls in flight. ARGV: now, when this call's wait ends, member, tenant, pairs, tenant limit,
-# model limit, key ttl. Returns {'ok'}, or {'tenant' | 'model', pairs already in flight}. A call alone (nothing of its
+# model limit, key ttl. Returns {'ok', the tenant's pairs in flight before this call}, or {'tenant' | 'model', pairs
+# already in flight}. A call alone (nothing of its
 # tenant in flight, for the tenant's limit; nothing at all, for the model's) is let in whatever its size.
 ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -37,7 +38,7 @@ if mine > 0 and mine + pairs > tonumber(ARGV[6]) then return {'tenant', mine} en
 if total > 0 and total + pairs > tonumber(ARGV[7]) then return {'model', total} end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[8])
-return {'ok'}
+return {'ok', mine}
 """
 
 
@@ -49,8 +50,10 @@ class InteractiveLimits:
         self._admit = client.register_script(ADMIT)
 
     @asynccontextmanager
-    async def slot(self, model: str, tenant: str, pairs: int, wait_s: float) -> AsyncIterator[None]:
-        """Hold the call's pairs in flight while the caller waits; Overloaded (429) past a limit."""
+    async def slot(self, model: str, tenant: str, pairs: int, wait_s: float) -> AsyncIterator[int]:
+        """Hold the call's pairs in flight while the caller waits; Overloaded (429) past a limit. Yields the pairs of
+        the tenant's other calls in flight, which place this one's chunks in the queue
+        (`store.queueing.interactive_lanes`)."""
         key = keys.interactive_inflight_key(model)
         member = f"{tenant}|{uuid.uuid4().hex}|{pairs}"
         now = time.time()
@@ -67,6 +70,6 @@ class InteractiveLimits:
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         try:
-            yield
+            yield int(reply[1])
         finally:
             await self.redis.zrem(key, member)

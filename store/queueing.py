@@ -4,7 +4,9 @@ messages travel in. Configuration only: the lease that live workers keep on thei
 
 Lanes. kombu keeps one Redis list per queue and priority step; `lane_for` names it. Each chunk message carries its
 lane and a sequence number in it (`schemas.chunks.ChunkRef`), which the ledger uses to tell a chunk still waiting
-in its list from one that left it.
+in its list from one that left it. A worker takes from a queue's steps in order (BRPOP over the lists, step 0
+first): bulk chunks go to the step of their job's priority; interactive chunks to the step of their tenant's share
+(`interactive_lanes`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def bulk_queue_keys(model: str) -> list[str]:
     return [lane_for(bulk_queue(model), step) for step in PRIORITY_STEPS]
 
 
+def interactive_queue_keys(model: str) -> list[str]:
+    """The Redis lists kombu keeps for a model's interactive queue, one per step of `interactive_lanes`."""
+    return [lane_for(interactive_queue(model), step) for step in PRIORITY_STEPS]
+
+
 def celery_priority(job_priority: int) -> int:
     return 9 - job_priority
 
@@ -43,6 +50,19 @@ def lane_of(kind: str, job_priority: int, model: str) -> str:
     if kind == "interactive":
         return interactive_queue(model)
     return lane_for(bulk_queue(model), celery_priority(job_priority))
+
+
+def interactive_lanes(model: str, chunks: int, chunk_size: int, ahead: int, share: int) -> list[str]:
+    """Each chunk's lane in the model's interactive queue: fair queueing between tenants on the broker's own steps.
+    Chunk k of a call goes to step (ahead + k x chunk_size) // share, at most the last: `ahead` is the pairs of its
+    tenant's interactive calls in flight when it was admitted (`store.interactive`), and `share` the pairs a worker
+    takes in one wave (RERANK_INTERACTIVE_CHUNK_SIZE x RERANK_INTERACTIVE_SLOTS). So a call of a tenant with little
+    in flight is taken before the calls of a tenant with much in flight, however long their queue: a tenant's
+    20-document call waits for at most a wave of a flooding tenant's chunks, not for the whole flood. Each tenant's
+    own calls keep their order (steps only rise with `ahead`), and so do a call's chunks."""
+    last = PRIORITY_STEPS[-1]
+    queue = interactive_queue(model)
+    return [lane_for(queue, min(last, (ahead + k * chunk_size) // share)) for k in range(chunks)]
 
 
 def resend_lane(lane: str) -> str:

@@ -109,8 +109,8 @@ async def answer(
     model = await store.models.resolve(call.model)
     body = JobCreate(model=model, requests=requests, priority=9)
     timeout = getattr(call, "timeout", None) or settings.interactive_timeout_s
-    async with store.interactive.slot(model, tenant, pairs, timeout):  # 429 past the interactive limits
-        job = await store.submit(body, tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens)
+    async with store.interactive.slot(model, tenant, pairs, timeout) as ahead:  # 429 past the interactive limits
+        job = await store.submit(body, tenant, interactive=True, max_prompt_tokens=call.max_prompt_tokens, ahead=ahead)
         job = await wait_for_caller(request, store, job.id, tenant, timeout)
     if job.status is JobStatus.failed and job.error is not None:
         if job.error.code == "invalid_input":

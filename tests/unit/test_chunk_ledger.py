@@ -15,7 +15,7 @@ from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import JobRecord
-from store.queueing import lane_of
+from store.queueing import interactive_lanes, lane_of
 from workers.recovery import Recovery
 
 LANE = lane_of("bulk", 5, "m")  # rerank.bulk.m:4
@@ -49,10 +49,11 @@ def new_job(r: fakeredis.FakeRedis, chunks: int, job_id: str = "job_1", at: floa
     r.hset(keys.job_key(job_id), mapping=record.to_hash())
     ledger = Ledger(r)
     with r.pipeline(transaction=True) as pipe:
-        ledger.open_chunks(pipe, job_id, chunks, LANE, 3600)
-        [first] = pipe.execute()
+        ledger.open_chunks(pipe, job_id, [LANE] * chunks, LANE, 3600)
+        [seqs] = pipe.execute()
+    assert [int(s) for s in seqs] == list(range(int(seqs[0]), int(seqs[0]) + chunks))  # one lane: numbered on
     r.zadd(keys.CHUNKS_OPEN, {f"{job_id}:{i}": at for i in range(chunks)})
-    return int(first)
+    return int(seqs[0])
 
 
 def test_open_gives_each_chunk_its_place_in_the_lane_and_opens_it(r) -> None:
@@ -70,6 +71,34 @@ def test_a_chunk_still_in_its_queue_is_waiting_not_lost(r) -> None:
     sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
     assert (sweep.lost, sweep.waiting) == ([], 2)
     assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") == NOW  # vouched for: looked at again a grace from now
+
+
+def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_each(r) -> None:
+    """A call's chunks spread over its queue's steps (`interactive_lanes`): each lane numbers its own, a chunk outside
+    the job's own lane has its lane written down, and the sweep asks each chunk's own lane."""
+    own = lane_of("interactive", 9, "m")
+    lanes = interactive_lanes("m", 5, 10, ahead=20, share=40)  # pairs ahead 20, 30, 40, 50, 60 -> steps 0 0 1 1 1
+    assert lanes == [own, own, f"{own}:1", f"{own}:1", f"{own}:1"]
+    record = JobRecord(
+        id="job_i", tenant="acme", model="m", kind="interactive", priority=9, created_at=job_state.now_iso(),
+        total=50, chunks_total=5, request_count=1, status="running",
+    )  # fmt: skip
+    r.hset(keys.job_key("job_i"), mapping=record.to_hash())
+    r.hset(keys.lane_key(own), "sent", 7)  # other calls went before it in the first lane
+    with r.pipeline(transaction=True) as pipe:
+        Ledger(r).open_chunks(pipe, "job_i", lanes, own, 3600)
+        [seqs] = pipe.execute()
+    assert [int(s) for s in seqs] == [8, 9, 1, 2, 3]
+    ledger = r.hgetall(keys.job_ledger_key("job_i"))
+    assert b"0:lane" not in ledger and ledger[b"2:lane"] == f"{own}:1".encode()
+    r.zadd(keys.CHUNKS_OPEN, {f"job_i:{i}": NOW - 100 for i in range(5)})
+    r.hset(keys.lane_key(own), "taken", 9)  # both of the first lane's chunks were taken ...
+    r.hset(keys.lane_key(f"{own}:1"), "taken", 1)  # ... and one of the second's, whose list still holds messages
+    r.rpush(own, "a message of a later call")
+    r.rpush(f"{own}:1", "chunk 3", "chunk 4")
+    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    assert [(lost.index, lost.lane) for lost in sweep.lost] == [(0, own), (1, own), (2, f"{own}:1")]
+    assert sweep.waiting == 2
 
 
 def test_taken_and_not_renewed_or_never_in_the_list_is_lost(r) -> None:

@@ -15,9 +15,8 @@ import yaml
 from prometheus_client import REGISTRY
 
 import schemas.metrics  # noqa: F401  # registers the farm's metrics
-from schemas import keys
 from schemas.settings import public_name
-from store.queueing import bulk_queue_keys
+from store.queueing import bulk_queue_keys, interactive_queue_keys
 
 ROOT = Path(__file__).parents[2]
 K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
@@ -92,8 +91,8 @@ def test_workers_take_one_gpu_each_and_keda_scales_each_model_on_its_queues() ->
         assert scaled["spec"]["scaleTargetRef"]["name"] == name
         lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
         # every list kombu keeps for the model's queues: the bulk queue's ten priority steps (a default job is in
-        # step 4), the interactive queue
-        assert sorted(lists) == sorted([*bulk_queue_keys(model), keys.interactive_queue(model)])
+        # step 4), the interactive queue's ten steps
+        assert sorted(lists) == sorted([*bulk_queue_keys(model), *interactive_queue_keys(model)])
     assert ("StatefulSet", "rerankfarm-redis") in docs and ("Deployment", "rerankfarm-flower") in docs
     redis_args = docs[("StatefulSet", "rerankfarm-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--appendonly" in redis_args
