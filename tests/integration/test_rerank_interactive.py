@@ -19,6 +19,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
+from store.api_keys import create_key
+from store.queueing import interactive_queue_keys
 from tests.conftest import TINY, random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, serve, wait_for
 from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
@@ -161,6 +163,57 @@ def test_a_calls_next_chunks_are_taken_as_slots_free_without_a_polling_gap(tiny_
         assert took < 2.5, f"12 chunks of 2 pairs took {took:.2f} s: the consumer waits between chunks"
     finally:
         worker.stop()
+        server.stop()
+
+
+def test_a_tenants_small_call_is_taken_before_another_tenants_flood(tiny_model_dir, log_dir) -> None:
+    """Tenant A has three calls of 20 chunks queued, tenant B then one call of one chunk: the worker takes B's chunk
+    within its first wave (interactive slots + 1), not after A's 60 (it did, first in first out, before tenants had
+    shares: `store.queueing.interactive_lanes`). A's own calls keep their order."""
+    server = EmbeddedRedis().start()  # a farm of its own: the worker starts once everything is queued
+    url = server.url
+    r = redis.Redis.from_url(url)
+    (key_a, _), (key_b, _) = create_key(r, "tenant-a"), create_key(r, "tenant-b")
+    settings = farm_settings(url, tiny_model_dir, auth="on", interactive_chunk_size=10, interactive_timeout_s=120)
+    rng = random.Random(47)
+    answers: dict[str, httpx.Response] = {}
+
+    def call(name: str, key: str, docs: int) -> None:
+        body = {"query": "w1 w2", "documents": _docs(rng, docs, 5, 20)}
+        with httpx.Client(base_url=base, timeout=150, headers={"authorization": f"Bearer {key}"}) as http:
+            answers[name] = http.post("/v1/rerank", json=body)
+
+    def queued(chunks: int) -> None:
+        deadline = time.monotonic() + 30
+        while sum(r.llen(lane) for lane in interactive_queue_keys(TINY)) < chunks:
+            assert time.monotonic() < deadline, "the calls' chunks never reached the queue"
+            time.sleep(0.02)
+
+    worker = None
+    try:
+        with serve(settings) as base:
+            callers = []
+            for n in range(3):
+                callers.append(threading.Thread(target=call, args=(f"a{n}", key_a, 200)))
+                callers[-1].start()
+                queued(20 * (n + 1))
+            callers.append(threading.Thread(target=call, args=("b", key_b, 5)))
+            callers[-1].start()
+            queued(61)
+            worker = WorkerProcess(url, tiny_model_dir, log_dir, RERANK_ENGINE="transformers").start()
+            for caller in callers:
+                caller.join(150)
+        assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(("a0", "a1", "a2", "b"), 200)
+        job_of = {a.json()["id"]: name for name, a in answers.items()}
+        taken = [job_of[job] for job in re.findall(r"job (job_\w+) chunk \d+ taken", worker.log_path.read_text())]
+        assert len(taken) == 61, taken
+        slots = settings.interactive_slots
+        assert "b" in taken[: slots + 1], f"tenant B's chunk was taken {taken.index('b') + 1}th: {taken}"
+        last_take = {name: max(i for i, n in enumerate(taken) if n == name) for name in ("a0", "a1", "a2")}
+        assert last_take["a0"] < last_take["a1"] < last_take["a2"], taken  # each tenant's calls in their order
+    finally:
+        if worker is not None:
+            worker.stop()
         server.stop()
 
 
