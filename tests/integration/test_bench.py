@@ -56,3 +56,22 @@ def test_bench_compares_farm_and_raw_engine_and_writes_json(tmp_path) -> None:
     # them) were told apart from the rest of the worker.
     assert 0 < cpu["engine"] <= cpu["worker"] and cpu["engine"] > 0.5 * cpu["worker"], cpu
     assert result["farm_cpu_outside_engine_ms_per_pair"] > 0
+
+
+def test_bench_interactive_runs_the_size_ladder_idle_and_under_another_tenants_flood(tmp_path) -> None:
+    """The interactive benchmark's farm (auth on, two tenants) answers every call of every size, idle and while the
+    other tenant floods it, and its JSON and table say so (small sizes here: a smoke test, not a measure)."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="", RERANK_WORKER_HEARTBEAT_S="1", **VLLM_TEST_ENV)
+    command = [sys.executable, "-m", "rerankfarm.bench_interactive", "--engine", "transformers", "--sizes", "5", "40"]
+    command += ["--calls", "3", "--flood", "2", "--flood-docs", "200", "--json", str(out)]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    for phase in ("idle", "under_flood"):
+        assert {d: r["codes"] for d, r in result[phase].items()} == {"5": {"200": 3}, "40": {"200": 3}}, result
+        assert 0 < result[phase]["5"]["p50"] <= result[phase]["5"]["max"]
+    assert result["flood_codes"].get("200", 0) > 0 and set(result["flood_codes"]) <= {"200", "429"}, result
+    assert result["bulk_pairs"] == 40 and result["bulk_s"] > 0
+    assert "| 40 |" in run.stdout and "under flood, p90 <=" in run.stdout
