@@ -37,7 +37,7 @@ from store.chunk_ledger import Ledger
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
 from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
-from store.queueing import bulk_queue_keys, interactive_lanes, interactive_queue_keys, lane_of, publish
+from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, lane_for, lane_of, publish
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
@@ -143,7 +143,7 @@ class JobStore:
         ahead: int = 0,
     ) -> Job:
         """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, placed
-        in it by `ahead`, their tenant's interactive pairs in flight (`store.queueing.interactive_lanes`), and
+        in it by `ahead`, their tenant's interactive pairs in flight (`store.queueing.interactive_steps`), and
         push their final status to a list that `wait` blocks on. A job that would push Redis past its memory
         headroom is refused (`StoreFull`). An Idempotency-Key's `claim` is recorded in the creating transaction."""
         self.check_limits(body)
@@ -174,12 +174,13 @@ class JobStore:
         job_input = JobInput.of(body.requests)
         record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
         lane = lane_of(record.kind, body.priority, model)
-        if interactive:
-            share = chunk_size * self.settings.interactive_slots
-            lanes = interactive_lanes(model, chunks, chunk_size, ahead, share)
-        else:
-            lanes = [lane] * chunks
         level = chunk_priority(record.kind, body.priority)
+        if interactive:  # each chunk's step by its tenant's share
+            steps = interactive_steps(chunks, chunk_size, ahead, chunk_size * self.settings.interactive_slots)
+            lanes = [lane_for(keys.interactive_queue(model), step) for step in steps]
+            levels = [chunk_priority(record.kind, body.priority, step) for step in steps]
+        else:
+            lanes, levels = [lane] * chunks, [level] * chunks
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         new_job = job_state.NewJob.of(record, job_input, chunk_list)
         del chunk_list
@@ -197,8 +198,8 @@ class JobStore:
             replies = await pipe.execute()
         seqs = [int(seq) for seq in replies[opened_at]]
         refs = [
-            ChunkRef(job_id=job_id, index=index, tenant=tenant, priority=level, lane=lanes[index], seq=seqs[index])
-            for index in new_job.chunk_inputs
+            ChunkRef(job_id=job_id, index=i, tenant=tenant, priority=levels[i], lane=lanes[i], seq=seqs[i])
+            for i in new_job.chunk_inputs
         ]
         del new_job
         try:

@@ -72,14 +72,17 @@ class Chunk(BaseModel):
 
 
 # The farm's one priority scale, from the API to the engine: a job's priority 0 (lowest) .. 9, and interactive calls
-# above every job. Higher is served first. The broker's lanes (`store.queueing.celery_priority`) and vLLM (-priority)
-# translate it at their own boundaries.
+# above every job, INTERACTIVE_PRIORITY .. INTERACTIVE_PRIORITY + 9 by their tenant's share (a chunk's step in the
+# interactive queue, `store.queueing.interactive_steps`: step 0 is the most urgent). Higher is served first. The
+# broker's lanes (`store.queueing.celery_priority`) and vLLM (-priority) translate it at their own boundaries.
 INTERACTIVE_PRIORITY = 10
+QUEUE_STEPS = 10  # each queue's steps in the broker (`store.queueing`): a bulk job's priority, an interactive share
 
 
-def chunk_priority(kind: str, job_priority: int) -> int:
-    """The priority a job's chunks are scored at."""
-    return INTERACTIVE_PRIORITY if kind == "interactive" else job_priority
+def chunk_priority(kind: str, job_priority: int, step: int = 0) -> int:
+    """The priority a job's chunks are scored at; an interactive chunk's by its step in the interactive queue, so
+    that the engine, too, serves a tenant with little in flight before one with much (a chunk sent again: step 0)."""
+    return INTERACTIVE_PRIORITY + QUEUE_STEPS - 1 - step if kind == "interactive" else job_priority
 
 
 class ChunkRef(BaseModel):
@@ -89,7 +92,7 @@ class ChunkRef(BaseModel):
     job_id: str
     index: int
     tenant: str = "default"
-    priority: int  # `chunk_priority`: 0..9 bulk, INTERACTIVE_PRIORITY
+    priority: int  # `chunk_priority`: 0..9 bulk, INTERACTIVE_PRIORITY and up interactive
     lane: str  # the Redis list it was pushed to (queue, with its priority step)
     seq: int  # its sequence number in that lane
     send: int = 1  # 1 for the first send, +1 for each re-send

@@ -37,7 +37,7 @@ from store.job_state import as_str
 
 # KEYS: ledger, open chunks, then each group's lane. ARGV: job id, now (unix), ttl, the job's own lane (`lane_of`'s),
 # then per group its lane's name and chunk count. Chunks 0..n-1 of a new job, sent once each in index order, group
-# by group (an interactive call's chunks go to several lanes: `store.queueing.interactive_lanes`). A chunk sent into
+# by group (an interactive call's chunks go to several lanes: `store.queueing.interactive_steps`). A chunk sent into
 # a lane other than its job's own has its lane written down. Returns each chunk's sequence number in its lane.
 OPEN = """
 local seqs = {}

@@ -53,7 +53,7 @@ class InteractiveLimits:
     async def slot(self, model: str, tenant: str, pairs: int, wait_s: float) -> AsyncIterator[int]:
         """Hold the call's pairs in flight while the caller waits; Overloaded (429) past a limit. Yields the pairs of
         the tenant's other calls in flight, which place this one's chunks in the queue
-        (`store.queueing.interactive_lanes`)."""
+        (`store.queueing.interactive_steps`)."""
         key = keys.interactive_inflight_key(model)
         member = f"{tenant}|{uuid.uuid4().hex}|{pairs}"
         now = time.time()

@@ -6,14 +6,14 @@ Lanes. kombu keeps one Redis list per queue and priority step; `lane_for` names 
 lane and a sequence number in it (`schemas.chunks.ChunkRef`), which the ledger uses to tell a chunk still waiting
 in its list from one that left it. A worker takes from a queue's steps in order (BRPOP over the lists, step 0
 first): bulk chunks go to the step of their job's priority; interactive chunks to the step of their tenant's share
-(`interactive_lanes`).
+(`interactive_steps`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from schemas.chunks import ChunkRef
+from schemas.chunks import QUEUE_STEPS, ChunkRef
 from schemas.keys import TASK_SCORE_CHUNK, bulk_queue, interactive_queue
 from schemas.settings import Settings
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # Celery on Redis: priority 0 is served first. Jobs say 0 (lowest) .. 9 (highest), so the step is 9 - priority (the
 # farm's scale is `schemas.chunks`'s; this is its one translation for the broker).
-PRIORITY_STEPS = list(range(10))
+PRIORITY_STEPS = list(range(QUEUE_STEPS))
 
 
 def bulk_queue_keys(model: str) -> list[str]:
@@ -31,7 +31,7 @@ def bulk_queue_keys(model: str) -> list[str]:
 
 
 def interactive_queue_keys(model: str) -> list[str]:
-    """The Redis lists kombu keeps for a model's interactive queue, one per step of `interactive_lanes`."""
+    """The Redis lists kombu keeps for a model's interactive queue, one per step of `interactive_steps`."""
     return [lane_for(interactive_queue(model), step) for step in PRIORITY_STEPS]
 
 
@@ -52,17 +52,18 @@ def lane_of(kind: str, job_priority: int, model: str) -> str:
     return lane_for(bulk_queue(model), celery_priority(job_priority))
 
 
-def interactive_lanes(model: str, chunks: int, chunk_size: int, ahead: int, share: int) -> list[str]:
-    """Each chunk's lane in the model's interactive queue: fair queueing between tenants on the broker's own steps.
+def interactive_steps(chunks: int, chunk_size: int, ahead: int, share: int) -> list[int]:
+    """Each chunk's step in the model's interactive queue: fair queueing between tenants on the broker's own steps.
     Chunk k of a call goes to step (ahead + k x chunk_size) // share, at most the last: `ahead` is the pairs of its
     tenant's interactive calls in flight when it was admitted (`store.interactive`), and `share` the pairs a worker
     takes in one wave (RERANK_INTERACTIVE_CHUNK_SIZE x RERANK_INTERACTIVE_SLOTS). So a call of a tenant with little
     in flight is taken before the calls of a tenant with much in flight, however long their queue: a tenant's
     20-document call waits for at most a wave of a flooding tenant's chunks, not for the whole flood. Each tenant's
-    own calls keep their order (steps only rise with `ahead`), and so do a call's chunks."""
+    own calls keep their order (steps only rise with `ahead`), and so do a call's chunks. The step also sets the
+    chunk's priority in the engine (`schemas.chunks.chunk_priority`): a worker holding a wave of a flooding tenant's
+    chunks scores another tenant's step-0 chunk in its next pass, not after that wave."""
     last = PRIORITY_STEPS[-1]
-    queue = interactive_queue(model)
-    return [lane_for(queue, min(last, (ahead + k * chunk_size) // share)) for k in range(chunks)]
+    return [min(last, (ahead + k * chunk_size) // share) for k in range(chunks)]
 
 
 def resend_lane(lane: str) -> str:

@@ -3,6 +3,7 @@ long documents."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -19,6 +20,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
+from schemas.chunks import INTERACTIVE_PRIORITY, chunk_priority
 from store.api_keys import create_key
 from store.queueing import interactive_queue_keys
 from tests.conftest import TINY, random_text
@@ -169,7 +171,8 @@ def test_a_calls_next_chunks_are_taken_as_slots_free_without_a_polling_gap(tiny_
 def test_a_tenants_small_call_is_taken_before_another_tenants_flood(tiny_model_dir, log_dir) -> None:
     """Tenant A has three calls of 20 chunks queued, tenant B then one call of one chunk: the worker takes B's chunk
     within its first wave (interactive slots + 1), not after A's 60 (it did, first in first out, before tenants had
-    shares: `store.queueing.interactive_lanes`). A's own calls keep their order."""
+    shares: `store.queueing.interactive_steps`). A's own calls keep their order. Each chunk's priority in the engine
+    follows its step: B's chunk is the most urgent, A's deepest the least."""
     server = EmbeddedRedis().start()  # a farm of its own: the worker starts once everything is queued
     url = server.url
     r = redis.Redis.from_url(url)
@@ -200,6 +203,7 @@ def test_a_tenants_small_call_is_taken_before_another_tenants_flood(tiny_model_d
             callers.append(threading.Thread(target=call, args=("b", key_b, 5)))
             callers[-1].start()
             queued(61)
+            priorities = _queued_priorities(r)
             worker = WorkerProcess(url, tiny_model_dir, log_dir, RERANK_ENGINE="transformers").start()
             for caller in callers:
                 caller.join(150)
@@ -207,6 +211,9 @@ def test_a_tenants_small_call_is_taken_before_another_tenants_flood(tiny_model_d
         job_of = {a.json()["id"]: name for name, a in answers.items()}
         taken = [job_of[job] for job in re.findall(r"job (job_\w+) chunk \d+ taken", worker.log_path.read_text())]
         assert len(taken) == 61, taken
+        by_call = {name: sorted(priorities[job]) for job, name in job_of.items()}
+        assert by_call["b"] == [INTERACTIVE_PRIORITY + 9] and set(by_call["a2"]) == {INTERACTIVE_PRIORITY}, by_call
+        assert by_call["a0"][-4:] == [INTERACTIVE_PRIORITY + 9] * 4 and by_call["a0"][0] < by_call["a0"][-1], by_call
         slots = settings.interactive_slots
         assert "b" in taken[: slots + 1], f"tenant B's chunk was taken {taken.index('b') + 1}th: {taken}"
         last_take = {name: max(i for i, n in enumerate(taken) if n == name) for name in ("a0", "a1", "a2")}
@@ -215,6 +222,17 @@ def test_a_tenants_small_call_is_taken_before_another_tenants_flood(tiny_model_d
         if worker is not None:
             worker.stop()
         server.stop()
+
+
+def _queued_priorities(r: redis.Redis) -> dict[str, list[int]]:
+    """Each queued interactive chunk's engine priority, by job, read from kombu's messages in every step's list."""
+    out: dict[str, list[int]] = {}
+    for step, lane in enumerate(interactive_queue_keys(TINY)):
+        for raw in r.lrange(lane, 0, -1):
+            [ref], _, _ = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            assert ref["lane"] == lane and ref["priority"] == chunk_priority("interactive", 9, step), (lane, ref)
+            out.setdefault(ref["job_id"], []).append(ref["priority"])
+    return out
 
 
 def test_a_caller_that_hangs_up_has_its_pairs_dropped(redis_url, tiny_model_dir, worker) -> None:

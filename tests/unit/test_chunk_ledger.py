@@ -15,7 +15,7 @@ from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Ledger
 from store.job_state import JobRecord
-from store.queueing import interactive_lanes, lane_of
+from store.queueing import interactive_steps, lane_for, lane_of
 from workers.recovery import Recovery
 
 LANE = lane_of("bulk", 5, "m")  # rerank.bulk.m:4
@@ -74,11 +74,12 @@ def test_a_chunk_still_in_its_queue_is_waiting_not_lost(r) -> None:
 
 
 def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_each(r) -> None:
-    """A call's chunks spread over its queue's steps (`interactive_lanes`): each lane numbers its own, a chunk outside
+    """A call's chunks spread over its queue's steps (`interactive_steps`): each lane numbers its own, a chunk outside
     the job's own lane has its lane written down, and the sweep asks each chunk's own lane."""
     own = lane_of("interactive", 9, "m")
-    lanes = interactive_lanes("m", 5, 10, ahead=20, share=40)  # pairs ahead 20, 30, 40, 50, 60 -> steps 0 0 1 1 1
-    assert lanes == [own, own, f"{own}:1", f"{own}:1", f"{own}:1"]
+    steps = interactive_steps(5, 10, ahead=20, share=40)  # pairs ahead 20, 30, 40, 50, 60 -> steps 0 0 1 1 1
+    assert steps == [0, 0, 1, 1, 1]
+    lanes = [lane_for(own, step) for step in steps]
     record = JobRecord(
         id="job_i", tenant="acme", model="m", kind="interactive", priority=9, created_at=job_state.now_iso(),
         total=50, chunks_total=5, request_count=1, status="running",

@@ -2,8 +2,9 @@
 itself. An engine is one scheduler: vLLM's own (continuous batching under a token budget, priority policy), or the
 transformers engine's padded batcher (`workers.engines.batcher`). Engines know nothing of Celery, Redis or prompts.
 
-Priority is the farm's one scale (`schemas.chunks`): a job's 0..9, INTERACTIVE_PRIORITY (10) for interactive calls;
-higher is served first. An engine converts it at its own boundary (vLLM: lower runs first, so it gets -priority).
+Priority is the farm's one scale (`schemas.chunks`): a job's 0..9, INTERACTIVE_PRIORITY (10) and up for interactive
+calls (by their tenant's share); higher is served first. An engine converts it at its own boundary (vLLM: lower runs
+first, so it gets -priority).
 """
 
 from __future__ import annotations
