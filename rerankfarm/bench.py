@@ -153,7 +153,8 @@ def run_farm(url: str, requests: list[dict[str, Any]], jobs: int) -> dict[str, A
     return {"seconds": seconds, "scores": scores, "tokens": tokens, "job_latencies": list(latencies.values())}
 
 
-def _interactive_body(rng: random.Random, docs: int) -> dict[str, Any]:
+def interactive_body(rng: random.Random, docs: int) -> dict[str, Any]:
+    """One query and `docs` documents of 32-128 words from a 500-word vocabulary (the tiny model's)."""
     return {
         "query": " ".join(f"w{rng.randrange(500)}" for _ in range(8)),
         "documents": [" ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(32, 128))) for _ in range(docs)],
@@ -173,7 +174,7 @@ def run_latency(url: str, bulk_requests: list[dict[str, Any]], calls: int, docs:
         idle = []
         for _ in range(calls):
             t0 = time.perf_counter()
-            client.post("/v1/rerank", json=_interactive_body(rng, docs)).raise_for_status()
+            client.post("/v1/rerank", json=interactive_body(rng, docs)).raise_for_status()
             idle.append(time.perf_counter() - t0)
         submitted = time.perf_counter()
         job = client.post("/v1/jobs", json={"requests": bulk_requests}).json()
@@ -181,7 +182,7 @@ def run_latency(url: str, bulk_requests: list[dict[str, Any]], calls: int, docs:
         interactive_pairs = 0
         while True:
             t0 = time.perf_counter()
-            client.post("/v1/rerank", json=_interactive_body(rng, docs)).raise_for_status()
+            client.post("/v1/rerank", json=interactive_body(rng, docs)).raise_for_status()
             latency = time.perf_counter() - t0
             status = client.get(f"/v1/jobs/{job['id']}").json()
             if JobStatus(status["status"]).final:

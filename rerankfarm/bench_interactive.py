@@ -28,20 +28,13 @@ from typing import Any
 import httpx
 import redis
 
-from rerankfarm.bench import percentile
-
-
-def documents(rng: random.Random, n: int) -> list[str]:
-    return [" ".join(f"w{rng.randrange(500)}" for _ in range(rng.randint(32, 128))) for _ in range(n)]
-
-
-def body(rng: random.Random, docs: int) -> dict[str, Any]:
-    return {"query": " ".join(f"w{rng.randrange(500)}" for _ in range(8)), "documents": documents(rng, docs)}
+from rerankfarm.bench import interactive_body, percentile
+from schemas.jobs import JobStatus
 
 
 def call(client: httpx.Client, rng: random.Random, docs: int) -> tuple[int, float]:
     """One /v1/rerank call: its answer's code and seconds."""
-    payload = body(rng, docs)
+    payload = interactive_body(rng, docs)
     t0 = time.perf_counter()
     code = client.post("/v1/rerank", json=payload).status_code
     return code, time.perf_counter() - t0
@@ -51,15 +44,11 @@ def bulk_seconds(client: httpx.Client, rng: random.Random, docs: int, repeats: i
     """The bulk path's best time, submission to `succeeded`, for one query and `docs` documents."""
     best = float("inf")
     for _ in range(repeats):
-        payload = {"requests": [body(rng, docs)]}
+        payload = {"requests": [interactive_body(rng, docs)]}
         t0 = time.perf_counter()
         job = client.post("/v1/jobs", json=payload)
         job.raise_for_status()
-        while (status := client.get(f"/v1/jobs/{job.json()['id']}").json()["status"]) not in (
-            "succeeded",
-            "failed",
-            "cancelled",
-        ):
+        while not JobStatus(status := client.get(f"/v1/jobs/{job.json()['id']}").json()["status"]).final:
             time.sleep(0.01)
         if status != "succeeded":
             raise RuntimeError(f"bulk reference job {status}")
