@@ -23,8 +23,8 @@ RETRY_AFTER_S = 1
 
 # KEYS: the model's calls in flight. ARGV: now, when this call's wait ends, member, tenant, pairs, tenant limit,
 # model limit, key ttl. Returns {'ok', the tenant's pairs in flight before this call}, or {'tenant' | 'model', pairs
-# already in flight}. A call alone (nothing of its
-# tenant in flight, for the tenant's limit; nothing at all, for the model's) is let in whatever its size.
+# already in flight}. A call alone (nothing of its tenant in flight, for the tenant's limit; nothing at all, for the
+# model's) is let in whatever its size.
 ADMIT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local total, mine = 0, 0
