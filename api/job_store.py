@@ -10,6 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -31,8 +32,8 @@ from schemas.errors import (
 )
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
 from schemas.settings import Settings
-from schemas.webhooks import WebhookEvent
-from store import job_state, redis_memory
+from schemas.webhooks import WebhookEvent, WebhookState, destination
+from store import job_state, moves, redis_memory, webhook_queue, webhook_secrets
 from store.chunk_ledger import Ledger
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
@@ -55,7 +56,7 @@ class JobStore:
         self.waiter = waiter
         self.celery = celery
         self.settings = settings
-        self.run = job_state.AsyncRunner(client)
+        self.run = moves.AsyncRunner(client)
         self.models = ModelCatalog(client, settings)
         self.ledger = Ledger(client)
         self.interactive = InteractiveLimits(
@@ -125,9 +126,11 @@ class JobStore:
                     headers={"Retry-After": "30"},
                 )
 
-    async def check_webhook(self, url: str) -> None:
-        if self.settings.webhook_secret is None:
-            raise InvalidRequest("this farm sends no webhooks: RERANK_WEBHOOK_SECRET is not set")
+    async def check_webhook(self, url: str, tenant: str) -> None:
+        """A job's webhook needs a secret to sign it with, and a URL the farm may reach."""
+        stored = await self.redis.hget(keys.WEBHOOK_SECRETS, tenant)
+        if not webhook_secrets.signing_secrets(self.settings, stored):
+            raise InvalidRequest(webhook_secrets.missing_reason(self.settings, tenant))
         try:
             await anyio.to_thread.run_sync(resolve_checked, url, self.settings.webhook_allowlist)
         except UnsafeURL as exc:
@@ -149,7 +152,7 @@ class JobStore:
         self.check_limits(body)
         model = await self.models.resolve(body.model)
         if body.webhook is not None:
-            await self.check_webhook(body.webhook.url)
+            await self.check_webhook(body.webhook.url, tenant)
         job_id = f"job_{uuid.uuid4().hex}"
         total = body.total_pairs
         chunk_size = self.settings.interactive_chunk_size if interactive else self.settings.chunk_size
@@ -170,6 +173,7 @@ class JobStore:
         )
         if body.webhook is not None:
             record.webhook_url = body.webhook.url
+            record.webhook_dest = destination(body.webhook.url)
             record.webhook_events = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
         job_input = JobInput.of(body.requests)
         record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
@@ -263,7 +267,16 @@ class JobStore:
         return view
 
     async def get(self, job_id: str, tenant: str) -> Job:
-        return (await self._view(job_id, tenant)).to_job()
+        """The job; a pending webhook shows when its paused destination is tried again."""
+        view = await self._view(job_id, tenant)
+        job = view.to_job()
+        record = view.record
+        if job.webhook is not None and record.webhook_state == WebhookState.pending:
+            field = webhook_queue.breaker_field(tenant, record.webhook_dest or record.webhook_url)
+            until = webhook_queue.paused_until(await self.redis.hget(keys.WEBHOOK_BREAKER, field))
+            if until is not None:
+                job.webhook.paused_until = datetime.fromtimestamp(until, UTC).isoformat()
+        return job
 
     async def recent(self, limit: int, tenant: str) -> list[Job]:
         """The newest jobs first; expired ones are dropped from the index as they are met."""
@@ -353,9 +366,8 @@ class JobStore:
             return [int(n) for n in await pipe.execute()]
 
     async def queue_depths(self) -> dict[tuple[str, str], int]:
-        """Messages waiting per (queue, model) for every served model (a queue's priority steps add up), and the
-        webhook queue (model '')."""
-        queues: list[tuple[str, str, list[str]]] = [(keys.QUEUE_WEBHOOKS, "", [keys.QUEUE_WEBHOOKS])]
+        """Messages waiting per (queue, model) for every served model (a queue's priority steps add up)."""
+        queues: list[tuple[str, str, list[str]]] = []
         for model in await self.models.served():
             queues.append((keys.interactive_queue(model.name), model.name, interactive_queue_keys(model.name)))
             queues.append((keys.bulk_queue(model.name), model.name, bulk_queue_keys(model.name)))

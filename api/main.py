@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -22,7 +22,7 @@ from api.deps import get_tenant
 from api.file_store import FileStore
 from api.job_store import JobStore
 from api.limits import BodySizeLimit
-from api.routes import batches, files, health, info, jobs, metrics, playground, rerank
+from api.routes import batches, files, health, info, jobs, metrics, playground, rerank, webhooks
 from api.shapes import SHAPE_TAGS, Shape, error_payload
 from schemas.errors import RerankError, describe_validation
 from schemas.metrics import REQUEST_FAILURES
@@ -49,18 +49,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.files = FileStore(client, settings)
     app.state.batches = BatchStore(client, app.state.store, app.state.files, settings)
     app.state.idempotency = Idempotency(client, settings.idempotency_ttl_s, settings.idempotency_lock_s)
-    try:
-        memory = await redis_memory.aread_memory(client)
-    except RedisError as exc:  # Redis not up yet: /readyz checks the policy once it answers
-        logger.warning("api: could not read Redis's memory settings at start (%r)", exc)
-    else:
-        try:
-            redis_memory.check_policy(memory, settings.redis_allow_eviction, "api")
-        except redis_memory.EvictingRedis as exc:
-            logger.error("%s", exc)
-            await close_async(client)
-            await close_async(waiter)
-            raise
+    try:  # Redis not up yet: logged, and /readyz checks the policy once it answers
+        await redis_memory.check_at_start_async(client, settings.redis_allow_eviction, "api")
+    except redis_memory.EvictingRedis as exc:
+        logger.error("%s", exc)
+        await close_async(client)
+        await close_async(waiter)
+        raise
     if settings.auth == "off":
         logger.warning(
             "AUTHENTICATION IS OFF (RERANK_AUTH=off): anyone who can reach this API can submit work and read "
@@ -164,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(batches.router)
+    app.include_router(webhooks.router)
     app.include_router(health.router)
     app.include_router(info.router)
     app.include_router(playground.router)

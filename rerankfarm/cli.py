@@ -150,16 +150,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from store import api_keys as auth
+    from store import moves, webhook_secrets
     from store.connect import redis_client
 
     settings = get_settings()
     client = redis_client(settings.redis_url, decode_responses=True)
+    run = moves.Runner(client)
     if args.action == "create":
         try:
             key, info = auth.create_key(client, args.tenant)
         except ValueError as exc:
             raise SystemExit(f"rerankfarm keys create: {exc}") from None
         print(f"created {info['id']} for tenant {info['tenant']}. The key is shown once; store it now:\n{key}")
+        made, move = webhook_secrets.rotate(args.tenant, settings.webhook_secret_overlap_s, only_if_none=True)
+        if run(move):
+            print(f"\ntenant {args.tenant}'s webhook signing secret ({made.id}), shown once; its receivers verify "
+                  f"with it:\n{made.secret}")  # fmt: skip
+        else:
+            print(f"\ntenant {args.tenant} has a webhook signing secret already (shown when it was made); "
+                  f"`rerankfarm keys webhook-secret --tenant {args.tenant}` makes a new one")  # fmt: skip
+    elif args.action == "webhook-secret":
+        if not auth.TENANT_NAME.match(args.tenant):
+            raise SystemExit(f"rerankfarm keys webhook-secret: no such tenant name {args.tenant!r}")
+        overlap = settings.webhook_secret_overlap_s if args.overlap is None else args.overlap
+        made, move = webhook_secrets.rotate(args.tenant, overlap)
+        run(move)
+        print(f"tenant {args.tenant}'s new webhook signing secret ({made.id}), shown once; older ones still sign "
+              f"for {overlap} s:\n{made.secret}")  # fmt: skip
     elif args.action == "list":
         for info in auth.list_keys(client):
             print(f"{info['id']}  tenant={info['tenant']}  prefix={info['prefix']}...  created={info['created_at']}")
@@ -173,7 +190,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_webhooks(args: argparse.Namespace) -> int:
     from webhooks import worker
 
-    return worker.main(["--concurrency", str(args.concurrency), "--loglevel", args.loglevel])
+    concurrency = [] if args.concurrency is None else ["--concurrency", str(args.concurrency)]
+    return worker.main([*concurrency, "--loglevel", args.loglevel])
 
 
 def _model_loadable(model: str) -> str | None:
@@ -393,15 +411,28 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("list", help="list keys (id, tenant, prefix; never the key)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")
+    hook_secret = keys_sub.add_parser(
+        "webhook-secret",
+        help="make a new webhook signing secret for a tenant (printed once); the old one still signs for a while",
+    )
+    hook_secret.add_argument("--tenant", required=True)
+    hook_secret.add_argument(
+        "--overlap",
+        type=int,
+        default=None,
+        help="seconds the old secret keeps signing beside the new one (RERANK_WEBHOOK_SECRET_OVERLAP_S: 1 day)",
+    )
     keys_parser.set_defaults(func=cmd_keys)
 
     hooks = sub.add_parser(
         "webhooks",
         help="run the webhook delivery worker (no GPU, no model)",
-        description="Delivers job webhooks from the rerank.webhooks queue: signed (Standard Webhooks), retried on "
+        description="Delivers job webhooks: signed with each tenant's secret (Standard Webhooks), retried on "
         "RERANK_WEBHOOK_RETRY_DELAYS, SSRF-checked at each attempt.",
     )
-    hooks.add_argument("--concurrency", type=int, default=8, help="deliveries in flight")
+    hooks.add_argument(
+        "--concurrency", type=int, default=None, help="deliveries in flight (RERANK_WEBHOOK_CONCURRENCY: 32)"
+    )
     hooks.add_argument("--loglevel", default="INFO")
     hooks.set_defaults(func=cmd_webhooks)
 

@@ -58,9 +58,9 @@ class LocalFarm:
         exe = [sys.executable, "-m", "rerankfarm.cli"]
         commands = {
             "api": [*exe, "api", "--host", "127.0.0.1", "--port", str(self.port), "--loglevel", self.loglevel],
-            # The worker's log says which engine it runs and what each chunk did: INFO, in its own file.
+            # The worker's and the webhook worker's logs say what each chunk and delivery did: INFO, in their own files.
             "worker": [*exe, "worker", "--loglevel", "INFO", *self.worker_args],
-            "webhooks": [*exe, "webhooks", "--loglevel", self.loglevel],
+            "webhooks": [*exe, "webhooks", "--loglevel", "INFO"],
         }
         for name, command in commands.items():
             log = self.log_dir / f"{name}.log"

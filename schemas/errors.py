@@ -162,3 +162,10 @@ def describe_validation(errors: Sequence[Mapping[str, Any]], skip: Container[obj
         parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
+
+
+class AuthOff(RerankError):
+    """A per-tenant setting asked of a farm that runs without authentication (one tenant, farm-wide settings)."""
+
+    code = "auth_off"
+    status = 409

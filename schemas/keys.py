@@ -4,10 +4,12 @@ NAMESPACE = "rerank"
 
 QUEUE_BULK = "rerank.bulk"  # + ".{model}": each served model has its own bulk queue ...
 QUEUE_INTERACTIVE = "rerank.interactive"  # ... and interactive queue (read by workers/interactive.py's consumer)
-QUEUE_WEBHOOKS = "rerank.webhooks"  # consumed by `rerankfarm webhooks`, never by a GPU worker
-TASK_DELIVER_WEBHOOK = "rerank.deliver_webhook"
 RECENT_JOBS_KEPT = 1000
-WEBHOOKS_DUE = f"{NAMESPACE}:webhooks:due"  # sorted set: job id -> unix time its next delivery attempt is due
+WEBHOOKS_DUE_PREFIX = f"{NAMESPACE}:webhooks:due:"  # + tenant: `webhooks_due_key`
+WEBHOOK_TENANTS = f"{NAMESPACE}:webhooks:tenants"  # set: tenants whose due set may hold deliveries
+WEBHOOKS_IN_FLIGHT = f"{NAMESPACE}:webhooks:inflight"  # sorted set: "{job}\t{tenant}\t{destination}" -> lease end
+WEBHOOK_BREAKER = f"{NAMESPACE}:webhooks:breaker"  # hash: "{tenant}\t{destination}" -> "{failures} {paused until}"
+WEBHOOK_SECRETS = f"{NAMESPACE}:webhooks:secrets"  # hash: tenant -> JSON of its signing secrets (store.webhook_secrets)
 TASK_SCORE_CHUNK = "rerank.score_chunk"
 
 MODELS_SEEN = f"{NAMESPACE}:models:seen"  # sorted set: served model name -> unix time a live worker last announced it
@@ -108,6 +110,12 @@ DONE_TTL_S = 600  # a done-list nobody popped disappears after 10 minutes
 def worker_key(hostname: str) -> str:
     """String (JSON) with a TTL: a live worker's heartbeat and what it runs."""
     return f"{NAMESPACE}:worker:{hostname}"
+
+
+def webhooks_due_key(tenant: str) -> str:
+    """Sorted set: the tenant's job ids -> unix time their next webhook delivery attempt is due. One per tenant, so
+    that a tenant's backlog of deliveries never hides another's (`store.webhook_queue`)."""
+    return f"{WEBHOOKS_DUE_PREFIX}{tenant}"
 
 
 def job_webhook_attempts_key(job_id: str) -> str:

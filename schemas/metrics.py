@@ -69,4 +69,17 @@ JOB_LATENCY = Histogram(
 GPU_MEMORY_USED = Gauge("rerank_gpu_memory_used_bytes", "GPU memory in use (NVML), per worker.", ["worker", "gpu"])
 GPU_UTILIZATION = Gauge("rerank_gpu_utilization_ratio", "GPU busy fraction (NVML), per worker.", ["worker", "gpu"])
 
-WEBHOOK_DELIVERIES = Counter("rerank_webhook_deliveries_total", "Webhook delivery attempts by outcome.", ["outcome"])
+WEBHOOK_DELIVERIES = Counter(
+    "rerank_webhook_deliveries_total",
+    "Webhook delivery attempts by the webhook's state after them (delivered, pending, failed, gone) and tenant.",
+    ["outcome", "tenant"],
+)
+# The delivery schedule, the farm's as a whole: every webhook worker exports the same values (aggregate with max).
+WEBHOOK_IN_FLIGHT = Gauge("rerank_webhook_in_flight", "Webhook attempts in flight, per destination.", ["destination"])
+WEBHOOK_TENANT_IN_FLIGHT = Gauge(
+    "rerank_webhook_tenant_in_flight", "Webhook attempts in flight, per tenant.", ["tenant"]
+)
+WEBHOOK_PAUSED = Gauge(
+    "rerank_webhook_paused_destinations", "Destinations paused by the circuit breaker, per tenant.", ["tenant"]
+)
+WEBHOOK_DUE = Gauge("rerank_webhook_due", "Webhook deliveries due now and not yet taken, per tenant.", ["tenant"])

@@ -252,15 +252,45 @@ class Settings(BaseSettings):
     )
     webhook_secret: SecretStr | None = Field(
         None,
-        description="Standard Webhooks signing secret (`whsec_` + base64). Jobs that name a webhook are refused "
-        "while it is unset.",
+        description="The farm-wide Standard Webhooks signing secret (`whsec_` + base64), used only when "
+        "RERANK_AUTH=off (one tenant): jobs that name a webhook are then refused while it is unset. With auth on, "
+        "each tenant's webhooks are signed with that tenant's own secret (`rerankfarm keys create`, "
+        "`POST /v1/webhooks/secret/rotate`) and this one is not used.",
     )
     webhook_retry_delays: str = Field(
         "5,300,1800,7200,18000,36000,50400,72000,86400",
         description="Seconds between delivery attempts after the first (comma-separated; +-10% jitter). The "
         "default follows Standard Webhooks: 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.",
     )
-    webhook_timeout_s: float = Field(15.0, gt=0, description="Seconds one delivery attempt may take.")
+    webhook_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds one delivery attempt may take in all: connect, send, and the answer."
+    )
+    webhook_connect_timeout_s: float = Field(
+        3.0, gt=0, description="Seconds to connect to a receiver (within RERANK_WEBHOOK_TIMEOUT_S)."
+    )
+    webhook_concurrency: int = Field(32, ge=1, description="Deliveries in flight per webhook worker process.")
+    webhook_max_in_flight_per_tenant: int = Field(
+        8, ge=1, description="Deliveries in flight for one tenant, all webhook workers together."
+    )
+    webhook_max_in_flight_per_destination: int = Field(
+        4, ge=1, description="Deliveries in flight to one destination (host:port), all tenants and workers together."
+    )
+    webhook_breaker_failures: int = Field(
+        5,
+        ge=1,
+        description="Consecutive failed attempts (any job of one tenant) after which that tenant's destination is "
+        "paused: its due attempts are recorded as not sent until the pause ends, then one probe goes.",
+    )
+    webhook_breaker_pause_s: float = Field(
+        30.0, gt=0, description="The first pause of a failing destination; doubled by each failed probe."
+    )
+    webhook_breaker_max_pause_s: float = Field(3600.0, gt=0, description="The longest pause of a failing destination.")
+    webhook_secret_overlap_s: int = Field(
+        86400,
+        ge=0,
+        description="After a tenant's signing secret is rotated, the old one still signs (beside the new) for this "
+        "long, unless the rotation names its own window.",
+    )
     webhook_allowlist: str = Field(
         "",
         description="Hosts or CIDRs (comma-separated) that webhooks may reach although they are not public "
@@ -337,6 +367,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"RERANK_MODEL={self.model!r} gives the public name {self.served_name!r}, which cannot name queues "
                 f"(letters, digits, '.', '_', '-', at most 64); set RERANK_MODEL_NAME"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _webhook_lease_outlasts_an_attempt(self) -> Settings:
+        if self.webhook_lease_s <= self.webhook_timeout_s:  # else a live attempt would be taken again, and sent twice
+            raise ValueError(
+                f"RERANK_WEBHOOK_LEASE_S ({self.webhook_lease_s}) must be longer than RERANK_WEBHOOK_TIMEOUT_S "
+                f"({self.webhook_timeout_s:g})"
             )
         return self
 

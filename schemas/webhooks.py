@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field
 
@@ -20,6 +21,11 @@ class WebhookSpec(BaseModel):
     events: list[Literal["job.succeeded", "job.failed", "job.cancelled"]] | None = Field(
         None, min_length=1, description="Events to send; all three when omitted."
     )
+
+
+def destination(url: str) -> str:
+    """Where a webhook goes, as the delivery caps and the circuit breaker count it: `host[:port]`, lower case."""
+    return urlsplit(url).netloc.rsplit("@", 1)[-1].lower()
 
 
 class WebhookAttempt(BaseModel):
@@ -45,6 +51,11 @@ class WebhookStatus(BaseModel):
     state: str | None = Field(None, description="pending, delivered, failed or gone; null before the job ends.")
     event: str | None = Field(None, description="The event being (or last) delivered.")
     attempts: list[WebhookAttempt] = Field(default_factory=list)
+    paused_until: str | None = Field(
+        None,
+        description="Set while the destination is paused after failing RERANK_WEBHOOK_BREAKER_FAILURES times in a "
+        "row: attempts due before then are recorded as not sent.",
+    )
 
 
 def event_payload(event: str, job: dict[str, Any], results_url: str, results: Any | None, at: str) -> dict[str, Any]:

@@ -18,19 +18,19 @@ Moves, each one atomic (a Lua script, or the creating transaction), each returni
 Every move into a final state runs the shared prelude `finalize` in its script: the job leaves its tenant's
 in-flight set, its status goes to the done-list when someone waits on it (an interactive call), the webhook event
 the job asked for is scheduled, and the chunks' ledger and inputs go (the inputs stay when results echo documents).
-Nothing can set a final state without those following. A move is data (`Move`: script, keys, args, and how to read
-the reply); `Runner` runs it on a sync client, `AsyncRunner` on an asyncio one. `store.chunk_ledger` keeps the
-chunks' own state (sent, re-sent, renewed) beside it.
+Nothing can set a final state without those following. A move is data (`store.moves.Move`: script, keys, args, and
+how to read the reply); `moves.Runner` runs it on a sync client, `moves.AsyncRunner` on an asyncio one.
+`store.chunk_ledger` keeps the chunks' own state (sent, re-sent, renewed) beside it.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
@@ -38,8 +38,7 @@ from schemas import keys
 from schemas.chunks import Chunk
 from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
 from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
-
-T = TypeVar("T")
+from store.moves import Move
 
 
 def now_iso() -> str:
@@ -80,6 +79,7 @@ class JobRecord:
     error_code: str = ""
     error_message: str = ""
     webhook_url: str = ""
+    webhook_dest: str = ""  # host[:port] of webhook_url: its delivery caps and circuit breaker (store.webhook_queue)
     webhook_events: str = ""  # JSON list of the events the job's webhook wants
     webhook_event: str = ""  # the event being (or last) delivered
     webhook_state: str = ""
@@ -214,8 +214,9 @@ class JobView:
         return self.record.to_job(self.workers, self.attempts, self.expires_at)
 
 
-# The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, webhooks due
-# set, the tenant's in-flight set, chunk inputs, chunk ledger, open chunks.
+# The KEYS every job-state script receives, in this order: job, scores, workers, input, done-list, the tenant's
+# webhooks due set, the tenant's in-flight set, chunk inputs, chunk ledger, open chunks, webhook attempts, the set of
+# tenants with deliveries due.
 def script_keys(job_id: str, tenant: str) -> list[str]:
     return [
         keys.job_key(job_id),
@@ -223,12 +224,13 @@ def script_keys(job_id: str, tenant: str) -> list[str]:
         keys.job_workers_key(job_id),
         keys.job_input_key(job_id),
         keys.job_done_key(job_id),
-        keys.WEBHOOKS_DUE,
+        keys.webhooks_due_key(tenant),
         keys.tenant_inflight_key(tenant),
         keys.job_chunks_key(job_id),
         keys.job_ledger_key(job_id),
         keys.CHUNKS_OPEN,
         keys.job_webhook_attempts_key(job_id),
+        keys.WEBHOOK_TENANTS,
     ]
 
 
@@ -256,6 +258,7 @@ local function finalize(status)
   if id and events and string.find(events, '"job.' .. status .. '"', 1, true) then
     redis.call('HSET', KEYS[1], 'webhook_event', 'job.' .. status, 'webhook_state', 'pending', 'webhook_attempt', 0)
     redis.call('ZADD', KEYS[6], redis.call('TIME')[1], id)
+    redis.call('SADD', KEYS[12], redis.call('HGET', KEYS[1], 'tenant') or 'default')
   end
   redis.call('DEL', KEYS[9])
   if redis.call('HGET', KEYS[1], 'keep_input') ~= '1' then redis.call('DEL', KEYS[8]) end
@@ -363,13 +366,14 @@ if not id or not redis.call('HGET', KEYS[1], 'webhook_url') or not redis.call('H
 end
 redis.call('HSET', KEYS[1], 'webhook_state', 'pending', 'webhook_attempt', 0)
 redis.call('ZADD', KEYS[6], ARGV[1], id)
+redis.call('SADD', KEYS[12], redis.call('HGET', KEYS[1], 'tenant') or 'default')
 return view()
 """
 )
 
-# One delivery attempt. KEYS: job, attempts, webhooks due set. ARGV: job id, attempt entry (JSON), state after it,
-# attempt number, when the next attempt is due (unix; '' for none), attempts kept (2 or more), ttl seconds. Taken by a
-# full Redis: its first write trims the attempts kept (a delete).
+# One delivery attempt. KEYS: job, attempts, the tenant's webhooks due set. ARGV: job id, attempt entry (JSON), state
+# after it, attempt number, when the next attempt is due (unix; '' for none), attempts kept (2 or more), ttl seconds.
+# Taken by a full Redis: its first write trims the attempts kept (a delete).
 WEBHOOK_ATTEMPT = """
 redis.call('LTRIM', KEYS[2], 1 - tonumber(ARGV[6]), -1)
 redis.call('RPUSH', KEYS[2], ARGV[2])
@@ -402,20 +406,10 @@ local id = redis.call('HGET', KEYS[1], 'id')
 for _, i in ipairs({1, 2, 3, 4, 5, 8, 9, 11}) do redis.call('DEL', KEYS[i]) end
 if id then
   redis.call('ZREM', KEYS[6], id)
-  redis.call('ZREM', KEYS[12], id)
+  redis.call('ZREM', KEYS[13], id)
 end
 return 'deleted'
 """
-
-
-@dataclass(frozen=True)
-class Move(Generic[T]):
-    """One move: which script, with which KEYS and ARGV, and how its caller reads the reply."""
-
-    script: str
-    keys: list[str]
-    args: Sequence[str | int | float]
-    parse: Callable[[Any], T]
 
 
 class Taken(NamedTuple):
@@ -524,9 +518,9 @@ def redeliver(job_id: str, tenant: str) -> Move[JobView | None]:
     return Move(REDELIVER, script_keys(job_id, tenant), [time.time()], _view)
 
 
-def webhook_attempt(job_id: str, entry: WebhookAttempt, state: WebhookState, due: float | None, kept: int,
-                    ttl_s: int) -> Move[None]:  # fmt: skip
-    move_keys = [keys.job_key(job_id), keys.job_webhook_attempts_key(job_id), keys.WEBHOOKS_DUE]
+def webhook_attempt(job_id: str, tenant: str, entry: WebhookAttempt, state: WebhookState, due: float | None,
+                    kept: int, ttl_s: int) -> Move[None]:  # fmt: skip
+    move_keys = [keys.job_key(job_id), keys.job_webhook_attempts_key(job_id), keys.webhooks_due_key(tenant)]
     args = [job_id, entry.model_dump_json(), state.value, entry.attempt, "" if due is None else due, kept, ttl_s]
     return Move(WEBHOOK_ATTEMPT, move_keys, args, lambda _: None)
 
@@ -544,27 +538,3 @@ def delete(job_id: str, tenant: str) -> Move[str | None]:
     """Delete a finished job: 'deleted', else the status of a job not final yet, or None for an unknown job."""
     move_keys = [*script_keys(job_id, tenant), keys.recent_jobs_key(tenant)]
     return Move(DELETE, move_keys, [], lambda reply: None if reply is None else as_str(reply))
-
-
-_SCRIPTS = (RECORD_CHUNK, TAKE, FINISH, REDELIVER, WEBHOOK_ATTEMPT, READ, STATUS, DELETE)
-
-
-class Runner:
-    """Runs moves on a sync Redis client."""
-
-    def __init__(self, client: Any) -> None:
-        self._scripts = {lua: client.register_script(lua) for lua in _SCRIPTS}
-
-    def __call__(self, move: Move[T]) -> T:
-        return move.parse(self._scripts[move.script](keys=move.keys, args=move.args))
-
-
-class AsyncRunner:
-    """Runs moves on an asyncio Redis client."""
-
-    def __init__(self, client: Any) -> None:
-        self._scripts = {lua: client.register_script(lua) for lua in _SCRIPTS}
-
-    async def __call__(self, move: Move[T]) -> T:
-        reply: Awaitable[Any] = self._scripts[move.script](keys=move.keys, args=move.args)
-        return move.parse(await reply)

@@ -120,6 +120,16 @@ def check_at_start(client: Any, allow_eviction: bool, who: str) -> None:
     check_policy(memory, allow_eviction, who)
 
 
+async def check_at_start_async(client: Any, allow_eviction: bool, who: str) -> None:
+    """`check_at_start` for an asyncio client (the API, the webhook worker)."""
+    try:
+        memory = await aread_memory(client)
+    except RedisError as exc:
+        logger.warning("%s: could not read Redis's memory settings at start (%r)", who, exc)
+        return
+    check_policy(memory, allow_eviction, who)
+
+
 def read_memory(client: Any) -> Memory:
     """`INFO memory` of a sync client."""
     return Memory.of(client.info("memory"))

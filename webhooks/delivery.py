@@ -1,11 +1,14 @@
-"""One webhook delivery attempt, as plain code: check the URL, sign the body (Standard Webhooks), POST it to the checked
-address without following redirects, and classify the answer into the webhook's next state. No Redis, no Celery:
-`webhooks.worker` reads the job, calls `attempt`, and records what `next_state` says."""
+"""One webhook delivery attempt, as plain code: check the URL, sign the body (Standard Webhooks, one signature per
+live secret of the tenant), POST it to the checked address without following redirects, and classify the answer
+into the webhook's next state and its destination's health. No Redis: `webhooks.worker` reads the job, calls
+`attempt`, and records what `next_state` and `outcome` say."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +18,7 @@ import httpx
 from standardwebhooks import Webhook
 
 from schemas.webhooks import WebhookState
+from store.webhook_queue import Outcome
 from webhooks.ssrf import UnresolvableHost, UnsafeURL, resolve_checked
 
 
@@ -43,25 +47,47 @@ def pinned_request(url: str, host: str, address: str) -> tuple[str, dict[str, st
     return urlunsplit(parts._replace(netloc=netloc)), headers, extensions
 
 
-def attempt(url: str, msg_id: str, body: str, secret: str, at: datetime, allowlist: str, timeout_s: float) -> Attempt:
-    """Send the signed body once."""
+def sign(msg_id: str, at: datetime, body: str, secrets: Sequence[str]) -> str:
+    """The `webhook-signature` header: one `v1,<base64>` per secret, space-separated (Standard Webhooks), so that a
+    receiver still on the old secret verifies during a rotation's overlap."""
+    return " ".join(Webhook(secret).sign(msg_id, at, body) for secret in secrets)
+
+
+async def attempt(
+    url: str,
+    msg_id: str,
+    body: str,
+    secrets: Sequence[str],
+    at: datetime,
+    allowlist: str,
+    timeout_s: float,
+    connect_timeout_s: float,
+) -> Attempt:
+    """Send the signed body once. `timeout_s` bounds the whole attempt (name lookup, connect, send, the answer's
+    status line and headers; its body is not read), `connect_timeout_s` the connection alone."""
     started = time.perf_counter()
     result = Attempt()
     try:
-        host, addresses = resolve_checked(url, allowlist)
-        target, headers, extensions = pinned_request(url, host, str(addresses[0]))
-        headers.update(
-            {
-                "content-type": "application/json",
-                "webhook-id": msg_id,
-                "webhook-timestamp": str(int(at.timestamp())),
-                "webhook-signature": Webhook(secret).sign(msg_id, at, body),
-                "user-agent": "rerankfarm-webhooks",
-            }
-        )
-        with httpx.Client(timeout=timeout_s, follow_redirects=False) as http:
-            response = http.post(target, content=body.encode(), headers=headers, extensions=extensions)
-        result.status_code = response.status_code
+        async with asyncio.timeout(timeout_s):
+            host, addresses = await asyncio.to_thread(resolve_checked, url, allowlist)
+            target, headers, extensions = pinned_request(url, host, str(addresses[0]))
+            headers.update(
+                {
+                    "content-type": "application/json",
+                    "webhook-id": msg_id,
+                    "webhook-timestamp": str(int(at.timestamp())),
+                    "webhook-signature": sign(msg_id, at, body, secrets),
+                    "user-agent": "rerankfarm-webhooks",
+                }
+            )
+            timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+            async with (
+                httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http,
+                http.stream("POST", target, content=body.encode(), headers=headers, extensions=extensions) as answer,
+            ):
+                result.status_code = answer.status_code
+    except TimeoutError:
+        result.error = f"no answer within {timeout_s:g}s"
     except UnresolvableHost as exc:  # may resolve later: retried
         result.error = str(exc)
     except UnsafeURL as exc:
@@ -70,6 +96,15 @@ def attempt(url: str, msg_id: str, body: str, secret: str, at: datetime, allowli
         result.error = f"{exc.__class__.__name__}: {exc}"[:500]
     result.duration_ms = round((time.perf_counter() - started) * 1000, 1)
     return result
+
+
+def outcome(result: Attempt) -> Outcome:
+    """What the attempt says of its destination, for the circuit breaker: it answered (2xx or 410), it failed, or
+    nothing (refused by policy before any request)."""
+    code = result.status_code
+    if code is not None and (200 <= code < 300 or code == 410):
+        return Outcome.ok
+    return Outcome.none if result.refused else Outcome.failed
 
 
 def next_state(result: Attempt, attempt_number: int, delays: list[float]) -> tuple[WebhookState, float | None]:

@@ -11,7 +11,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from schemas import metrics
 from schemas.chunks import ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
-from store import job_state
+from store import job_state, moves
 from store.chunk_ledger import Ledger
 from store.job_state import Recorded, Taken
 from store.queueing import resend_lane
@@ -24,7 +24,7 @@ class WorkerJobStore:
     def __init__(self, client: redis.Redis, result_ttl_s: int, store_full_wait_s: float = 0.0) -> None:
         self.redis = client
         self.ttl = result_ttl_s
-        self.run = job_state.Runner(client)
+        self.run = moves.Runner(client)
         self.ledger = Ledger(client)
         # A full Redis (noeviction) refuses a take or a record: try again for up to store_full_wait_s, as running
         # jobs end and free their chunks' inputs; then the error goes up and the chunk's job fails `store_full`.

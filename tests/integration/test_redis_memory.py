@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
-from store import job_state
+from store import job_state, moves
 from store.api_keys import API_KEYS
 from store.job_state import JobRecord
 from store.redis_memory import EvictingRedis, is_out_of_memory, read_memory
@@ -94,7 +94,7 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
     """FINISH (fail, cancel) and the webhook attempt write past maxmemory; a record is refused whole."""
     server = EmbeddedRedis(binary=BINARIES[binary], extra_args=("--maxmemory", "4mb"))
     with server, redis.Redis.from_url(server.url) as client:
-        run = job_state.Runner(client)
+        run = moves.Runner(client)
         for job_id in ("job_a", "job_b"):
             record = JobRecord(id=job_id, tenant="acme", priority=5, created_at=job_state.now_iso(), total=4,
                                chunks_total=2, request_count=1, webhook_url="https://h.example/x",
@@ -107,14 +107,14 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
         assert is_out_of_memory(refused.value)
         assert run(job_state.fail("job_a", "acme", "store_full", "Redis is full")).moved
         assert run(job_state.cancel("job_b", "acme")).moved
-        assert client.zscore(keys.WEBHOOKS_DUE, "job_a") is not None  # its webhook is scheduled
+        assert client.zscore(keys.webhooks_due_key("acme"), "job_a") is not None  # its webhook is scheduled
         view = run(job_state.read("job_a"))
         assert view is not None and view.record.error_code == "store_full" and view.record.completed == 0
         assert client.scard(keys.tenant_inflight_key("acme")) == 0
         from schemas.webhooks import WebhookAttempt, WebhookState
 
         attempt = WebhookAttempt(attempt=1, at=job_state.now_iso(), status_code=200)
-        run(job_state.webhook_attempt("job_a", attempt, WebhookState.delivered, None, 50, 3600))
+        run(job_state.webhook_attempt("job_a", "acme", attempt, WebhookState.delivered, None, 50, 3600))
         assert client.llen(keys.job_webhook_attempts_key("job_a")) == 1
 
 
@@ -225,7 +225,7 @@ def test_no_key_lives_without_a_ttl_but_the_farms_few_indexes(
     kept_for_ever = {
         API_KEYS,  # API keys, until revoked
         keys.CHUNKS_OPEN,  # chunks sent and not recorded (entries leave as chunks are recorded)
-        keys.WEBHOOKS_DUE,  # deliveries due (entries leave as they are delivered)
+        keys.WEBHOOK_TENANTS,  # tenants with deliveries due (a tenant leaves once its due set is empty)
         keys.MODELS_SEEN,  # one entry per served model
         keys.FILES_EXPIRY,  # one entry per uploaded file, until it expires
         "unacked", "unacked_index", "unacked_mutex",  # kombu's messages in flight

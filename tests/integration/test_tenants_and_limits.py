@@ -13,7 +13,9 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from schemas import keys
+from schemas.settings import Settings
 from store import api_keys as auth
+from store import webhook_secrets
 from store.queueing import bulk_queue_keys
 from tests.conftest import TINY
 from tests.integration.conftest import farm_settings, other_db, wait_for
@@ -34,7 +36,26 @@ def _key(redis_url: str, tenant: str) -> str:
         timeout=60,
         check=True,
     ).stdout
-    return out.strip().splitlines()[-1]
+    [key] = [line for line in out.splitlines() if line.startswith("rk_")]
+    return key
+
+
+def test_keys_create_shows_the_tenants_webhook_secret_once(redis_url) -> None:
+    env = dict(os.environ, RERANK_REDIS_URL=redis_url)
+    tenant = f"dave-{time.time_ns()}"
+    command = [sys.executable, "-m", "rerankfarm.cli", "keys", "create", "--tenant", tenant]
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    [secret] = [line for line in first.splitlines() if line.startswith("whsec_")]
+    assert not any(line.startswith("whsec_") for line in second.splitlines())  # shown once, with the first key
+    assert "has a webhook signing secret already" in second
+    stored = redis.Redis.from_url(redis_url).hget(keys.WEBHOOK_SECRETS, tenant)
+    assert webhook_secrets.signing_secrets(Settings(), stored) == [secret]
+    rotate = [sys.executable, "-m", "rerankfarm.cli", "keys", "webhook-secret", "--tenant", tenant, "--overlap", "60"]
+    out = subprocess.run(rotate, env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    [new] = [line for line in out.splitlines() if line.startswith("whsec_")]
+    stored = redis.Redis.from_url(redis_url).hget(keys.WEBHOOK_SECRETS, tenant)
+    assert webhook_secrets.signing_secrets(Settings(), stored) == [new, secret]  # both sign during the overlap
 
 
 def test_keys_map_to_tenants_and_tenants_never_see_each_other(redis_url, tiny_model_dir, worker) -> None:

@@ -16,7 +16,7 @@ from schemas.chunks import Chunk, ChunkResult, Segment
 from schemas.jobs import JobCreate, JobStatus
 from schemas.settings import Settings
 from schemas.webhooks import WebhookAttempt, WebhookState
-from store import job_state
+from store import job_state, moves
 from store.job_state import JobRecord, Taken
 
 
@@ -37,7 +37,7 @@ def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme",
     return record
 
 
-def record(r: fakeredis.FakeRedis, run: job_state.Runner, index: int, job_id: str = "job_1") -> str:
+def record(r: fakeredis.FakeRedis, run: moves.Runner, index: int, job_id: str = "job_1") -> str:
     result = ChunkResult(scores=[0.5, 0.25], tokens=10)
     move = job_state.record_chunk(job_id, "acme", index, result.model_dump_json(), 2, "w@h", 10, 3600)
     return run(move).outcome
@@ -62,8 +62,8 @@ def r() -> fakeredis.FakeRedis:
 
 
 @pytest.fixture
-def run(r) -> job_state.Runner:
-    return job_state.Runner(r)
+def run(r) -> moves.Runner:
+    return moves.Runner(r)
 
 
 def stored(r: fakeredis.FakeRedis, job_id: str = "job_1") -> JobRecord:
@@ -78,7 +78,7 @@ def test_record_round_trips_through_the_hash(r) -> None:
     assert job.progress.total == 4 and job.error is None
 
 
-def take(run: job_state.Runner, index: int, job_id: str = "job_1", seq: int = 1) -> Taken:
+def take(run: moves.Runner, index: int, job_id: str = "job_1", seq: int = 1) -> Taken:
     return run(job_state.take(job_id, index, "w@h", "rerank.bulk:4", seq))
 
 
@@ -144,7 +144,8 @@ def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(
     assert r.lrange(keys.job_done_key("job_1"), 0, -1) == [status.encode()]
     assert 0 < r.ttl(keys.job_done_key("job_1")) <= keys.DONE_TTL_S
     assert (done.webhook_event, done.webhook_state) == (f"job.{status}", "pending")
-    assert r.zscore(keys.WEBHOOKS_DUE, "job_1") is not None
+    assert r.zscore(keys.webhooks_due_key("acme"), "job_1") is not None  # due for its tenant
+    assert r.smembers(keys.WEBHOOK_TENANTS) == {b"acme"}
     assert not run(m).moved  # a final job does not move again
     assert r.llen(keys.job_done_key("job_1")) == 1
 
@@ -153,7 +154,7 @@ def test_no_done_list_without_a_waiter_and_no_webhook_for_an_event_not_asked(r, 
     new_job(r, webhook_url="https://h.example/x", webhook_events=json.dumps(["job.succeeded"]))
     assert run(job_state.cancel("job_1", "acme")).moved
     assert r.llen(keys.job_done_key("job_1")) == 0
-    assert stored(r).webhook_state == "" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is None
+    assert stored(r).webhook_state == "" and r.zscore(keys.webhooks_due_key("acme"), "job_1") is None
 
 
 def test_a_succeeded_job_cannot_be_cancelled_or_failed(r, run) -> None:
@@ -284,12 +285,13 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
         keys.job_workers_key("job_9"),
         keys.job_input_key("job_9"),
         keys.job_done_key("job_9"),
-        keys.WEBHOOKS_DUE,
+        keys.webhooks_due_key("acme"),
         keys.tenant_inflight_key("acme"),
         keys.job_chunks_key("job_9"),
         keys.job_ledger_key("job_9"),
         keys.CHUNKS_OPEN,
         keys.job_webhook_attempts_key("job_9"),
+        keys.WEBHOOK_TENANTS,
     ]
     assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
     failed = job_state.fail("job_9", "acme", "code", "m" * 5000)
@@ -343,17 +345,19 @@ def test_webhook_attempts_and_redelivery_are_moves_of_the_job(r, run) -> None:
     assert run(job_state.cancel("job_1", "acme")).moved
     for number in (1, 2, 3):
         attempt = WebhookAttempt(attempt=number, at=job_state.now_iso(), status_code=503)
-        run(job_state.webhook_attempt("job_1", attempt, WebhookState.pending, 1000.0 + number, 2, 3600))
-    assert stored(r).webhook_attempt == 3 and r.zscore(keys.WEBHOOKS_DUE, "job_1") == 1003.0
+        run(job_state.webhook_attempt("job_1", "acme", attempt, WebhookState.pending, 1000.0 + number, 2, 3600))
+    assert stored(r).webhook_attempt == 3 and r.zscore(keys.webhooks_due_key("acme"), "job_1") == 1003.0
     view = run(job_state.read("job_1"))
     assert view is not None and [json.loads(a)["attempt"] for a in view.attempts] == [2, 3]  # the newest 2 kept
     delivered = WebhookAttempt(attempt=4, at=job_state.now_iso(), status_code=200)
-    run(job_state.webhook_attempt("job_1", delivered, WebhookState.delivered, None, 2, 3600))
-    assert stored(r).webhook_state == "delivered" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is None
+    run(job_state.webhook_attempt("job_1", "acme", delivered, WebhookState.delivered, None, 2, 3600))
+    assert stored(r).webhook_state == "delivered" and r.zscore(keys.webhooks_due_key("acme"), "job_1") is None
     again = run(job_state.redeliver("job_1", "acme"))
     assert again is not None and again.to_job().webhook is not None
     assert (again.record.webhook_state, again.record.webhook_attempt) == ("pending", 0)
-    assert again.record.webhook_event == "job.cancelled" and r.zscore(keys.WEBHOOKS_DUE, "job_1") is not None
+    assert (
+        again.record.webhook_event == "job.cancelled" and r.zscore(keys.webhooks_due_key("acme"), "job_1") is not None
+    )
 
 
 def test_the_async_runner_runs_the_same_moves() -> None:
@@ -362,7 +366,7 @@ def test_the_async_runner_runs_the_same_moves() -> None:
         record = JobRecord(id="job_1", tenant="acme", priority=5, created_at=job_state.now_iso(), total=2,
                            chunks_total=1, request_count=1)  # fmt: skip
         await client.hset(keys.job_key("job_1"), mapping=record.to_hash())
-        run = job_state.AsyncRunner(client)
+        run = moves.AsyncRunner(client)
         return await run(job_state.cancel("job_1", "acme")), await run(job_state.status("job_1"))
 
     finished, status = asyncio.run(scenario())
