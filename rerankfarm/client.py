@@ -164,9 +164,21 @@ class _Calls(Generic[R, H]):
         """The interactive call: one query, its documents ranked in the answer (`model=...` among the options)."""
         return self._send(_Call("POST", "/v1/rerank", {"query": query, "documents": documents, **options}))
 
+    def webhook_secrets(self) -> R:
+        """The secrets that sign your tenant's webhooks now: ids and times, never the values."""
+        return self._send(_Call("GET", "/v1/webhooks/secret"))
+
+    def rotate_webhook_secret(self, overlap_s: int | None = None) -> R:
+        """A new signing secret for your tenant's webhooks (its `secret` is shown this once); the older ones keep
+        signing beside it for `overlap_s` seconds (the farm's default: 1 day). Sent once: a retry would make
+        another."""
+        return self._send(_Call("POST", "/v1/webhooks/secret/rotate", {"overlap_s": overlap_s}))
+
 
 def verify_webhook(secret: str, body: bytes | str, headers: Mapping[str, str]) -> dict[str, Any]:
-    """The event of a webhook delivery, after checking its Standard Webhooks signature (raises if it fails)."""
+    """The event of a webhook delivery, after checking its Standard Webhooks signature against `secret`, your
+    tenant's signing secret (during a rotation, the old or the new one: the delivery carries a signature of each);
+    raises if no signature matches, or the body was altered, or the timestamp is stale."""
     from standardwebhooks import Webhook
 
     event: dict[str, Any] = Webhook(secret).verify(body, dict(headers))

@@ -3,9 +3,8 @@ answers, batch output and webhooks. Each request's ranked results come from the 
 its chunks' stored scores (`rerank:job:{id}:scores`), and, for requests whose results echo documents, the chunks'
 inputs (`rerank:job:{id}:chunks`). Rendering them for a client is the API's business (`api.shapes`).
 
-`ResultReader` holds the logic and no connection; `read_results` (sync) and `open_results` (asyncio) drive it, a
-few chunks per Redis round trip, so that a reader holds the input summary and a few chunks, never a job's whole
-results.
+`ResultReader` holds the logic and no connection; `open_results` (asyncio) drives it, a few chunks per Redis round
+trip, so that a reader holds the input summary and a few chunks, never a job's whole results.
 """
 
 from __future__ import annotations
@@ -112,15 +111,6 @@ def _input(raw: Any, job_id: str) -> JobInput:
     if raw is None:
         raise JobNotFound(job_id)
     return JobInput.model_validate_json(raw)
-
-
-def read_results(client: Any, record: JobRecord) -> Iterator[RequestResults]:
-    """The job's results, request by request, from a sync Redis client. JobNotFound when they expired."""
-    reader = ResultReader(record, _input(client.get(keys.job_input_key(record.id)), record.id))
-    for indexes in reader.reads():
-        inputs = client.hmget(keys.job_chunks_key(record.id), indexes) if reader.needs_inputs else None
-        yield from reader.feed(client.hmget(keys.job_scores_key(record.id), indexes), inputs)
-    reader.check_complete()
 
 
 async def open_results(client: Any, record: JobRecord) -> AsyncIterator[RequestResults]:

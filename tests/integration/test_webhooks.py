@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 from standardwebhooks import Webhook, WebhookVerificationError
 
 from api.main import create_app
+from rerankfarm import RerankFarm, verify_webhook
 from schemas import keys
 from schemas.settings import Settings
 from schemas.webhooks import destination
@@ -297,11 +298,13 @@ def test_a_rotated_secret_signs_beside_the_old_one_for_its_window(
     _submit(hooks_client, alice, receiver.url(path))
     [delivery] = receiver.wait(path, 1)
     assert len(delivery["headers"]["webhook-signature"].split()) == 2  # one signature per live secret
-    Webhook(alice.secret).verify(delivery["body"], delivery["headers"])  # receivers not yet switched
-    Webhook(new_secret).verify(delivery["body"], delivery["headers"])  # receivers switched
-    r = hooks_client.post("/v1/webhooks/secret/rotate", json={"overlap_s": 0}, headers=alice.headers)
-    newest = r.json()["secret"]
-    assert [s["id"] for s in r.json()["signing"]] == [r.json()["id"]]  # overlap 0: the old ones stop now
+    verify_webhook(alice.secret, delivery["body"], delivery["headers"])  # receivers not yet switched
+    verify_webhook(new_secret, delivery["body"], delivery["headers"])  # receivers switched
+    hooks_client.headers.update(alice.headers)
+    farm = RerankFarm(http=hooks_client)  # the Python client: rotate now, the old ones stop signing at once
+    newest_rotation = farm.rotate_webhook_secret(overlap_s=0)
+    newest = newest_rotation["secret"]
+    assert [s["id"] for s in farm.webhook_secrets()["secrets"]] == [newest_rotation["id"]]
     path = f"/hook/{uuid.uuid4().hex}"
     _submit(hooks_client, alice, receiver.url(path))
     [delivery] = receiver.wait(path, 1)

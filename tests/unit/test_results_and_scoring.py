@@ -14,7 +14,7 @@ from schemas.errors import JobNotFound
 from schemas.jobs import RequestResults
 from store import results
 from store.job_state import JobInput, JobRecord, RequestInput, now_iso
-from store.results import open_results, rank, read_results
+from store.results import open_results, rank
 from workers import scoring
 from workers.models.qwen3_reranker import format_body
 from workers.prompts import Pair
@@ -62,7 +62,7 @@ def _input(index: int, *segments: tuple[int, list[str]]) -> str:
 
 def _stored_job(requests: list[RequestInput], scores: dict[int, ChunkResult], inputs: dict[int, str] | None = None):
     """A succeeded job's record, input summary, chunk results and chunk inputs in a (fake) Redis."""
-    client = fakeredis.FakeRedis()
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
     record = JobRecord(id="job_x", priority=5, created_at=now_iso(), total=0, chunks_total=len(scores),
                        request_count=len(requests), status="succeeded")  # fmt: skip
     client.set(keys.job_input_key("job_x"), JobInput(requests=requests).model_dump_json())
@@ -70,6 +70,16 @@ def _stored_job(requests: list[RequestInput], scores: dict[int, ChunkResult], in
     if inputs:
         client.hset(keys.job_chunks_key("job_x"), mapping=inputs)
     return client, record
+
+
+def read_results(client: fakeredis.FakeRedis, record: JobRecord) -> list[RequestResults]:
+    """Every result of the job, read as the API reads them (`open_results`, asyncio) from the same fake server."""
+
+    async def read() -> list[RequestResults]:
+        aclient = fakeredis.aioredis.FakeRedis(server=client.connection_pool.connection_kwargs["server"])
+        return [entry async for entry in await open_results(aclient, record)]
+
+    return asyncio.run(read())
 
 
 def test_results_join_chunks_in_index_order_and_split_them_per_request(monkeypatch) -> None:
@@ -98,14 +108,14 @@ def test_results_echo_document_ids_and_windows() -> None:
     assert [(r.index, r.window.index if r.window else None) for r in entry.results] == [(1, 1), (0, 0)]
 
 
-def test_results_that_expired_raise_job_not_found_sync_and_async() -> None:
+def test_results_that_expired_raise_job_not_found() -> None:
     client, record = _stored_job([_meta(None, 2)], {0: ChunkResult(scores=[0.2, 0.4])})
     client.delete(keys.job_scores_key("job_x"))
     with pytest.raises(JobNotFound):
-        list(read_results(client, record))
+        read_results(client, record)
     client.delete(keys.job_input_key("job_x"))
     with pytest.raises(JobNotFound):
-        list(read_results(client, record))
+        read_results(client, record)
 
     async def read_async() -> list[RequestResults]:
         aclient = fakeredis.aioredis.FakeRedis()
