@@ -1,5 +1,5 @@
 """The scoring workers' Celery app. Importing it loads no model (the engine is loaded by `workers.main` before
-consuming) and no webhook code (the webhook worker has its own app, `webhooks.worker`)."""
+consuming) and no webhook code (the webhook worker, `webhooks.worker`, uses no Celery)."""
 
 from celery import Celery
 

@@ -1,4 +1,4 @@
-"""The lease that live workers keep on the messages they hold (scoring workers and the webhook worker alike).
+"""The lease that live workers keep on the messages they hold.
 
 kombu's Redis transport records every message a worker takes in the `unacked` hash and its delivery time in the
 `unacked_index` sorted set; each worker's sweep (`restore_visible`, every `unacked_restore_interval`) puts back on
@@ -113,5 +113,5 @@ class LeaseRenewal(bootsteps.StartStopStep):
 
 
 def keep_leases(app: Celery) -> None:
-    """Run LeaseRenewal in the app's workers (scoring and webhooks alike: both consume with the short lease)."""
+    """Run LeaseRenewal in the app's workers (they consume with the short lease)."""
     app.steps["consumer"].add(LeaseRenewal)
