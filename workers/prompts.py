@@ -22,7 +22,7 @@ from schemas.errors import EngineLoadError, InvalidInput
 from schemas.settings import Settings
 from workers.models import Family, family_of
 from workers.models.cross_encoder import document_start
-from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body, label_ids
+from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, format_body, label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TokenPrompts(ABC):
     tokens, and splitting a long document into windows. Thread-safe (fast tokenizers are)."""
 
     family: Family
+    default_instruction: str | None = None  # the instruction a pair gets when its request names none
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -134,6 +135,7 @@ class PromptBuilder(TokenPrompts):
     """Qwen3-Reranker prompts' token ids for one tokenizer and max length."""
 
     family: Family = "qwen3-reranker"
+    default_instruction = DEFAULT_INSTRUCTION
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         super().__init__(tokenizer, max_length)

@@ -5,7 +5,6 @@ from pydantic import BaseModel, Field
 
 from api.deps import SettingsDep, StoreDep
 from api.shapes import TeiInfo
-from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION
 
 router = APIRouter(tags=["info"])
 
@@ -14,12 +13,17 @@ class ServedModelInfo(BaseModel):
     name: str
     live: bool = Field(description="A worker of it is alive now; false: restarting (or, the default, not up yet).")
     aliases: list[str] = Field(default_factory=list, description="Other names that reach it (RERANK_MODEL_ALIASES).")
+    instruction: str | None = Field(
+        None,
+        description="The instruction its pairs get when a request names none, as its live workers announce it; "
+        "null for a model that takes no instruction (a cross-encoder) or while none of its workers is alive.",
+    )
 
 
 class Info(BaseModel):
     model: str = Field(description="The default model: requests that name none go to it.")
     models: list[ServedModelInfo] = Field(description="Every model served: the default, then those of live workers.")
-    default_instruction: str
+    default_instruction: str | None = Field(description="The default model's `instruction` (see `models`).")
     max_documents_per_rerank: int
     max_documents_per_request: int
     max_pairs_per_job: int
@@ -29,19 +33,26 @@ class Info(BaseModel):
 async def _served(store: StoreDep, settings: SettingsDep) -> list[ServedModelInfo]:
     served = await store.models.served()
     aliases = settings.model_aliases
+    instructions = {w.get("model"): w.get("instruction") for w in await store.live_workers()}
     return [
-        ServedModelInfo(name=m.name, live=m.live, aliases=sorted(a for a, n in aliases.items() if n == m.name))
+        ServedModelInfo(
+            name=m.name,
+            live=m.live,
+            aliases=sorted(a for a, n in aliases.items() if n == m.name),
+            instruction=instructions.get(m.name),
+        )
         for m in served
     ]
 
 
 @router.get("/v1/info")
 async def info(store: StoreDep, settings: SettingsDep) -> Info:
-    """What this farm serves: its models, the default instruction (Qwen3-Reranker) and limits."""
+    """What this farm serves: its models (each with its instruction, learnt from its workers) and limits."""
+    served = await _served(store, settings)
     return Info(
         model=settings.default_served,
-        models=await _served(store, settings),
-        default_instruction=DEFAULT_INSTRUCTION,
+        models=served,
+        default_instruction=served[0].instruction,
         max_documents_per_rerank=settings.max_documents_per_rerank,
         max_documents_per_request=settings.max_documents_per_request,
         max_pairs_per_job=settings.max_pairs_per_job,

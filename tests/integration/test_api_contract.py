@@ -91,3 +91,12 @@ def test_openapi_docs_are_served(client) -> None:
 def test_api_never_imports_torch_or_vllm() -> None:
     code = "import sys, api.main; sys.exit(bool({'torch', 'vllm', 'transformers'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], env=os.environ).returncode == 0
+
+
+@pytest.mark.parametrize("entry", ["api.main", "webhooks.worker"])
+def test_the_api_and_the_webhook_worker_import_nothing_of_the_workers(entry: str) -> None:
+    """The layers: `api/` and `webhooks/` reach the scoring workers through Redis alone (a model's instruction
+    comes from its workers' heartbeats, not from an import)."""
+    code = f"import sys, {entry}; sys.exit(sorted(m for m in sys.modules if m.split('.')[0] == 'workers') or 0)"
+    run = subprocess.run([sys.executable, "-c", code], env=os.environ, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from tests.conftest import TINY, TINY_CE, random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION
 
 pytestmark = pytest.mark.integration
 
@@ -58,10 +59,11 @@ def test_each_model_is_served_by_its_own_workers_with_its_familys_rule(
         assert [m["id"] for m in client.get("/v1/models").json()["data"]] == [TINY, TINY_CE]  # the default first
         info = client.get("/v1/info").json()
         assert info["model"] == TINY
-        assert {m["name"]: (m["live"], m["aliases"]) for m in info["models"]} == {
-            TINY: (True, []),
-            TINY_CE: (True, ["rerank-v3.5"]),
+        assert {m["name"]: (m["live"], m["aliases"], m["instruction"]) for m in info["models"]} == {
+            TINY: (True, [], DEFAULT_INSTRUCTION),  # Qwen3-Reranker's, as its workers announce it
+            TINY_CE: (True, ["rerank-v3.5"], None),  # a cross-encoder takes no instruction
         }
+        assert info["default_instruction"] == DEFAULT_INSTRUCTION
 
         # Bulk jobs: the model named, or the default.
         for seed, model, worker, ref in ((1, TINY_CE, cross, cross_encoder_reference), (2, None, qwen, reference)):

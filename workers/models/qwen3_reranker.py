@@ -7,7 +7,7 @@ P("yes") = softmax over the "no" and "yes" logits of the next token. Both engine
 - transformers keeps the two rows of the LM head for `LABELS` (`label_ids`) and takes the softmax;
 - vLLM loads the LM as a one-logit classifier (`VLLM_HF_OVERRIDES`): its head is W[yes] - W[no], and the sigmoid of
   that logit is the same 2-way softmax, without the 151k-token vocabulary.
-Pure Python: the API imports the default instruction from here without torch.
+Pure Python, no torch.
 """
 
 from __future__ import annotations
