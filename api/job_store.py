@@ -215,10 +215,9 @@ class JobStore:
             # hear of it. (Chunks sent before the failure find the job failed and are skipped.) The move is taken
             # by a full Redis too (`store.job_state`'s final moves).
             with contextlib.suppress(Exception):
-                move = job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable")
-                if (await self.run(move)).moved:
-                    metrics.JOBS_FINISHED.labels("failed", model).inc()
-                    metrics.JOBS_FAILED.labels("enqueue_failed").inc()
+                failed = await self.run(job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable"))
+                if failed.moved and failed.job is not None:
+                    job_state.ended(failed.job.record)
             if redis_memory.is_out_of_memory(exc):
                 raise StoreFull(
                     "the job store is full: Redis refused the job's messages; retry later",
@@ -345,8 +344,7 @@ class JobStore:
         if finished.job is None:  # expired since it was read
             raise JobNotFound(job_id)
         if finished.moved:
-            metrics.JOBS_FINISHED.labels("cancelled", finished.job.record.model).inc()
-            logger.info("job %s cancelled%s", job_id, f": {reason}" if reason else "")
+            job_state.ended(finished.job.record)
         return finished.job.to_job()
 
     async def delete(self, job_id: str, tenant: str) -> None:

@@ -26,6 +26,7 @@ how to read the reply); `moves.Runner` runs it on a sync client, `moves.AsyncRun
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -34,11 +35,13 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel
 
-from schemas import keys
+from schemas import keys, metrics
 from schemas.chunks import Chunk
 from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
 from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
 from store.moves import Move
+
+logger = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -538,3 +541,16 @@ def delete(job_id: str, tenant: str) -> Move[str | None]:
     """Delete a finished job: 'deleted', else the status of a job not final yet, or None for an unknown job."""
     move_keys = [*script_keys(job_id, tenant), keys.recent_jobs_key(tenant)]
     return Move(DELETE, move_keys, [], lambda reply: None if reply is None else as_str(reply))
+
+
+def ended(record: JobRecord) -> None:
+    """A job its caller's move has just ended (the move said it moved, so once per job, whoever moved it): counted
+    in `rerank_jobs_finished_total`, a failure's cause in `rerank_jobs_failed_total`, a success's latency observed,
+    and logged."""
+    metrics.JOBS_FINISHED.labels(record.status, record.model).inc()
+    if record.status == JobStatus.succeeded:
+        metrics.JOB_LATENCY.labels(record.kind, record.model).observe(record.duration_s or 0.0)
+    elif record.status == JobStatus.failed:
+        metrics.JOBS_FAILED.labels(record.error_code).inc()
+    reason = f" ({record.error_code}: {record.error_message})" if record.error_code else ""
+    logger.info("job %s %s%s", record.id, record.status, reason)

@@ -8,7 +8,6 @@ import logging
 import redis
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
-from schemas import metrics
 from schemas.chunks import ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
 from store import job_state, moves
@@ -58,7 +57,7 @@ class WorkerJobStore:
 
     def record_chunk(self, ref: ChunkRef, result: ChunkResult, worker: str, timings_ms: tuple[int, int]) -> Recorded:
         """Store a chunk's result and its (tokenization, inference) milliseconds. A job that succeeds now is counted
-        in `rerank_jobs_finished_total` and its latency observed."""
+        once (`job_state.ended`)."""
         move = job_state.record_chunk(
             ref.job_id, ref.tenant, ref.index, result.model_dump_json(), len(result.scores), worker, result.tokens,
             self.ttl, *timings_ms,
@@ -66,15 +65,13 @@ class WorkerJobStore:
         recorded = self._with_room(self.run, move)
         record = recorded.record
         if record is not None:
-            metrics.JOBS_FINISHED.labels("succeeded", record.model).inc()
-            metrics.JOB_LATENCY.labels(record.kind, record.model).observe(record.duration_s or 0.0)
+            job_state.ended(record)
         return recorded
 
     def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:
         """Fail a job that is not final yet, with its cause (`code`) and reason; returns whether it moved. Counted
-        in `rerank_jobs_failed_total` by cause."""
+        once (`job_state.ended`)."""
         finished = self.run(job_state.fail(job_id, tenant, code, message))
         if finished.moved and finished.job is not None:
-            metrics.JOBS_FINISHED.labels("failed", finished.job.record.model).inc()
-            metrics.JOBS_FAILED.labels(code).inc()
+            job_state.ended(finished.job.record)
         return finished.moved

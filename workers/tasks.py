@@ -124,8 +124,6 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         time.perf_counter() - started_at,
         outcome,
     )
-    if outcome == "finished":
-        logger.info("job %s succeeded", job_id)
     return outcome
 
 

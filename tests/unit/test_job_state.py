@@ -386,3 +386,23 @@ def test_delete_frees_a_finished_job_at_once_and_refuses_one_not_ended(r, run) -
     assert run(job_state.delete("job_1", "acme")) == "deleted"
     assert r.keys("rerank:job:job_1*") == [] and r.zscore(keys.recent_jobs_key("acme"), "job_1") is None
     assert run(job_state.delete("job_1", "acme")) is None
+
+
+def test_a_job_that_ended_is_counted_once_by_its_status_and_cause(r, run) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    new_job(r, job_id="job_f", model="m-ended")
+    new_job(r, job_id="job_c", model="m-ended")
+    before = (sample("rerank_jobs_finished_total", status="failed", model="m-ended"),
+              sample("rerank_jobs_failed_total", cause="engine_error"),
+              sample("rerank_jobs_finished_total", status="cancelled", model="m-ended"))  # fmt: skip
+    for move in (job_state.fail("job_f", "acme", "engine_error", "boom"), job_state.cancel("job_c", "acme")):
+        finished = run(move)
+        assert finished.moved and finished.job is not None
+        job_state.ended(finished.job.record)
+    assert sample("rerank_jobs_finished_total", status="failed", model="m-ended") == before[0] + 1
+    assert sample("rerank_jobs_failed_total", cause="engine_error") == before[1] + 1
+    assert sample("rerank_jobs_finished_total", status="cancelled", model="m-ended") == before[2] + 1
