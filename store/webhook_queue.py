@@ -221,6 +221,20 @@ def release(
     )
 
 
+# KEYS: the tenant's due set, in-flight set. ARGV: job id, in-flight member.
+_DROP = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[2])
+"""
+
+
+def drop(claimed: Claimed) -> Move[None]:
+    """A claimed delivery with nothing to send (its job gone, or its webhook no longer pending): out of the
+    schedule, its slot freed."""
+    move_keys = [keys.webhooks_due_key(claimed.tenant), keys.WEBHOOKS_IN_FLIGHT]
+    return Move(_DROP, move_keys, [claimed.job_id, claimed.member], lambda _: None)
+
+
 def migrate() -> Move[int]:
     """The legacy single due set's entries moved to their tenants' due sets; how many."""
     args = [keys.WEBHOOKS_DUE_PREFIX, keys.job_key("")]

@@ -81,8 +81,7 @@ class Deliveries:
         view = await self.run(job_state.read(claimed.job_id))
         record = view.record if view is not None else None
         if record is None or record.webhook_state != WebhookState.pending or not record.webhook_url:
-            await self.client.zrem(keys.webhooks_due_key(claimed.tenant), claimed.job_id)
-            await self.run(webhook_queue.release(claimed, Outcome.none, settings))
+            await self.run(webhook_queue.drop(claimed))
             return (record.webhook_state or "none") if record else "none"
         event, url = record.webhook_event, record.webhook_url
         number = record.webhook_attempt + 1

@@ -140,3 +140,10 @@ def test_the_snapshot_counts_in_flight_and_paused_and_forgets_old_failures() -> 
     assert snap.in_flight_by_tenant == {"a": 2, "b": 1}
     assert snap.paused_by_tenant == {"a": 1}
     assert snap.stale == ["b\tx"]
+
+
+def test_a_delivery_with_nothing_to_send_leaves_the_schedule(r, run) -> None:
+    due(r, "a", "a0", "h.example")
+    [c] = claim(run, 1)
+    run(webhook_queue.drop(c))
+    assert r.zscore(keys.webhooks_due_key("a"), "a0") is None and r.zcard(keys.WEBHOOKS_IN_FLIGHT) == 0
