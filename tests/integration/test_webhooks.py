@@ -33,6 +33,7 @@ from schemas import keys
 from schemas.settings import Settings
 from schemas.webhooks import destination
 from store import api_keys, moves, webhook_queue, webhook_secrets
+from store.job_state import JobRecord, now_iso
 from store.webhook_queue import Claimed
 from tests.integration.conftest import farm_settings
 from webhooks.worker import Deliveries
@@ -435,28 +436,11 @@ def test_address_is_checked_again_at_delivery_and_a_paused_destination_shows(
     client = redis.Redis.from_url(redis_url)
     job_id = f"job_{uuid.uuid4().hex}"
     url = receiver.url("/never")
-    client.hset(
-        keys.job_key(job_id),
-        mapping={
-            "id": job_id,
-            "tenant": "default",
-            "status": "succeeded",
-            "priority": 5,
-            "created_at": "2026-11-22T00:00:00+00:00",
-            "total": 1,
-            "completed": 1,
-            "chunks_total": 1,
-            "chunks_done": 1,
-            "request_count": 1,
-            "metadata": "null",
-            "webhook_url": url,
-            "webhook_dest": destination(url),
-            "webhook_events": json.dumps(["job.succeeded"]),
-            "webhook_event": "job.succeeded",
-            "webhook_state": "pending",
-            "webhook_attempt": 0,
-        },
-    )
+    record = JobRecord(id=job_id, status="succeeded", priority=5, created_at=now_iso(), total=1, completed=1,
+                       chunks_total=1, chunks_done=1, request_count=1, webhook_url=url, webhook_dest=destination(url),
+                       webhook_events=json.dumps(["job.succeeded"]), webhook_event="job.succeeded",
+                       webhook_state="pending")  # fmt: skip
+    client.hset(keys.job_key(job_id), mapping=record.to_hash())
     # A paused destination shows in the job while its webhook is pending.
     field = webhook_queue.breaker_field("default", destination(url))
     client.hset(keys.WEBHOOK_BREAKER, field, f"3 {time.time() + 60:.3f} {time.time():.3f}")
