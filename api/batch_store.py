@@ -47,7 +47,7 @@ from schemas.errors import BatchNotFound, FileNotFound, JobNotFinished, JobNotFo
 from schemas.jobs import Job, JobCreate, JobStatus, RequestResults, RerankRequest
 from schemas.settings import Settings
 from store.idempotency import Claim
-from store.job_state import decode_hash
+from store.job_state import EXPIRED, decode_hash
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,9 @@ class BatchStore:
             record["failed_at"] = now
             logger.info("batch %s failed validation: %d bad lines", batch_id, len(plan.errors))
         else:
-            create = JobCreate(model=plan.model, requests=plan.requests, metadata=body.metadata)
+            create = JobCreate(
+                model=plan.model, requests=plan.requests, metadata=body.metadata, deadline_s=body.window_s
+            )  # the window is the job's deadline: past it the job ends expired, as every job with a deadline
             job = await self.jobs.submit(create, tenant, claim=claim)
             plan.requests = []  # the job has them now
             batch_id = batch_id_of(job.id)
@@ -225,10 +227,6 @@ class BatchStore:
             job = await self.jobs.get(record["job_id"], tenant)
         except JobNotFound:
             raise BatchNotFound(batch_id) from None
-        if not job.status.final and time.time() > int(record["expires_at"]):
-            job = await self.jobs.cancel(job.id, tenant)
-            await self.redis.hsetnx(keys.batch_key(batch_id), "expired_at", int(time.time()))
-            record = await self._record(batch_id, tenant)
         return self._with_job(batch, job, record), job
 
     @staticmethod
@@ -242,13 +240,13 @@ class BatchStore:
             status, batch.completed_at, batch.finalizing_at = "completed", finished, finished
             batch.output_file_id = output_file_id(batch.id)
             batch.request_counts = RequestCounts(total=lines, completed=lines, failed=0)
+        elif job.status is JobStatus.failed and job.error is not None and job.error.code == EXPIRED:
+            status, batch.expired_at = "expired", finished  # its completion window (the job's deadline) passed
         elif job.status is JobStatus.failed:
             status, batch.failed_at = "failed", finished
             batch.request_counts = RequestCounts(total=lines, completed=0, failed=lines)
             if job.error is not None:
                 batch.errors = BatchErrors(data=[BatchError(code=job.error.code, message=job.error.message)])
-        elif job.status is JobStatus.cancelled and "expired_at" in record:
-            status, batch.expired_at = "expired", int(record["expired_at"])
         elif job.status is JobStatus.cancelled:
             status, batch.cancelling_at, batch.cancelled_at = "cancelled", finished, finished
         batch.status = status

@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -171,6 +171,8 @@ class JobStore:
             notify=int(interactive),
             metadata=json.dumps(body.metadata),
         )
+        if body.deadline_s is not None:
+            record.deadline_at = (datetime.now(UTC) + timedelta(seconds=body.deadline_s)).isoformat()
         if body.webhook is not None:
             record.webhook_url = body.webhook.url
             record.webhook_dest = destination(body.webhook.url)
@@ -268,6 +270,11 @@ class JobStore:
     async def get(self, job_id: str, tenant: str) -> Job:
         """The job; a pending webhook shows when its paused destination is tried again."""
         view = await self._view(job_id, tenant)
+        if job_state.past_deadline(view.record):  # the workers' sweep expires it too: whoever comes first
+            expired = await self.run(job_state.expire(job_id, tenant))
+            if expired.moved and expired.job is not None:
+                job_state.ended(expired.job.record)
+            view = expired.job or view
         job = view.to_job()
         record = view.record
         if job.webhook is not None and record.webhook_state == WebhookState.pending:

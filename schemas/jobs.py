@@ -96,6 +96,13 @@ class JobCreate(BaseModel):
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) to 9 (highest); higher-priority chunks run first.")
     metadata: dict[str, str] | None = Field(None, description="Up to 16 string pairs, returned with the job.")
     webhook: WebhookSpec | None = Field(None, description="Called (signed, retried) when the job ends.")
+    deadline_s: int | None = Field(
+        None,
+        ge=1,
+        le=30 * 86400,
+        description="Seconds from submission the job may take: past them it ends `failed` with code `expired` (its "
+        "chunks still waiting are dropped, as a cancel drops them). None: no deadline.",
+    )
 
     @field_validator("metadata")
     @classmethod
@@ -150,6 +157,7 @@ class Job(BaseModel):
     workers: dict[str, int] = Field(default_factory=dict, description="Pairs scored by each worker (hostname).")
     webhook: WebhookStatus | None = None
     timings: Timings | None = Field(None, description="Once a worker took its first chunk.")
+    deadline_at: datetime | None = Field(None, description="When the job expires unless it has ended (`deadline_s`).")
     expires_at: datetime | None = Field(
         None,
         description="When the job and its results leave Redis (RERANK_RESULT_TTL_S after its last update; "

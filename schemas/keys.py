@@ -81,6 +81,9 @@ def job_ledger_key(job_id: str) -> str:
 # for it (sent, taken, renewed by its live holder, or seen waiting in its queue). `store.chunk_ledger`.
 CHUNKS_OPEN = f"{NAMESPACE}:chunks:open"
 
+# Sorted set: the id of every job with a deadline that has not ended -> its deadline (unix). `store.job_state`.
+JOB_DEADLINES = f"{NAMESPACE}:jobs:deadlines"
+
 
 def lane_key(lane: str) -> str:
     """Hash: a queue lane's (one Redis list of kombu's) `sent` counter (sequence numbers given at send) and `taken`

@@ -88,6 +88,7 @@ class JobRecord:
     webhook_state: str = ""
     webhook_attempt: int = 0
     keep_input: int = 0  # 1: results echo documents, read from the chunks' inputs, which then outlive the job's end
+    deadline_at: str = ""  # ISO time past which the job expires unless it has ended
     tokenize_ms: int = 0  # the slowest recorded chunk's tokenization
     inference_ms: int = 0  # the slowest recorded chunk's wait for its scores
 
@@ -152,6 +153,7 @@ class JobRecord:
             workers=dict(workers or {}),
             webhook=webhook,
             timings=timings,
+            deadline_at=datetime.fromisoformat(self.deadline_at) if self.deadline_at else None,
             expires_at=expires_at,
         )
 
@@ -234,6 +236,7 @@ def script_keys(job_id: str, tenant: str) -> list[str]:
         keys.CHUNKS_OPEN,
         keys.job_webhook_attempts_key(job_id),
         keys.WEBHOOK_TENANTS,
+        keys.JOB_DEADLINES,
     ]
 
 
@@ -266,6 +269,7 @@ local function finalize(status)
   redis.call('DEL', KEYS[9])
   if redis.call('HGET', KEYS[1], 'keep_input') ~= '1' then redis.call('DEL', KEYS[8]) end
   if id then
+    redis.call('ZREM', KEYS[13], id)
     for i = 0, tonumber(redis.call('HGET', KEYS[1], 'chunks_total') or '0') - 1 do
       redis.call('ZREM', KEYS[10], id .. ':' .. i)
     end
@@ -410,6 +414,7 @@ for _, i in ipairs({1, 2, 3, 4, 5, 8, 9, 11}) do redis.call('DEL', KEYS[i]) end
 if id then
   redis.call('ZREM', KEYS[6], id)
   redis.call('ZREM', KEYS[13], id)
+  redis.call('ZREM', KEYS[14], id)
 end
 return 'deleted'
 """
@@ -469,6 +474,8 @@ def create(pipe: Any, job: NewJob, ttl_s: int) -> None:
         pipe.hset(keys.job_chunks_key(record.id), mapping=job.chunk_inputs)
         pipe.expire(keys.job_chunks_key(record.id), ttl_s)
     pipe.sadd(keys.tenant_inflight_key(record.tenant), record.id)
+    if record.deadline_at:
+        pipe.zadd(keys.JOB_DEADLINES, {record.id: datetime.fromisoformat(record.deadline_at).timestamp()})
 
 
 def _taken(reply: Sequence[Any]) -> Taken:
@@ -526,6 +533,40 @@ def webhook_attempt(job_id: str, tenant: str, entry: WebhookAttempt, state: Webh
     move_keys = [keys.job_key(job_id), keys.job_webhook_attempts_key(job_id), keys.webhooks_due_key(tenant)]
     args = [job_id, entry.model_dump_json(), state.value, entry.attempt, "" if due is None else due, kept, ttl_s]
     return Move(WEBHOOK_ATTEMPT, move_keys, args, lambda _: None)
+
+
+EXPIRED = "expired"  # the error code of a job whose deadline passed
+
+# KEYS: the deadlines set. ARGV: now, most, job key prefix. {id, tenant} of each job whose deadline has passed; the
+# entries of jobs gone from Redis leave.
+OVERDUE = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))) do
+  local found = redis.call('HMGET', ARGV[3] .. id, 'id', 'tenant')
+  if found[1] then table.insert(out, {id, found[2] or 'default'}) else redis.call('ZREM', KEYS[1], id) end
+end
+return out
+"""
+
+
+def overdue(now: float | None = None, most: int = 100) -> Move[list[tuple[str, str]]]:
+    """(job id, tenant) of up to `most` jobs whose deadline has passed and that have not ended."""
+    args: list[str | int | float] = [time.time() if now is None else now, most, keys.job_key("")]
+    return Move(OVERDUE, [keys.JOB_DEADLINES], args, lambda reply: [(as_str(j), as_str(t)) for j, t in reply])
+
+
+def expire(job_id: str, tenant: str) -> Move[Finished]:
+    """A job past its deadline ends `failed` with code `expired` (a no-op for one that has ended): its chunks still
+    waiting or in flight are dropped as a cancel drops them; its progress says what was scored."""
+    return fail(job_id, tenant, EXPIRED, "its deadline passed before it finished")
+
+
+def past_deadline(record: JobRecord, now: float | None = None) -> bool:
+    return (
+        bool(record.deadline_at)
+        and not record.final
+        and datetime.fromisoformat(record.deadline_at).timestamp() <= (time.time() if now is None else now)
+    )
 
 
 def read(job_id: str, tenant: str = "default") -> Move[JobView | None]:

@@ -12,7 +12,8 @@ from schemas.chunks import ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
 from store import job_state, moves
 from store.chunk_ledger import Ledger
-from store.job_state import Recorded, Taken
+from store.job_state import Finished, Recorded, Taken
+from store.moves import Move
 from store.queueing import resend_lane
 from store.redis_memory import is_out_of_memory
 
@@ -68,10 +69,14 @@ class WorkerJobStore:
             job_state.ended(record)
         return recorded
 
-    def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:
-        """Fail a job that is not final yet, with its cause (`code`) and reason; returns whether it moved. Counted
-        once (`job_state.ended`)."""
-        finished = self.run(job_state.fail(job_id, tenant, code, message))
+    def end(self, move: Move[Finished]) -> bool:
+        """Run a move that may end a job (fail, expire); whether it moved. An ended job is counted once
+        (`job_state.ended`)."""
+        finished = self.run(move)
         if finished.moved and finished.job is not None:
             job_state.ended(finished.job.record)
         return finished.moved
+
+    def fail(self, job_id: str, code: str, message: str, tenant: str = "default") -> bool:
+        """Fail a job that is not final yet, with its cause (`code`) and reason; whether it moved."""
+        return self.end(job_state.fail(job_id, tenant, code, message))

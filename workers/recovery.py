@@ -24,6 +24,7 @@ from celery import Celery
 from schemas import metrics
 from schemas.chunks import ChunkRef, chunk_priority
 from schemas.settings import Settings
+from store import job_state
 from store.chunk_ledger import Lost
 from store.queueing import SWEEP_INTERVAL_S, lane_of, publish, resend_lane
 from store.redis_memory import is_out_of_memory
@@ -52,7 +53,10 @@ class Recovery:
         self._thread.join(2)
 
     def sweep_once(self, now: float | None = None) -> int:
-        """One look at the ledger. Returns how many chunks this look sent again."""
+        """One look at the ledger, and at the jobs past their deadline (each ends `expired`). Returns how many chunks
+        this look sent again."""
+        for job_id, tenant in self.store.run(job_state.overdue(now)):
+            self.store.end(job_state.expire(job_id, tenant))
         sweep = self.ledger.find_lost(self.grace_s, lane_of, now=now)
         sent = 0
         for lost in sweep.lost:

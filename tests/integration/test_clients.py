@@ -8,6 +8,7 @@ import json
 import random
 import time
 import warnings
+from datetime import UTC, datetime, timedelta
 
 import cohere
 import httpx
@@ -288,10 +289,14 @@ def test_files_belong_to_their_tenant_and_have_their_own_size_limit(redis_url, t
         assert c.get(f"/v1/batches/{created['id']}", headers=b).status_code == 404
         assert c.get("/v1/batches", headers=b).json()["data"] == []
         assert c.post(f"/v1/batches/{created['id']}/cancel", headers=a).json()["status"] == "cancelled"
-        # A batch still queued past its completion window is expired (and its job cancelled) when next read.
+        # A batch's completion window is its job's deadline: past it, the job ends expired, the batch too.
         late = c.post("/v1/batches", json=batch, headers=a).json()
         assert late["status"] == "in_progress" and late["expires_at"] - late["created_at"] == 24 * 3600
-        redis.Redis.from_url(redis_url).hset(keys.batch_key(late["id"]), "expires_at", int(time.time()) - 1)
+        job = c.get(f"/v1/jobs/{late['job_id']}", headers=a).json()
+        assert abs(datetime.fromisoformat(job["deadline_at"]).timestamp() - late["expires_at"]) < 2
+        past = datetime.now(UTC) - timedelta(seconds=1)  # as if the window had passed
+        redis.Redis.from_url(redis_url).hset(keys.job_key(late["job_id"]), "deadline_at", past.isoformat())
         expired = c.get(f"/v1/batches/{late['id']}", headers=a).json()
         assert expired["status"] == "expired" and expired["expired_at"] and expired["output_file_id"] is None
-        assert c.get(f"/v1/jobs/{late['job_id']}", headers=a).json()["status"] == "cancelled"
+        job = c.get(f"/v1/jobs/{late['job_id']}", headers=a).json()
+        assert job["status"] == "failed" and job["error"]["code"] == "expired"

@@ -76,6 +76,43 @@ def test_results_are_409_until_the_job_succeeded(redis_url, tiny_model_dir) -> N
         assert r.status_code == 409 and "queued" in r.json()["error"]["message"]
 
 
+def test_a_job_past_its_deadline_ends_expired_when_read_with_no_worker_at_all(redis_url, tiny_model_dir) -> None:
+    from tests.integration.conftest import other_db
+
+    with TestClient(create_app(farm_settings(other_db(redis_url, 3), tiny_model_dir))) as c:
+        body = {"requests": [{"query": "w1", "documents": ["w2", "w3"]}], "deadline_s": 1}
+        job = c.post("/v1/jobs", json=body).json()
+        assert job["status"] == "queued" and job["deadline_at"]
+        time.sleep(1.2)
+        ended = c.get(f"/v1/jobs/{job['id']}").json()
+        assert ended["status"] == "failed" and ended["error"]["code"] == "expired"
+        assert ended["progress"] == {"completed": 0, "total": 2}
+        assert c.post("/v1/jobs", json={**body, "deadline_s": 0}).status_code == 422
+
+
+def test_the_workers_expire_a_job_waiting_past_its_deadline(client, worker, redis_url) -> None:
+    """A job with a 1 s deadline waits behind a big one of the same priority; no one reads it, and the workers'
+    periodic look (every 5 s) ends it expired; the big one is not disturbed."""
+    import redis
+
+    from schemas import keys
+
+    rng = random.Random(6)
+    big = {"requests": [{"query": "w1", "documents": [random_text(rng, 50, 200) for _ in range(2000)]}], "priority": 1}
+    first = client.post("/v1/jobs", json=big).json()
+    late = client.post(
+        "/v1/jobs", json={"requests": [{"query": "w2", "documents": ["w3"]}], "priority": 1, "deadline_s": 1}
+    ).json()
+    direct = redis.Redis.from_url(redis_url, decode_responses=True)
+    deadline = time.monotonic() + 30
+    while direct.hget(keys.job_key(late["id"]), "status") != "failed":  # read from Redis: the API would expire it
+        assert time.monotonic() < deadline, direct.hgetall(keys.job_key(late["id"]))
+        time.sleep(0.2)
+    assert direct.hget(keys.job_key(late["id"]), "error_code") == "expired"
+    assert client.get(f"/v1/jobs/{first['id']}").json()["status"] in ("queued", "running")
+    client.post(f"/v1/jobs/{first['id']}/cancel")
+
+
 def test_cancel_stops_scoring_the_rest(client, worker) -> None:
     rng = random.Random(5)
     body = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import fakeredis
@@ -292,6 +292,7 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
         keys.CHUNKS_OPEN,
         keys.job_webhook_attempts_key("job_9"),
         keys.WEBHOOK_TENANTS,
+        keys.JOB_DEADLINES,
     ]
     assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
     failed = job_state.fail("job_9", "acme", "code", "m" * 5000)
@@ -406,3 +407,25 @@ def test_a_job_that_ended_is_counted_once_by_its_status_and_cause(r, run) -> Non
     assert sample("rerank_jobs_finished_total", status="failed", model="m-ended") == before[0] + 1
     assert sample("rerank_jobs_failed_total", cause="engine_error") == before[1] + 1
     assert sample("rerank_jobs_finished_total", status="cancelled", model="m-ended") == before[2] + 1
+
+
+def test_a_job_past_its_deadline_is_found_and_ends_expired(r, run) -> None:
+    soon = datetime.now(UTC) + timedelta(seconds=30)
+    record = JobRecord(id="job_d", tenant="acme", priority=5, created_at=job_state.now_iso(), total=4, chunks_total=2,
+                       request_count=1, deadline_at=soon.isoformat())  # fmt: skip
+    with r.pipeline(transaction=True) as pipe:
+        job_state.create(pipe, job_state.NewJob(record, '{"requests": []}', {}), 3600)
+        pipe.execute()
+    r.zadd(keys.JOB_DEADLINES, {"job_gone": 1.0})  # a job that left Redis without ending
+    assert run(job_state.overdue(soon.timestamp() - 1)) == []
+    assert not job_state.past_deadline(record, soon.timestamp() - 1)
+    assert run(job_state.overdue(soon.timestamp() + 1)) == [("job_d", "acme")]
+    assert job_state.past_deadline(record, soon.timestamp() + 1)
+    assert r.zscore(keys.JOB_DEADLINES, "job_gone") is None  # its entry left
+    expired = run(job_state.expire("job_d", "acme"))
+    assert expired.moved and expired.job is not None
+    job = expired.job.to_job()
+    assert job.status is JobStatus.failed and job.error is not None and job.error.code == "expired"
+    assert job.deadline_at == soon
+    assert r.zscore(keys.JOB_DEADLINES, "job_d") is None  # an ended job leaves the deadlines
+    assert not run(job_state.expire("job_d", "acme")).moved  # once
