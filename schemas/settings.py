@@ -35,12 +35,12 @@ class Settings(BaseSettings):
         2000,
         ge=0,
         description="Where the Redis primary has replicas, the API answers 202 only once one has the job "
-        "(Redis WAIT, up to this many ms; 503 otherwise), so a failover cannot forget an accepted job. 0: no wait.",
+        "(Redis `WAIT`, up to this many ms; 503 otherwise), so a failover cannot forget an accepted job. 0: no wait.",
     )
     redis_allow_eviction: bool = Field(
         False,
         description="Run on a Redis that may evict keys (a `maxmemory` with a `maxmemory-policy` other than "
-        "`noeviction`). Off: the API, workers and webhook worker refuse to start on such a Redis and /readyz "
+        "`noeviction`). Off: the API, workers and webhook worker refuse to start on such a Redis and `/readyz` "
         "answers 503, since an evicting Redis deletes job records, chunks and results silently. On: they run, "
         "and say so as an error at start.",
     )
@@ -50,12 +50,12 @@ class Settings(BaseSettings):
         le=1,
         description="API: the fraction of Redis's `maxmemory` that new jobs may fill. A job whose estimated size "
         "(inputs, results, bookkeeping) would push `used_memory` past it answers 503 `store_full` with "
-        "Retry-After; the rest is left for the results of jobs already accepted. No effect without a maxmemory.",
+        "`Retry-After`; the rest is left for the results of jobs already accepted. No effect without a maxmemory.",
     )
     store_full_wait_s: float = Field(
         30.0,
         ge=0,
-        description="Workers: how long a chunk's scores wait for room when Redis refuses them (full, "
+        description="Workers: how long a chunk's take or scores wait for room when Redis refuses them (full, "
         "`noeviction`) before its job fails with `store_full`. A job always ends: the writes that end it are "
         "taken by a full Redis.",
     )
@@ -86,18 +86,19 @@ class Settings(BaseSettings):
         None,
         pattern=MODEL_NAME_PATTERN,
         description="The public name of the worker's model, the `model` clients ask for; by default the last part "
-        "of RERANK_MODEL, lowercased (`qwen3-reranker-0.6b`).",
+        "of `RERANK_MODEL`, lowercased (`qwen3-reranker-0.6b`). Letters, digits, `.`, `_`, `-`.",
     )
     default_model: str | None = Field(
         None,
         pattern=MODEL_NAME_PATTERN,
-        description="API: the model of requests that name none. By default the public name of RERANK_MODEL. Always "
-        "accepted, even before any of its workers is up (its jobs wait in its queues).",
+        description="API: the model of requests that name none. By default the public name of the API's "
+        "`RERANK_MODEL` (`RERANK_MODEL_NAME` when set). Always accepted, even before any of its workers is up (its "
+        "jobs wait in its queues).",
     )
     model_aliases: dict[str, str] = Field(
         default_factory=dict,
-        description='API: other names clients may ask for, as JSON {"alias": "served name"} (e.g. '
-        '{"rerank-v3.5": "qwen3-reranker-0.6b"}). Any other unknown name is refused, never mapped by accident.',
+        description='API: other names clients may ask for, as JSON `{"alias": "served name"}` (e.g. '
+        '`{"rerank-v3.5": "qwen3-reranker-0.6b"}`). Any other unknown name is refused, never mapped by accident.',
     )
     model_grace_s: float = Field(
         300,
@@ -239,15 +240,15 @@ class Settings(BaseSettings):
         4_000,
         ge=1,
         description="Interactive pairs one tenant may have in flight (sent, not yet answered) per model; a call "
-        "that would pass it answers 429 with Retry-After at once instead of queueing to time out. A call alone is "
+        "that would pass it answers 429 with `Retry-After` at once instead of queueing to time out. A call alone is "
         "always let in, whatever its size. Size it to what the model's workers score in a fraction of "
-        "RERANK_INTERACTIVE_TIMEOUT_S.",
+        "`RERANK_INTERACTIVE_TIMEOUT_S`.",
     )
     interactive_max_pairs: int = Field(
         16_000,
         ge=1,
-        description="Interactive pairs in flight per model, all tenants together; past it, 429 with Retry-After. "
-        "Size it to what the model's workers score within RERANK_INTERACTIVE_TIMEOUT_S (pairs/s x timeout, from "
+        description="Interactive pairs in flight per model, all tenants together; past it, 429 with `Retry-After`. "
+        "Size it to what the model's workers score within `RERANK_INTERACTIVE_TIMEOUT_S` (pairs/s x timeout, from "
         "`rerankfarm bench`).",
     )
     webhook_secret: SecretStr | None = Field(
