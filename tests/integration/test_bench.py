@@ -75,3 +75,20 @@ def test_bench_interactive_runs_the_size_ladder_idle_and_under_another_tenants_f
     assert result["flood_codes"].get("200", 0) > 0 and set(result["flood_codes"]) <= {"200", "429"}, result
     assert result["bulk_pairs"] == 40 and result["bulk_s"] > 0
     assert "| 40 |" in run.stdout and "under flood, p90 <=" in run.stdout
+
+
+def test_bench_webhooks_measures_a_tenants_event_behind_anothers_hanging_receiver(tmp_path) -> None:
+    """The webhook benchmark, small (10 hanging deliveries, a 3 s timeout, the worker looking every 0.2 s): with the
+    farm's caps tenant A holds 4 of the 8 slots and B's event goes at once; with the caps opened to every slot, A
+    holds all 8 and B's event waits for one, as one FIFO made it wait."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env["RERANK_WEBHOOK_DISPATCH_INTERVAL_S"] = "0.2"
+    command = [sys.executable, "-m", "rerankfarm.bench_webhooks", "--jobs", "10", "--timeout", "3"]
+    run = subprocess.run([*command, "--json", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    fair, fifo = json.loads(out.read_text())["rows"]
+    assert fair["target_met"] and fair["a_attempts_at_once"] == 4, fair  # the destination's cap
+    assert fifo["a_attempts_at_once"] == 8, fifo  # every slot
+    assert fifo["b_event_after_job_end_s"] > fair["b_event_after_job_end_s"] + 1, (fair, fifo)
+    assert "farm caps (defaults)" in run.stdout
