@@ -46,8 +46,9 @@ from schemas.batches import (
 from schemas.errors import BatchNotFound, FileNotFound, JobNotFinished, JobNotFound, describe_validation
 from schemas.jobs import Job, JobCreate, JobStatus, RequestResults, RerankRequest
 from schemas.settings import Settings
+from store.codec import decode_hash
 from store.idempotency import Claim
-from store.job_state import EXPIRED, decode_hash
+from store.job_state import EXPIRED
 
 logger = logging.getLogger(__name__)
 

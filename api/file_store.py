@@ -23,7 +23,7 @@ from schemas import keys
 from schemas.batches import FileObject
 from schemas.errors import FileNotFound, InvalidRequest
 from schemas.settings import Settings
-from store.job_state import as_str, decode_hash
+from store.codec import as_str, decode_hash
 
 logger = logging.getLogger(__name__)
 

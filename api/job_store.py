@@ -35,9 +35,10 @@ from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent, WebhookState, destination
 from store import job_state, moves, redis_memory, webhook_queue, webhook_secrets
 from store.chunk_ledger import Ledger
+from store.codec import as_str, now_iso
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
-from store.job_state import JobInput, JobRecord, JobView, as_str, now_iso
+from store.job_state import JobInput, JobRecord, JobView
 from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, lane_for, lane_of, publish
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked

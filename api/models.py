@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from schemas import keys
 from schemas.errors import ModelNotFound
 from schemas.settings import Settings
-from store.job_state import as_str
+from store.codec import as_str
 
 
 @dataclass

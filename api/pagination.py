@@ -8,7 +8,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 
 from schemas.errors import RerankError
-from store.job_state import as_str
+from store.codec import as_str
 
 T = TypeVar("T")
 

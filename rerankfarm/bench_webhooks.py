@@ -31,7 +31,8 @@ import redis
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas.webhooks import destination
 from store import job_state, moves, webhook_secrets
-from store.job_state import JobRecord, NewJob, now_iso
+from store.codec import now_iso
+from store.job_state import JobRecord, NewJob
 
 
 class Receiver:

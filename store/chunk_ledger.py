@@ -33,7 +33,7 @@ from typing import Any
 from schemas import keys
 from schemas.chunks import ChunkRef
 from schemas.jobs import JobStatus
-from store.job_state import as_str
+from store.codec import as_str
 
 # KEYS: ledger, open chunks, then each group's lane. ARGV: job id, now (unix), ttl, the job's own lane (`lane_of`'s),
 # then per group its lane's name and chunk count. Chunks 0..n-1 of a new job, sent once each in index order, group

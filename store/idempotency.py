@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from schemas import keys
 from schemas.errors import IdempotencyInProgress, IdempotencyKeyReused, InvalidRequest
-from store.job_state import as_str
+from store.codec import as_str
 
 T = TypeVar("T")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from schemas import keys, metrics
 from schemas.errors import Overloaded
-from store.job_state import as_str
+from store.codec import as_str
 
 RETRY_AFTER_S = 1
 

@@ -39,23 +39,10 @@ from schemas import keys, metrics
 from schemas.chunks import Chunk
 from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
 from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
+from store.codec import as_str, decode_hash, now_iso
 from store.moves import Move
 
 logger = logging.getLogger(__name__)
-
-
-def now_iso() -> str:
-    """The time stamps of job records: ISO 8601, UTC."""
-    return datetime.now(UTC).isoformat()
-
-
-def as_str(value: object) -> str:
-    """A Redis reply as text (clients may or may not decode responses)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def decode_hash(raw: Mapping[Any, Any]) -> dict[str, str]:
-    return {as_str(k): as_str(v) for k, v in raw.items()}
 
 
 @dataclass

@@ -31,6 +31,7 @@ from typing import Any
 
 from schemas import keys
 from schemas.settings import Settings
+from store.codec import as_str
 from store.moves import Move
 
 LEGACY_DUE = f"{keys.NAMESPACE}:webhooks:due"  # the one due set of farms before per-tenant ones (`migrate`)
@@ -170,13 +171,9 @@ class Claimed:
         return f"{self.tenant}\t{self.destination}"
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _claimed(reply: Sequence[Any]) -> list[Claimed]:
     return [
-        Claimed(_text(job), _text(tenant), _text(dest), float(_text(paused)) if _text(paused) else None)
+        Claimed(as_str(job), as_str(tenant), as_str(dest), float(as_str(paused)) if as_str(paused) else None)
         for job, tenant, dest, paused in reply
     ]
 
@@ -217,7 +214,7 @@ def release(
         _RELEASE,
         [keys.WEBHOOKS_IN_FLIGHT, keys.WEBHOOK_BREAKER],
         args,
-        lambda reply: (int(reply[0]), float(_text(reply[1]))),
+        lambda reply: (int(reply[0]), float(as_str(reply[1]))),
     )
 
 
@@ -249,7 +246,7 @@ def paused_until(raw: str | bytes | None, now: float | None = None) -> float | N
     """When a destination's pause ends, from its breaker entry; None when it is not paused."""
     if not raw:
         return None
-    until = float(_text(raw).split()[1])
+    until = float(as_str(raw).split()[1])
     return until if until > (time.time() if now is None else now) else None
 
 
@@ -269,15 +266,15 @@ def snapshot(in_flight: Sequence[Any], breaker: Mapping[Any, Any], now: float, f
     by_dest: Counter[str] = Counter()
     by_tenant: Counter[str] = Counter()
     for member in in_flight:
-        _, tenant, destination = _text(member).split("\t", 2)
+        _, tenant, destination = as_str(member).split("\t", 2)
         by_dest[destination] += 1
         by_tenant[tenant] += 1
     paused: Counter[str] = Counter()
     stale = []
     for field, value in breaker.items():
-        _, until, last = (float(x) for x in _text(value).split())
+        _, until, last = (float(x) for x in as_str(value).split())
         if until > now:
-            paused[_text(field).split("\t", 1)[0]] += 1
+            paused[as_str(field).split("\t", 1)[0]] += 1
         elif now - last > forget_after_s:
-            stale.append(_text(field))
+            stale.append(as_str(field))
     return Snapshot(by_dest, by_tenant, paused, stale)

@@ -20,8 +20,8 @@ from redis.retry import Retry
 
 from schemas import keys, metrics
 from schemas.settings import Settings
+from store.codec import now_iso
 from store.connect import redis_client
-from store.job_state import now_iso
 from workers.engines.base import Engine
 from workers.engines.factory import load_engine
 from workers.job_store import WorkerJobStore

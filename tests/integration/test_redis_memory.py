@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
-from store import job_state, moves
+from store import codec, job_state, moves
 from store.api_keys import API_KEYS
 from store.job_state import JobRecord
 from store.redis_memory import EvictingRedis, is_out_of_memory, read_memory
@@ -96,7 +96,7 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
     with server, redis.Redis.from_url(server.url) as client:
         run = moves.Runner(client)
         for job_id in ("job_a", "job_b"):
-            record = JobRecord(id=job_id, tenant="acme", priority=5, created_at=job_state.now_iso(), total=4,
+            record = JobRecord(id=job_id, tenant="acme", priority=5, created_at=codec.now_iso(), total=4,
                                chunks_total=2, request_count=1, webhook_url="https://h.example/x",
                                webhook_events='["job.failed", "job.cancelled"]')  # fmt: skip
             client.hset(keys.job_key(job_id), mapping=record.to_hash())
@@ -113,7 +113,7 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
         assert client.scard(keys.tenant_inflight_key("acme")) == 0
         from schemas.webhooks import WebhookAttempt, WebhookState
 
-        attempt = WebhookAttempt(attempt=1, at=job_state.now_iso(), status_code=200)
+        attempt = WebhookAttempt(attempt=1, at=codec.now_iso(), status_code=200)
         run(job_state.webhook_attempt("job_a", "acme", attempt, WebhookState.delivered, None, 50, 3600))
         assert client.llen(keys.job_webhook_attempts_key("job_a")) == 1
 

@@ -33,7 +33,8 @@ from schemas import keys
 from schemas.settings import Settings
 from schemas.webhooks import destination
 from store import api_keys, moves, webhook_queue, webhook_secrets
-from store.job_state import JobRecord, now_iso
+from store.codec import now_iso
+from store.job_state import JobRecord
 from store.webhook_queue import Claimed
 from tests.integration.conftest import farm_settings
 from webhooks.worker import Deliveries

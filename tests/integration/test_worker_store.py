@@ -11,7 +11,8 @@ from schemas import keys
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.errors import InvalidInput
 from schemas.jobs import JobStatus
-from store.job_state import JobRecord, now_iso
+from store.codec import now_iso
+from store.job_state import JobRecord
 from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration

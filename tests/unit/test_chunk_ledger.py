@@ -12,7 +12,7 @@ import pytest
 
 from schemas import keys
 from schemas.settings import Settings
-from store import job_state
+from store import codec
 from store.chunk_ledger import Ledger
 from store.job_state import JobRecord
 from store.queueing import interactive_steps, lane_for, lane_of
@@ -44,7 +44,7 @@ def r() -> fakeredis.FakeRedis:
 
 def new_job(r: fakeredis.FakeRedis, chunks: int, job_id: str = "job_1", at: float = NOW - 100) -> int:
     """A running bulk job (priority 5) whose chunks were all sent at `at`; returns chunk 0's sequence number."""
-    record = JobRecord(id=job_id, tenant="acme", model="m", priority=5, created_at=job_state.now_iso(), total=chunks,
+    record = JobRecord(id=job_id, tenant="acme", model="m", priority=5, created_at=codec.now_iso(), total=chunks,
                        chunks_total=chunks, request_count=1, status="running")  # fmt: skip
     r.hset(keys.job_key(job_id), mapping=record.to_hash())
     ledger = Ledger(r)
@@ -81,7 +81,7 @@ def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_
     assert steps == [0, 0, 1, 1, 1]
     lanes = [lane_for(own, step) for step in steps]
     record = JobRecord(
-        id="job_i", tenant="acme", model="m", kind="interactive", priority=9, created_at=job_state.now_iso(),
+        id="job_i", tenant="acme", model="m", kind="interactive", priority=9, created_at=codec.now_iso(),
         total=50, chunks_total=5, request_count=1, status="running",
     )  # fmt: skip
     r.hset(keys.job_key("job_i"), mapping=record.to_hash())

@@ -16,7 +16,7 @@ from schemas.chunks import Chunk, ChunkResult, Segment
 from schemas.jobs import JobCreate, JobStatus
 from schemas.settings import Settings
 from schemas.webhooks import WebhookAttempt, WebhookState
-from store import job_state, moves
+from store import codec, job_state, moves
 from store.job_state import JobRecord, Taken
 
 
@@ -26,7 +26,7 @@ def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme",
         tenant=tenant,
         kind="bulk",
         priority=5,
-        created_at=job_state.now_iso(),
+        created_at=codec.now_iso(),
         total=chunks * 2,
         chunks_total=chunks,
         request_count=1,
@@ -297,8 +297,8 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
     assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
     failed = job_state.fail("job_9", "acme", "code", "m" * 5000)
     assert failed.args[:2] == ["failed", "code"] and failed.args[2] == "m" * 2000  # long messages are cut
-    assert job_state.as_str(b"x") == "x" and job_state.as_str(3) == "3"
-    assert job_state.now_iso().endswith("+00:00")
+    assert codec.as_str(b"x") == "x" and codec.as_str(3) == "3"
+    assert codec.now_iso().endswith("+00:00")
 
 
 def test_a_job_keeps_its_slowest_chunks_timings_and_its_queue_time(r, run) -> None:
@@ -345,12 +345,12 @@ def test_webhook_attempts_and_redelivery_are_moves_of_the_job(r, run) -> None:
     assert run(job_state.redeliver("job_1", "acme")) is None  # no event yet: nothing to send again
     assert run(job_state.cancel("job_1", "acme")).moved
     for number in (1, 2, 3):
-        attempt = WebhookAttempt(attempt=number, at=job_state.now_iso(), status_code=503)
+        attempt = WebhookAttempt(attempt=number, at=codec.now_iso(), status_code=503)
         run(job_state.webhook_attempt("job_1", "acme", attempt, WebhookState.pending, 1000.0 + number, 2, 3600))
     assert stored(r).webhook_attempt == 3 and r.zscore(keys.webhooks_due_key("acme"), "job_1") == 1003.0
     view = run(job_state.read("job_1"))
     assert view is not None and [json.loads(a)["attempt"] for a in view.attempts] == [2, 3]  # the newest 2 kept
-    delivered = WebhookAttempt(attempt=4, at=job_state.now_iso(), status_code=200)
+    delivered = WebhookAttempt(attempt=4, at=codec.now_iso(), status_code=200)
     run(job_state.webhook_attempt("job_1", "acme", delivered, WebhookState.delivered, None, 2, 3600))
     assert stored(r).webhook_state == "delivered" and r.zscore(keys.webhooks_due_key("acme"), "job_1") is None
     again = run(job_state.redeliver("job_1", "acme"))
@@ -364,7 +364,7 @@ def test_webhook_attempts_and_redelivery_are_moves_of_the_job(r, run) -> None:
 def test_the_async_runner_runs_the_same_moves() -> None:
     async def scenario() -> tuple[job_state.Finished, JobStatus | None]:
         client = fakeredis.aioredis.FakeRedis()
-        record = JobRecord(id="job_1", tenant="acme", priority=5, created_at=job_state.now_iso(), total=2,
+        record = JobRecord(id="job_1", tenant="acme", priority=5, created_at=codec.now_iso(), total=2,
                            chunks_total=1, request_count=1)  # fmt: skip
         await client.hset(keys.job_key("job_1"), mapping=record.to_hash())
         run = moves.AsyncRunner(client)
@@ -411,7 +411,7 @@ def test_a_job_that_ended_is_counted_once_by_its_status_and_cause(r, run) -> Non
 
 def test_a_job_past_its_deadline_is_found_and_ends_expired(r, run) -> None:
     soon = datetime.now(UTC) + timedelta(seconds=30)
-    record = JobRecord(id="job_d", tenant="acme", priority=5, created_at=job_state.now_iso(), total=4, chunks_total=2,
+    record = JobRecord(id="job_d", tenant="acme", priority=5, created_at=codec.now_iso(), total=4, chunks_total=2,
                        request_count=1, deadline_at=soon.isoformat())  # fmt: skip
     with r.pipeline(transaction=True) as pipe:
         job_state.create(pipe, job_state.NewJob(record, '{"requests": []}', {}), 3600)

@@ -13,7 +13,8 @@ from schemas.chunks import Chunk, ChunkResult, PairOptions, Segment
 from schemas.errors import JobNotFound
 from schemas.jobs import RequestResults
 from store import results
-from store.job_state import JobInput, JobRecord, RequestInput, now_iso
+from store.codec import now_iso
+from store.job_state import JobInput, JobRecord, RequestInput
 from store.results import open_results, rank
 from workers import scoring
 from workers.models.qwen3_reranker import format_body
