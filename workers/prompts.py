@@ -20,9 +20,9 @@ from typing import Any, NamedTuple
 from schemas.chunks import PairOptions
 from schemas.errors import EngineLoadError, InvalidInput
 from schemas.settings import Settings
-from workers.models import Family, family_of
+from workers.models import Family, FamilyCard, card, family_of
 from workers.models.cross_encoder import document_start
-from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, format_body, label_ids
+from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body, label_ids
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,12 @@ class TokenPrompts(ABC):
     tokens, and splitting a long document into windows. Thread-safe (fast tokenizers are)."""
 
     family: Family
-    default_instruction: str | None = None  # the instruction a pair gets when its request names none
+    label_ids: tuple[int, int] | None = None  # tokens whose LM-head rows score a pair (no, yes); None: a classifier
+
+    @property
+    def card(self) -> FamilyCard:
+        """The family's card: how the engines load the model, its default instruction."""
+        return card(self.family)
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer = tokenizer
@@ -135,7 +140,6 @@ class PromptBuilder(TokenPrompts):
     """Qwen3-Reranker prompts' token ids for one tokenizer and max length."""
 
     family: Family = "qwen3-reranker"
-    default_instruction = DEFAULT_INSTRUCTION
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         super().__init__(tokenizer, max_length)

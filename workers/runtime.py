@@ -103,7 +103,7 @@ class Heartbeat:
             "model": runtime.settings.served_name,
             "model_id": runtime.settings.model,
             "family": runtime.prompts.family,
-            "instruction": runtime.prompts.default_instruction,  # /v1/info shows it; None: the model takes none
+            "instruction": runtime.prompts.card.default_instruction,  # /v1/info shows it; None: the model takes none
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "pid": os.getpid(),
             "host": socket.gethostname(),

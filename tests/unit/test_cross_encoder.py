@@ -13,7 +13,7 @@ from schemas.errors import InvalidInput
 from schemas.settings import Settings
 from tests.conftest import VLLM_TEST_ENV, random_text, require_vllm
 from workers.engines.transformers_engine import TransformersEngine
-from workers.models import family_of
+from workers.models import family_of, qwen3_reranker
 from workers.prompts import Pair, PairPromptBuilder, load_prompts
 
 MAX_LENGTH = 128
@@ -92,3 +92,21 @@ def test_vllm_scores_equal_the_model_card(ce_prompts, pairs, tiny_cross_encoder_
         engine.close()
     expected = [cross_encoder_reference.score(p.query, p.document) for p in pairs]
     assert max(abs(a - b) for a, b in zip(by_vllm, expected, strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize(
+    ("family", "causal", "prefix", "overrides", "instruction"),
+    [
+        ("qwen3-reranker", True, True, qwen3_reranker.VLLM_HF_OVERRIDES, qwen3_reranker.DEFAULT_INSTRUCTION),
+        ("cross-encoder", False, False, {}, None),
+    ],
+)
+def test_each_familys_card_says_how_the_engines_load_it(family, causal, prefix, overrides, instruction) -> None:
+    """The engines read the family's card instead of comparing family names: vLLM's arguments follow it."""
+    from workers.engines.vllm_engine import engine_kwargs
+    from workers.models import card
+
+    family_card = card(family)
+    assert (family_card.causal_lm, family_card.default_instruction) == (causal, instruction)
+    kwargs = engine_kwargs(Settings(), 512, True, family)
+    assert kwargs["hf_overrides"] == dict(overrides) and kwargs["enable_prefix_caching"] is prefix

@@ -24,7 +24,7 @@ from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import EngineStats, Scoring
 from workers.engines.batcher import Batcher
-from workers.prompts import PromptBuilder, Prompts
+from workers.prompts import Prompts
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class TransformersEngine:
         self.device = device
         self.prompts = prompts
         self.head: torch.Tensor | None = None
-        if isinstance(prompts, PromptBuilder):  # Qwen3-Reranker: [2, hidden], the LM head's rows of "no" and "yes"
+        if prompts.label_ids is not None:  # a causal LM (Qwen3-Reranker): [2, hidden], its head's rows of "no", "yes"
             self.head = model.get_output_embeddings().weight[list(prompts.label_ids)].detach().clone()
         self.pad_id = prompts.pad_id
         self.stats = EngineStats(model=name)
@@ -61,7 +61,7 @@ class TransformersEngine:
         if dtype_name == "auto":
             dtype_name = "bfloat16" if device == "cuda" else "float32"
         try:
-            auto = AutoModelForCausalLM if isinstance(prompts, PromptBuilder) else AutoModelForSequenceClassification
+            auto = AutoModelForCausalLM if prompts.card.causal_lm else AutoModelForSequenceClassification
             model = auto.from_pretrained(settings.model, dtype=_DTYPES[dtype_name])
         except (OSError, ValueError) as exc:
             raise EngineLoadError.model_unloadable(settings.model, exc) from None

@@ -29,7 +29,7 @@ from schemas.chunks import INTERACTIVE_PRIORITY
 from schemas.errors import EngineLoadError
 from schemas.settings import Settings
 from workers.engines.base import EngineStats, Scoring, name_engine_thread, settle
-from workers.models import Family, cross_encoder, qwen3_reranker
+from workers.models import Family, card, cross_encoder
 from workers.prompts import Prompts
 
 logger = logging.getLogger(__name__)
@@ -62,15 +62,14 @@ def check_cpu_install() -> None:
 def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool, family: Family) -> dict[str, Any]:
     """vLLM engine arguments from the settings and the model's family; the worker and `rerankfarm bench`'s raw run
     use the same."""
+    family_card = card(family)
     dtype = settings.dtype if settings.dtype != "auto" else ("float32" if on_cpu else "bfloat16")
     kv_gib = settings.kv_cache_gib or (CPU_KV_CACHE_GIB if on_cpu else None)
     step_tokens = settings.vllm_max_num_batched_tokens or (CPU_STEP_TOKENS if on_cpu else GPU_STEP_TOKENS)
     return {
         "model": settings.model,
         "runner": "pooling",
-        "hf_overrides": qwen3_reranker.VLLM_HF_OVERRIDES
-        if family == "qwen3-reranker"
-        else cross_encoder.VLLM_HF_OVERRIDES,
+        "hf_overrides": dict(family_card.vllm_hf_overrides),
         "dtype": dtype,
         "max_model_len": max_length,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
@@ -78,7 +77,7 @@ def engine_kwargs(settings: Settings, max_length: int, on_cpu: bool, family: Fam
         "max_num_batched_tokens": max(step_tokens, max_length),
         "max_num_seqs": settings.vllm_max_num_seqs,
         # An encoder-only cross-encoder keeps no KV cache to share (vLLM refuses prefix caching for it).
-        "enable_prefix_caching": settings.prefix_caching and family == "qwen3-reranker",
+        "enable_prefix_caching": settings.prefix_caching and family_card.prefix_caching,
         "enforce_eager": settings.vllm_enforce_eager,
         "scheduling_policy": "priority",
         "disable_log_stats": True,
