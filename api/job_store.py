@@ -39,7 +39,7 @@ from store.codec import as_str, now_iso
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
 from store.job_state import JobInput, JobRecord, JobView
-from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, lane_for, lane_of, publish
+from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, job_lane, publish, step_lane
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
@@ -180,11 +180,11 @@ class JobStore:
             record.webhook_events = json.dumps(body.webhook.events or [e.value for e in WebhookEvent])
         job_input = JobInput.of(body.requests)
         record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
-        lane = lane_of(record.kind, body.priority, model)
+        lane = job_lane(record.kind, body.priority, model)
         level = chunk_priority(record.kind, body.priority)
         if interactive:  # each chunk's step by its tenant's share
             steps = interactive_steps(chunks, chunk_size, ahead, chunk_size * self.settings.interactive_slots)
-            lanes = [lane_for(keys.interactive_queue(model), step) for step in steps]
+            lanes = [step_lane(keys.interactive_queue(model), step) for step in steps]
             levels = [chunk_priority(record.kind, body.priority, step) for step in steps]
         else:
             lanes, levels = [lane] * chunks, [level] * chunks

@@ -35,7 +35,7 @@ from schemas.chunks import ChunkRef
 from schemas.jobs import JobStatus
 from store.codec import as_str
 
-# KEYS: ledger, open chunks, then each group's lane. ARGV: job id, now (unix), ttl, the job's own lane (`lane_of`'s),
+# KEYS: ledger, open chunks, then each group's lane. ARGV: job id, now (unix), ttl, the job's own lane (`job_lane`'s),
 # then per group its lane's name and chunk count. Chunks 0..n-1 of a new job, sent once each in index order, group
 # by group (an interactive call's chunks go to several lanes: `store.queueing.interactive_steps`). A chunk sent into
 # a lane other than its job's own has its lane written down. Returns each chunk's sequence number in its lane.
@@ -139,7 +139,7 @@ class Ledger:
 
     def open_chunks(self, pipe: Any, job_id: str, lanes: list[str], own_lane: str, ttl_s: int) -> Any:
         """Queue on `pipe` (in the job's creating transaction) the first send of chunks 0..n-1, chunk k into
-        `lanes[k]` (`own_lane`: the lane `lane_of` gives the job); on an asyncio client, await what this returns. The
+        `lanes[k]` (`own_lane`: the lane `job_lane` gives the job); on an asyncio client, await what this returns. The
         reply, at this command's place in the pipeline's results, is each chunk's sequence number in its lane."""
         groups = [(lane, len(list(run))) for lane, run in itertools.groupby(lanes)]
         ledger_keys = [keys.job_ledger_key(job_id), keys.CHUNKS_OPEN, *(keys.lane_key(lane) for lane, _ in groups)]
@@ -171,10 +171,10 @@ class Ledger:
         return outcome, 0, int(reply[1]) if outcome == "exhausted" else 0
 
     def find_lost(
-        self, grace_s: float, lane_of: Callable[[str, int, str], str], now: float | None = None, limit: int = 1000
+        self, grace_s: float, job_lane: Callable[[str, int, str], str], now: float | None = None, limit: int = 1000
     ) -> Sweep:
         """Look at up to `limit` chunks nobody vouched for in `grace_s` seconds; see the module's docstring.
-        `lane_of(kind, priority, model)` names the lane a job's chunks are sent to."""
+        `job_lane(kind, priority, model)` names the lane a job's chunks are sent to."""
         now = time.time() if now is None else now
         sweep = Sweep()
         members = [as_str(m) for m in self.client.zrangebyscore(keys.CHUNKS_OPEN, "-inf", now - grace_s, 0, limit)]
@@ -205,7 +205,7 @@ class Ledger:
                     job_priority,
                     int(sends or 0),
                     int(seq or 0),
-                    as_str(lane) if lane is not None else lane_of(job_kind, job_priority, as_str(model or "")),
+                    as_str(lane) if lane is not None else job_lane(job_kind, job_priority, as_str(model or "")),
                     None if holder is None else as_str(holder),
                 )
             )

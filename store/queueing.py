@@ -2,7 +2,7 @@
 messages travel in. Configuration only: the lease that live workers keep on their messages runs in the workers
 (`workers.lease`).
 
-Lanes. kombu keeps one Redis list per queue and priority step; `lane_for` names it. Each chunk message carries its
+Lanes. kombu keeps one Redis list per queue and priority step; `step_lane` names it. Each chunk message carries its
 lane and a sequence number in it (`schemas.chunks.ChunkRef`), which the ledger uses to tell a chunk still waiting
 in its list from one that left it. A worker takes from a queue's steps in order (BRPOP over the lists, step 0
 first): bulk chunks go to the step of their job's priority; interactive chunks to the step of their tenant's share
@@ -27,29 +27,29 @@ PRIORITY_STEPS = list(range(QUEUE_STEPS))
 
 def bulk_queue_keys(model: str) -> list[str]:
     """The Redis lists kombu keeps for a model's bulk queue, one per priority step (step 0 has no suffix)."""
-    return [lane_for(bulk_queue(model), step) for step in PRIORITY_STEPS]
+    return [step_lane(bulk_queue(model), step) for step in PRIORITY_STEPS]
 
 
 def interactive_queue_keys(model: str) -> list[str]:
     """The Redis lists kombu keeps for a model's interactive queue, one per step of `interactive_steps`."""
-    return [lane_for(interactive_queue(model), step) for step in PRIORITY_STEPS]
+    return [step_lane(interactive_queue(model), step) for step in PRIORITY_STEPS]
 
 
 def celery_priority(job_priority: int) -> int:
     return 9 - job_priority
 
 
-def lane_for(queue: str, step: int) -> str:
+def step_lane(queue: str, step: int) -> str:
     """The Redis list kombu pushes a message of this queue and priority step to."""
     return queue if step == 0 else f"{queue}:{step}"
 
 
-def lane_of(kind: str, job_priority: int, model: str) -> str:
+def job_lane(kind: str, job_priority: int, model: str) -> str:
     """The lane of a job's chunks, in its model's queues: interactive chunks have one queue of their own, bulk
     chunks a step per priority."""
     if kind == "interactive":
         return interactive_queue(model)
-    return lane_for(bulk_queue(model), celery_priority(job_priority))
+    return step_lane(bulk_queue(model), celery_priority(job_priority))
 
 
 def interactive_steps(chunks: int, chunk_size: int, ahead: int, share: int) -> list[int]:

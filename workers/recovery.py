@@ -26,7 +26,7 @@ from schemas.chunks import ChunkRef, chunk_priority
 from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Lost
-from store.queueing import SWEEP_INTERVAL_S, lane_of, publish, resend_lane
+from store.queueing import SWEEP_INTERVAL_S, job_lane, publish, resend_lane
 from store.redis_memory import is_out_of_memory
 from workers.job_store import WorkerJobStore
 
@@ -57,7 +57,7 @@ class Recovery:
         this look sent again."""
         for job_id, tenant in self.store.run(job_state.overdue(now)):
             self.store.end(job_state.expire(job_id, tenant))
-        sweep = self.ledger.find_lost(self.grace_s, lane_of, now=now)
+        sweep = self.ledger.find_lost(self.grace_s, job_lane, now=now)
         sent = 0
         for lost in sweep.lost:
             sent += self._recover(lost)

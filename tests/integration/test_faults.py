@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis, free_port
-from store.queueing import lane_of
+from store.queueing import job_lane
 from tests.conftest import TINY, random_text
 from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
 from tests.integration.test_crash_recovery import _assert_every_pair_scored_once, chunk_events, stall_holding
@@ -83,7 +83,7 @@ def test_a_chunk_message_lost_from_its_queue_is_scored_again_within_60s(redis_ur
     body = _body(51, 2, 30, 5, 30)
     with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=10))) as client:
         job = client.post("/v1/jobs", json=body).json()  # no worker yet: its 6 chunks wait in their lane
-        lane = lane_of("bulk", 5, TINY)
+        lane = job_lane("bulk", 5, TINY)
         [lost] = [raw for raw in r.lrange(lane, 0, -1) if _message_chunk(raw) == (job["id"], 2)]
         assert r.lrem(lane, 1, lost) == 1
         removed_at = time.monotonic()

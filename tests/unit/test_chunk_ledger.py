@@ -15,10 +15,10 @@ from schemas.settings import Settings
 from store import codec
 from store.chunk_ledger import Ledger
 from store.job_state import JobRecord
-from store.queueing import interactive_steps, lane_for, lane_of
+from store.queueing import interactive_steps, job_lane, step_lane
 from workers.recovery import Recovery
 
-LANE = lane_of("bulk", 5, "m")  # rerank.bulk.m:4
+LANE = job_lane("bulk", 5, "m")  # rerank.bulk.m:4
 NOW = 10_000.0
 GRACE = 40.0
 
@@ -68,7 +68,7 @@ def test_a_chunk_still_in_its_queue_is_waiting_not_lost(r) -> None:
     new_job(r, 2)
     r.hset(keys.lane_key(LANE), "taken", 0)
     r.rpush(LANE, "a message")  # the lane holds messages: chunks above the mark are in it
-    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
     assert (sweep.lost, sweep.waiting) == ([], 2)
     assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") == NOW  # vouched for: looked at again a grace from now
 
@@ -76,10 +76,10 @@ def test_a_chunk_still_in_its_queue_is_waiting_not_lost(r) -> None:
 def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_each(r) -> None:
     """A call's chunks spread over its queue's steps (`interactive_steps`): each lane numbers its own, a chunk outside
     the job's own lane has its lane written down, and the sweep asks each chunk's own lane."""
-    own = lane_of("interactive", 9, "m")
+    own = job_lane("interactive", 9, "m")
     steps = interactive_steps(5, 10, ahead=20, share=40)  # pairs ahead 20, 30, 40, 50, 60 -> steps 0 0 1 1 1
     assert steps == [0, 0, 1, 1, 1]
-    lanes = [lane_for(own, step) for step in steps]
+    lanes = [step_lane(own, step) for step in steps]
     record = JobRecord(
         id="job_i", tenant="acme", model="m", kind="interactive", priority=9, created_at=codec.now_iso(),
         total=50, chunks_total=5, request_count=1, status="running",
@@ -97,7 +97,7 @@ def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_
     r.hset(keys.lane_key(f"{own}:1"), "taken", 1)  # ... and one of the second's, whose list still holds messages
     r.rpush(own, "a message of a later call")
     r.rpush(f"{own}:1", "chunk 3", "chunk 4")
-    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
     assert [(lost.index, lost.lane) for lost in sweep.lost] == [(0, own), (1, own), (2, f"{own}:1")]
     assert sweep.waiting == 2
 
@@ -106,18 +106,18 @@ def test_taken_and_not_renewed_or_never_in_the_list_is_lost(r) -> None:
     new_job(r, 3)
     r.hset(keys.lane_key(LANE), "taken", 2)  # chunks 0 and 1 left the list (taken); chunk 2 did not
     r.hset(keys.job_ledger_key("job_1"), "0:holder", "w1@h")
-    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
     assert [(lost.index, lost.holder, lost.lane) for lost in sweep.lost][:2] == [(0, "w1@h", LANE), (1, None, LANE)]
     assert [lost.index for lost in sweep.lost] == [0, 1, 2]  # the lane is empty: chunk 2 never reached it
     assert sweep.waiting == 0
     r.rpush(LANE, "a message")
-    assert [lost.index for lost in Ledger(r).find_lost(GRACE, lane_of, now=NOW).lost] == [0, 1]
+    assert [lost.index for lost in Ledger(r).find_lost(GRACE, job_lane, now=NOW).lost] == [0, 1]
 
 
 def test_a_chunk_vouched_for_within_the_grace_is_not_looked_at(r) -> None:
     new_job(r, 2, at=NOW - GRACE + 1)
     r.hset(keys.lane_key(LANE), "taken", 99)
-    assert Ledger(r).find_lost(GRACE, lane_of, now=NOW).lost == []
+    assert Ledger(r).find_lost(GRACE, job_lane, now=NOW).lost == []
 
 
 def test_recorded_chunks_and_ended_jobs_leave_the_open_set(r) -> None:
@@ -126,7 +126,7 @@ def test_recorded_chunks_and_ended_jobs_leave_the_open_set(r) -> None:
     r.hset(keys.job_scores_key("job_1"), "0", "{}")
     r.hset(keys.job_key("job_2"), "status", "cancelled")
     r.hset(keys.lane_key(LANE), "taken", 99)
-    sweep = Ledger(r).find_lost(GRACE, lane_of, now=NOW)
+    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
     assert [lost.member for lost in sweep.lost] == ["job_1:1"] and sweep.closed == 2
     assert r.zrange(keys.CHUNKS_OPEN, 0, -1) == [b"job_1:1"]
 
@@ -168,7 +168,7 @@ def test_two_workers_finding_the_same_lost_chunk_send_it_once(r) -> None:
     first, second = RecordingCelery(), RecordingCelery()
     settings = Settings()
     sweeps = [Recovery(settings, app, r) for app in (first, second)]  # type: ignore[arg-type]
-    lost = [recovery.ledger.find_lost(recovery.grace_s, lane_of, now=NOW).lost for recovery in sweeps]
+    lost = [recovery.ledger.find_lost(recovery.grace_s, job_lane, now=NOW).lost for recovery in sweeps]
     assert lost[0] == lost[1] and len(lost[0]) == 1  # both looked before either sent
     assert [sweeps[k]._recover(lost[k][0]) for k in (0, 1)] == [1, 0]  # the second is told 'raced'
     assert (len(first.sent), len(second.sent)) == (1, 0)
