@@ -13,7 +13,7 @@ from schemas.settings import Settings
 from store import webhook_secrets
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
-_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (401, 409, 422, 503)}
+_errors: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 401, 409, 422, 503)}
 
 
 class SecretInfo(BaseModel):
