@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -30,10 +31,10 @@ from schemas.errors import (
     Unavailable,
     WaitTimeout,
 )
-from schemas.jobs import Job, JobCreate, JobResults, JobStatus, RequestResults
+from schemas.jobs import Job, JobCreate, JobResults, JobStatus, QueuePosition, RequestResults
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent, WebhookState, destination
-from store import job_state, moves, redis_memory, webhook_queue, webhook_secrets
+from store import dispatch, job_state, moves, redis_memory, webhook_queue, webhook_secrets
 from store.chunk_ledger import Ledger
 from store.codec import as_str, now_iso
 from store.idempotency import Claim
@@ -60,6 +61,7 @@ class JobStore:
         self.run = moves.AsyncRunner(client)
         self.models = ModelCatalog(client, settings)
         self.ledger = Ledger(client)
+        self.backlog = dispatch.Backlog(client)
         self.interactive = InteractiveLimits(
             client, settings.interactive_max_pairs_per_tenant, settings.interactive_max_pairs
         )
@@ -119,7 +121,8 @@ class JobStore:
                     headers={"Retry-After": "10"},
                 )
         if not interactive:
-            depth = sum(await self._lengths(bulk_queue_keys(model)))
+            waiting = await self.run(dispatch.waiting(model))
+            depth = waiting.chunks + sum(await self._lengths(bulk_queue_keys(model)))
             if depth + chunks > s.max_queue_depth:
                 metrics.REQUESTS_REFUSED.labels("queue_depth").inc()
                 raise Overloaded(
@@ -146,10 +149,12 @@ class JobStore:
         claim: Claim | None = None,
         ahead: int = 0,
     ) -> Job:
-        """Record the job and enqueue its chunks. Interactive jobs go to their own queue, ahead of bulk work, placed
-        in it by `ahead`, their tenant's interactive pairs in flight (`store.queueing.interactive_steps`), and
-        push their final status to a list that `wait` blocks on. A job that would push Redis past its memory
-        headroom is refused (`StoreFull`). An Idempotency-Key's `claim` is recorded in the creating transaction."""
+        """Record the job and enqueue its chunks. A bulk job's chunks join its model's backlog, from which the
+        model's lanes are fed in fair order (`store.dispatch`). Interactive jobs go to their own queue, ahead of
+        bulk work, placed in it by `ahead`, their tenant's interactive pairs in flight
+        (`store.queueing.interactive_steps`), and push their final status to a list that `wait` blocks on. A job
+        that would push Redis past its memory headroom is refused (`StoreFull`). An Idempotency-Key's `claim` is
+        recorded in the creating transaction."""
         self.check_limits(body)
         model = await self.models.resolve(body.model)
         if body.webhook is not None:
@@ -168,6 +173,7 @@ class JobStore:
             created_at=now_iso(),
             total=total,
             chunks_total=chunks,
+            chunk_size=chunk_size,
             request_count=len(body.requests),
             notify=int(interactive),
             metadata=json.dumps(body.metadata),
@@ -182,12 +188,12 @@ class JobStore:
         record.keep_input = int(job_input.echo)  # echoed texts are read from the chunks' inputs, kept for such jobs
         lane = job_lane(record.kind, body.priority, model)
         level = chunk_priority(record.kind, body.priority)
+        lanes: list[str] = []
+        levels: list[int] = []
         if interactive:  # each chunk's step by its tenant's share
             steps = interactive_steps(chunks, chunk_size, ahead, chunk_size * self.settings.interactive_slots)
             lanes = [step_lane(keys.interactive_queue(model), step) for step in steps]
             levels = [chunk_priority(record.kind, body.priority, step) for step in steps]
-        else:
-            lanes, levels = [lane] * chunks, [level] * chunks
         chunk_list = list(split_into_chunks(job_id, body.requests, chunk_size, level, max_prompt_tokens, tenant))
         new_job = job_state.NewJob.of(record, job_input, chunk_list)
         del chunk_list
@@ -197,21 +203,27 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             job_state.create(pipe, new_job, ttl)
             opened_at = len(pipe)  # where the ledger's reply (chunk 0's sequence number) will be
-            await self.ledger.open_chunks(pipe, job_id, lanes, lane, ttl)
+            if interactive:  # straight to the interactive queue
+                await self.ledger.open_chunks(pipe, job_id, lanes, lane, ttl)
+            else:  # into the model's backlog, fed to its lanes in fair order (`store.dispatch`)
+                await self.backlog.enqueue(pipe, model, job_id, tenant, body.priority, chunks, total)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
             pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
             if claim is not None:
                 claim.record(pipe, job_id)
             replies = await pipe.execute()
-        seqs = [int(seq) for seq in replies[opened_at]]
-        refs = [
-            ChunkRef(job_id=job_id, index=i, tenant=tenant, priority=levels[i], lane=lanes[i], seq=seqs[i])
-            for i in new_job.chunk_inputs
-        ]
+        refs = []
+        if interactive:
+            seqs = [int(seq) for seq in replies[opened_at]]
+            refs = [
+                ChunkRef(job_id=job_id, index=i, tenant=tenant, priority=levels[i], lane=lanes[i], seq=seqs[i])
+                for i in new_job.chunk_inputs
+            ]
         del new_job
         try:
             await self.replicated(job_id)
-            await anyio.to_thread.run_sync(publish, self.celery, refs)
+            if refs:
+                await anyio.to_thread.run_sync(publish, self.celery, refs)
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
             # The one path to a final state: the job leaves its tenant's in-flight set, a waiter and a webhook
@@ -227,6 +239,8 @@ class JobStore:
                     headers={"Retry-After": str(redis_memory.STORE_FULL_RETRY_AFTER_S)},
                 ) from exc
             raise Unavailable("the job queue is unreachable; retry later") from exc
+        if not interactive:
+            await self.feed(model)
         metrics.JOBS_SUBMITTED.labels(record.kind, model).inc()
         logger.info(
             "job %s queued: model=%s requests=%d pairs=%d chunks=%d priority=%d",
@@ -238,6 +252,16 @@ class JobStore:
             body.priority,
         )
         return record.to_job()
+
+    async def feed(self, model: str) -> None:
+        """Top the model's lanes up from its backlog (`store.dispatch`). The job is safe in the backlog already: a
+        feed that fails here is left to the workers' own (each take, and every recovery look)."""
+        try:
+            refs = await self.run(dispatch.feed(model, self.settings.lane_depth, self.settings.result_ttl_s))
+            if refs:
+                await anyio.to_thread.run_sync(publish, self.celery, refs)
+        except Exception as exc:
+            logger.warning("feeding model %s's lanes failed (its workers feed them too): %r", model, exc)
 
     async def replicated(self, job_id: str) -> None:
         """Where the Redis primary has replicas, wait (WAIT) until one has the job's writes, so that a failover
@@ -278,6 +302,10 @@ class JobStore:
             view = expired.job or view
         job = view.to_job()
         record = view.record
+        if record.kind == "bulk" and not record.final and record.fed < record.chunks_total:
+            at = await self.run(dispatch.position(record.model, job_id, tenant, record.priority))
+            if at.pairs_waiting:
+                job.queue = QueuePosition(**dataclasses.asdict(at))
         if job.webhook is not None and record.webhook_state == WebhookState.pending:
             field = webhook_queue.breaker_field(tenant, record.webhook_dest or record.webhook_url)
             until = webhook_queue.paused_until(await self.redis.hget(keys.WEBHOOK_BREAKER, field))
@@ -379,6 +407,10 @@ class JobStore:
             queues.append((keys.bulk_queue(model.name), model.name, bulk_queue_keys(model.name)))
         lengths = iter(await self._lengths([name for _, _, names in queues for name in names]))
         return {(queue, model): sum(next(lengths) for _ in names) for queue, model, names in queues}
+
+    async def backlogs(self) -> dict[str, dispatch.Waiting]:
+        """What waits in each served model's backlog (`store.dispatch`)."""
+        return {model.name: await self.run(dispatch.waiting(model.name)) for model in await self.models.served()}
 
     async def live_workers(self) -> list[dict[str, Any]]:
         found = []

@@ -148,9 +148,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return submit.run(args.input, args.output, args.url, args.api_key, args.priority, args.timeout, args.part_pairs)
 
 
+def positive_weight(text: str) -> float:
+    from store import dispatch
+
+    try:
+        return dispatch.check_weight(float(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from store import api_keys as auth
-    from store import moves, webhook_secrets
+    from store import dispatch, moves, webhook_secrets
     from store.connect import redis_client
 
     settings = get_settings()
@@ -162,6 +171,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise SystemExit(f"rerankfarm keys create: {exc}") from None
         print(f"created {info['id']} for tenant {info['tenant']}. The key is shown once; store it now:\n{key}")
+        if args.weight is not None:
+            dispatch.set_weight(client, args.tenant, args.weight)
+            print(f"tenant {args.tenant}'s weight in the fair shares: {args.weight:g}")
         made, move = webhook_secrets.rotate(args.tenant, settings.webhook_secret_overlap_s, only_if_none=True)
         if run(move):
             print(f"\ntenant {args.tenant}'s webhook signing secret ({made.id}), shown once; its receivers verify "
@@ -177,9 +189,20 @@ def cmd_keys(args: argparse.Namespace) -> int:
         run(move)
         print(f"tenant {args.tenant}'s new webhook signing secret ({made.id}), shown once; older ones still sign "
               f"for {overlap} s:\n{made.secret}")  # fmt: skip
+    elif args.action == "weight":
+        if not auth.TENANT_NAME.match(args.tenant):
+            raise SystemExit(f"rerankfarm keys weight: no such tenant name {args.tenant!r}")
+        try:
+            dispatch.set_weight(client, args.tenant, args.weight)
+        except ValueError as exc:
+            raise SystemExit(f"rerankfarm keys weight: {exc}") from None
+        print(f"tenant {args.tenant}'s weight in the fair shares: {args.weight:g}")
     elif args.action == "list":
+        weights = dispatch.weights(client)
         for info in auth.list_keys(client):
-            print(f"{info['id']}  tenant={info['tenant']}  prefix={info['prefix']}...  created={info['created_at']}")
+            weight = weights.get(info["tenant"], 1.0)
+            print(f"{info['id']}  tenant={info['tenant']}  weight={weight:g}  prefix={info['prefix']}...  "
+                  f"created={info['created_at']}")  # fmt: skip
     elif not auth.revoke_key(client, args.key_id):
         raise SystemExit(f"rerankfarm keys revoke: no key {args.key_id!r}")
     else:
@@ -404,10 +427,20 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--no-auth", action="store_true", help="allow running without a password (trusted machines)")
     flower.set_defaults(func=cmd_flower)
 
-    keys_parser = sub.add_parser("keys", help="API keys: create, list, revoke (in RERANK_REDIS_URL)")
+    keys_parser = sub.add_parser("keys", help="API keys: create, list, revoke; tenants' weights (in RERANK_REDIS_URL)")
     keys_sub = keys_parser.add_subparsers(dest="action", required=True)
     create = keys_sub.add_parser("create", help="create a key for a tenant; it is printed once, only its hash is kept")
     create.add_argument("--tenant", required=True)
+    create.add_argument(
+        "--weight", type=positive_weight, default=None, help="the tenant's weight in the fair shares (default 1)"
+    )
+    weight = keys_sub.add_parser(
+        "weight",
+        help="set a tenant's weight in the fair shares of bulk work: tenants with work waiting at the same priority "
+        "are served pairs in proportion to their weights (default 1)",
+    )
+    weight.add_argument("--tenant", required=True)
+    weight.add_argument("weight", type=positive_weight)
     keys_sub.add_parser("list", help="list keys (id, tenant, prefix; never the key)")
     revoke = keys_sub.add_parser("revoke", help="revoke a key by its id")
     revoke.add_argument("key_id")

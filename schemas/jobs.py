@@ -139,6 +139,17 @@ class Timings(BaseModel):
     inference_ms: int = Field(description="The slowest chunk's wait for its scores: the batcher and the engine.")
 
 
+class QueuePosition(BaseModel):
+    """Where a bulk job with pairs not yet sent to a worker stands in its model's backlog. Work of higher priority
+    goes first; at its priority the workers are shared between the tenants with work waiting, by weight, and a
+    tenant's part between its jobs."""
+
+    pairs_waiting: int = Field(description="The job's own pairs not yet sent to a worker.")
+    pairs_ahead: int = Field(description="Pairs of higher priority waiting (every tenant's): served first.")
+    tenants_sharing: int = Field(description="Tenants with pairs waiting at the job's priority, its own included.")
+    jobs_sharing: int = Field(description="Its tenant's jobs with pairs waiting at that priority, itself included.")
+
+
 class Job(BaseModel):
     id: str
     object: Literal["rerank.job"] = "rerank.job"
@@ -151,6 +162,7 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     progress: Progress
+    queue: QueuePosition | None = Field(None, description="While some of its pairs wait in the backlog.")
     request_count: int
     tokens: int = Field(0, description="Prompt tokens scored so far.")
     error: ErrorInfo | None = None

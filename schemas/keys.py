@@ -85,6 +85,20 @@ CHUNKS_OPEN = f"{NAMESPACE}:chunks:open"
 JOB_DEADLINES = f"{NAMESPACE}:jobs:deadlines"
 
 
+# Hash: tenant -> its weight in the fair shares of bulk work (`store.dispatch`; 1 when absent).
+TENANT_WEIGHTS = f"{NAMESPACE}:tenants:weights"
+
+
+def backlog_prefix(model: str) -> str:
+    """The prefix of a model's backlog keys (`store.dispatch`): bulk chunks not yet sent to a worker's lane.
+    `{prefix}:{priority}:tenants` (sorted set: tenant -> its virtual time at that priority), `{prefix}:{priority}:
+    jobs:{tenant}` (sorted set: job -> its virtual time within its tenant), `{prefix}:{priority}:clock` (hash: `_` the
+    tenants' clock, tenant -> its jobs' clock), `{prefix}:left` (hash: job -> chunks not yet sent, `{job}:pairs` their
+    pairs) and `{prefix}:waiting` (hash: chunks and pairs waiting, `chunks` and `pairs` in all, `{tenant}:chunks` ...
+    per tenant, `#{priority}:chunks` ... per priority)."""
+    return f"{NAMESPACE}:backlog:{model}"
+
+
 def lane_key(lane: str) -> str:
     """Hash: a queue lane's (one Redis list of kombu's) `sent` counter (sequence numbers given at send) and `taken`
     (the highest sequence number a worker has taken). Lanes are FIFO, so a chunk whose number is at most `taken`

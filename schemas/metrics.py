@@ -31,6 +31,15 @@ QUEUE_DEPTH = Gauge(
     "Messages waiting in a queue (read from Redis at scrape), per served model.",
     ["queue", "model"],
 )
+BACKLOG_CHUNKS = Gauge(
+    "rerank_backlog_chunks",
+    "Bulk chunks waiting in a model's backlog, not yet sent to its lanes (read from Redis at scrape), per tenant. "
+    "With rerank_queue_depth, the work waiting: what autoscaling follows.",
+    ["model", "tenant"],
+)
+BACKLOG_PAIRS = Gauge(
+    "rerank_backlog_pairs", "Pairs of the chunks in rerank_backlog_chunks, per model and tenant.", ["model", "tenant"]
+)
 REDIS_MEMORY_USED = Gauge("rerank_redis_memory_used_bytes", "Redis used_memory (INFO memory, at scrape).")
 REDIS_MEMORY_MAX = Gauge("rerank_redis_memory_max_bytes", "Redis maxmemory (INFO memory, at scrape); 0: no limit.")
 WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")

@@ -187,6 +187,14 @@ class Settings(BaseSettings):
         description="Chunks a worker holds in flight at once (Celery threads). Their pairs are gathered into shared "
         "engine calls, so more chunks in flight means fuller batches and more work to redo after a crash.",
     )
+    lane_depth: int = Field(
+        8,
+        ge=1,
+        description="Bulk chunks kept waiting in each model's broker lists, fed from the farm's backlog in fair "
+        "order (between tenants by weight, between a tenant's jobs, priorities strictly) as workers take them. Deep "
+        "enough that a worker never waits for its next chunk; every chunk in it is served before a newly arrived "
+        "job of another tenant, so deeper costs fairness.",
+    )
     result_ttl_s: int = Field(
         86_400, ge=60, description="Seconds a job, its progress and its results stay in Redis after its last update."
     )
@@ -336,8 +344,8 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(
         50_000,
         ge=1,
-        description="Bulk chunks waiting in the queue, all tenants together, above which new jobs "
-        "answer 429 with Retry-After (the queue is not touched).",
+        description="Bulk chunks waiting for a model (in its backlog and its broker lists), all tenants together, "
+        "above which new jobs answer 429 with Retry-After (nothing is enqueued).",
     )
     rate_limit_per_minute: int = Field(
         600, ge=0, description="Job submissions and rerank calls per tenant per minute (0: no limit); 429 above."

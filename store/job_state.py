@@ -16,8 +16,9 @@ Moves, each one atomic (a Lua script, or the creating transaction), each returni
        └──────── cancel, fail ───────┴──▶ cancelled | failed
 
 Every move into a final state runs the shared prelude `finalize` in its script: the job leaves its tenant's
-in-flight set, its status goes to the done-list when someone waits on it (an interactive call), the webhook event
-the job asked for is scheduled, and the chunks' ledger and inputs go (the inputs stay when results echo documents).
+in-flight set and its model's backlog (what it had not sent, `store.dispatch`), its status goes to the done-list
+when someone waits on it (an interactive call), the webhook event the job asked for is scheduled, and the chunks'
+ledger and inputs go (the inputs stay when results echo documents).
 Nothing can set a final state without those following. A move is data (`store.moves.Move`: script, keys, args, and
 how to read the reply); `moves.Runner` runs it on a sync client, `moves.AsyncRunner` on an asyncio one.
 `store.chunk_ledger` keeps the chunks' own state (sent, re-sent, renewed) beside it.
@@ -39,6 +40,7 @@ from schemas import keys, metrics
 from schemas.chunks import Chunk
 from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
 from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
+from store import dispatch
 from store.codec import as_str, decode_hash, now_iso
 from store.moves import Move
 
@@ -76,6 +78,8 @@ class JobRecord:
     webhook_attempt: int = 0
     keep_input: int = 0  # 1: results echo documents, read from the chunks' inputs, which then outlive the job's end
     deadline_at: str = ""  # ISO time past which the job expires unless it has ended
+    chunk_size: int = 0  # pairs per chunk (the last one holds the rest)
+    fed: int = 0  # a bulk job's chunks sent from its model's backlog so far (`store.dispatch`)
     tokenize_ms: int = 0  # the slowest recorded chunk's tokenization
     inference_ms: int = 0  # the slowest recorded chunk's wait for its scores
 
@@ -239,10 +243,18 @@ end
 # The prelude of every script that may set a final state. finalize(status): out of the tenant's in-flight set,
 # the status to the done-list when someone waits (`notify`), the webhook event scheduled when the job's webhook
 # wants it. The script's last ARGV is the done-list's TTL in seconds.
-_FINALIZE = """
+_FINALIZE = (
+    dispatch.BACKLOG
+    + """
 local function finalize(status)
   local id = redis.call('HGET', KEYS[1], 'id')
   if id then redis.call('SREM', KEYS[7], id) end
+  if id and redis.call('HGET', KEYS[1], 'kind') ~= 'interactive' then
+    local job = redis.call('HMGET', KEYS[1], 'model', 'priority', 'tenant')
+    backlog_drop('"""
+    + keys.backlog_prefix("")
+    + """' .. (job[1] or ''), job[2] or '0', job[3] or 'default', id)
+  end
   if redis.call('HGET', KEYS[1], 'notify') == '1' then
     redis.call('RPUSH', KEYS[5], status)
     redis.call('EXPIRE', KEYS[5], tonumber(ARGV[#ARGV]))
@@ -263,6 +275,7 @@ local function finalize(status)
   end
 end
 """
+)
 
 # ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, tokenization ms, inference ms,
 # done-list ttl. HSETNX makes a chunk count once however often it is delivered (first write wins); a recorded chunk

@@ -26,6 +26,7 @@ from schemas.chunks import ChunkRef, chunk_priority
 from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Lost
+from store.dispatch import Dispatcher
 from store.queueing import SWEEP_INTERVAL_S, job_lane, publish, resend_lane
 from store.redis_memory import is_out_of_memory
 from workers.job_store import WorkerJobStore
@@ -39,6 +40,8 @@ class Recovery:
         self.client = client
         self.store = WorkerJobStore(client, settings.result_ttl_s)
         self.ledger = self.store.ledger
+        self.dispatcher = Dispatcher(client, app, settings)
+        self.model = settings.served_name
         self.grace_s = 2.0 * settings.visibility_timeout_s
         self.max_sends = settings.chunk_max_retries + 1
         self.period_s = float(SWEEP_INTERVAL_S)
@@ -53,10 +56,11 @@ class Recovery:
         self._thread.join(2)
 
     def sweep_once(self, now: float | None = None) -> int:
-        """One look at the ledger, and at the jobs past their deadline (each ends `expired`). Returns how many chunks
-        this look sent again."""
+        """One look at the ledger, at the jobs past their deadline (each ends `expired`) and at the model's backlog
+        (its lanes fed). Returns how many chunks this look sent again."""
         for job_id, tenant in self.store.run(job_state.overdue(now)):
             self.store.end(job_state.expire(job_id, tenant))
+        self.dispatcher.feed(self.model)  # lanes no take has fed (idle workers, a feeder that died)
         sweep = self.ledger.find_lost(self.grace_s, job_lane, now=now)
         sent = 0
         for lost in sweep.lost:

@@ -22,6 +22,7 @@ from schemas import keys, metrics
 from schemas.settings import Settings
 from store.codec import now_iso
 from store.connect import redis_client
+from store.dispatch import Dispatcher
 from workers.engines.base import Engine
 from workers.engines.factory import load_engine
 from workers.job_store import WorkerJobStore
@@ -36,6 +37,7 @@ class Runtime:
     prompts: Prompts
     engine: Engine
     store: WorkerJobStore
+    dispatcher: Dispatcher
 
     def close(self) -> None:
         """Free the engine (vLLM: its engine core and memory)."""
@@ -58,7 +60,9 @@ def start(settings: Settings) -> Runtime:
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )
             store = WorkerJobStore(client, settings.result_ttl_s, settings.store_full_wait_s)
-            _runtime = Runtime(settings, prompts, engine, store)
+            from workers.celery_app import app  # (the app's module imports no runtime)
+
+            _runtime = Runtime(settings, prompts, engine, store, Dispatcher(client, app, settings))
         return _runtime
 
 

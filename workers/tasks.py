@@ -14,7 +14,7 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 
-from schemas.chunks import ChunkRef
+from schemas.chunks import INTERACTIVE_PRIORITY, ChunkRef
 from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
 from store.queueing import publish
@@ -85,6 +85,8 @@ def _score(ref: ChunkRef, hostname: str) -> str:
     store, job_id = rt.store, ref.job_id
     logger.info("job %s chunk %d taken", job_id, ref.index)
     outcome, chunk, started = store.take(ref, hostname)
+    if ref.priority < INTERACTIVE_PRIORITY:  # a bulk chunk left its lane: feed the lane from the backlog
+        _feed(rt)
     if chunk is None:
         if outcome == "duplicate":  # a second message for a chunk recorded already: counted once
             logger.info("job %s chunk %d skipped: duplicate (recorded already)", job_id, ref.index)
@@ -125,6 +127,13 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         outcome,
     )
     return outcome
+
+
+def _feed(rt: runtime.Runtime) -> None:
+    try:
+        rt.dispatcher.feed(rt.settings.served_name)
+    except Exception as exc:  # the chunk is scored all the same; the next take or recovery look feeds the lane
+        logger.warning("feeding the lanes failed: %r", exc)
 
 
 def _send_again_or_fail(ref: ChunkRef, exc: BaseException) -> str:

@@ -89,11 +89,15 @@ def client(redis_url: str, tiny_model_dir: Path) -> Iterator[TestClient]:
 
 
 def wait_for(
-    client: TestClient, job_id: str, timeout: float = 120, until: tuple[str, ...] = ("succeeded", "failed", "cancelled")
+    client: TestClient,
+    job_id: str,
+    timeout: float = 120,
+    until: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    headers: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
+        job: dict[str, Any] = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         if job["status"] in until:
             return job
         if time.monotonic() > deadline:

@@ -91,14 +91,15 @@ def test_a_job_past_its_deadline_ends_expired_when_read_with_no_worker_at_all(re
 
 
 def test_the_workers_expire_a_job_waiting_past_its_deadline(client, worker, redis_url) -> None:
-    """A job with a 1 s deadline waits behind a big one of the same priority; no one reads it, and the workers'
-    periodic look (every 5 s) ends it expired; the big one is not disturbed."""
+    """A job with a 1 s deadline waits behind a big one of a higher priority (of the same tenant at the same priority,
+    it would share the workers with it); no one reads it, and the workers' periodic look (every 5 s) ends it expired;
+    the big one is not disturbed."""
     import redis
 
     from schemas import keys
 
     rng = random.Random(6)
-    big = {"requests": [{"query": "w1", "documents": [random_text(rng, 50, 200) for _ in range(2000)]}], "priority": 1}
+    big = {"requests": [{"query": "w1", "documents": [random_text(rng, 50, 200) for _ in range(2000)]}], "priority": 9}
     first = client.post("/v1/jobs", json=big).json()
     late = client.post(
         "/v1/jobs", json={"requests": [{"query": "w2", "documents": ["w3"]}], "priority": 1, "deadline_s": 1}

@@ -232,6 +232,7 @@ def test_no_key_lives_without_a_ttl_but_the_farms_few_indexes(
     }  # fmt: skip
     kept_prefixes = (
         "rerank:lane:",  # per kombu list: two counters
+        "rerank:backlog:",  # per model: the backlog's counts, and per priority its clock (jobs and tenants leave)
         "_kombu.binding.",  # kombu's queue bindings
         "rerank.",  # the queues themselves (lists, gone once drained)
     )

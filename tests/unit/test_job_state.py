@@ -56,16 +56,6 @@ def store_chunks(r: fakeredis.FakeRedis, count: int, job_id: str = "job_1") -> N
     r.hset(keys.job_chunks_key(job_id), mapping={i: chunk(i, job_id).model_dump_json() for i in range(count)})
 
 
-@pytest.fixture
-def r() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis()
-
-
-@pytest.fixture
-def run(r) -> moves.Runner:
-    return moves.Runner(r)
-
-
 def stored(r: fakeredis.FakeRedis, job_id: str = "job_1") -> JobRecord:
     return JobRecord.from_hash(r.hgetall(keys.job_key(job_id)))
 

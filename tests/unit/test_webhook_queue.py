@@ -3,12 +3,9 @@ per tenant and per destination, leases, the circuit breaker, the legacy due set'
 
 from __future__ import annotations
 
-import fakeredis
-import pytest
-
 from schemas import keys
 from schemas.settings import Settings
-from store import moves, webhook_queue
+from store import webhook_queue
 from store.webhook_queue import Claimed, Outcome
 
 NOW = 1_800_000_000.0
@@ -21,16 +18,6 @@ SETTINGS = Settings(
     webhook_lease_s=120,
     webhook_dispatch_interval_s=1.0,
 )
-
-
-@pytest.fixture
-def r() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis()
-
-
-@pytest.fixture
-def run(r) -> moves.Runner:
-    return moves.Runner(r)
 
 
 def due(r, tenant: str, job_id: str, dest: str, at: float = NOW - 1) -> None:
