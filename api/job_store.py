@@ -34,13 +34,13 @@ from schemas.errors import (
 from schemas.jobs import Job, JobCreate, JobResults, JobStatus, QueuePosition, RequestResults
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent, WebhookState, destination
-from store import dispatch, job_state, moves, redis_memory, webhook_queue, webhook_secrets
+from store import backlog, dispatch, job_state, moves, redis_memory, webhook_queue, webhook_secrets
 from store.chunk_ledger import Ledger
 from store.codec import as_str, now_iso
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
 from store.job_state import JobInput, JobRecord, JobView
-from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, job_lane, publish, step_lane
+from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, job_lane, step_lane
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
 
@@ -61,7 +61,7 @@ class JobStore:
         self.run = moves.AsyncRunner(client)
         self.models = ModelCatalog(client, settings)
         self.ledger = Ledger(client)
-        self.backlog = dispatch.Backlog(client)
+        self.backlog = backlog.Backlog(client)
         self.interactive = InteractiveLimits(
             client, settings.interactive_max_pairs_per_tenant, settings.interactive_max_pairs
         )
@@ -121,7 +121,7 @@ class JobStore:
                     headers={"Retry-After": "10"},
                 )
         if not interactive:
-            waiting = await self.run(dispatch.waiting(model))
+            waiting = await self.run(backlog.waiting(model))
             depth = waiting.chunks + sum(await self._lengths(bulk_queue_keys(model)))
             if depth + chunks > s.max_queue_depth:
                 metrics.REQUESTS_REFUSED.labels("queue_depth").inc()
@@ -150,7 +150,7 @@ class JobStore:
         ahead: int = 0,
     ) -> Job:
         """Record the job and enqueue its chunks. A bulk job's chunks join its model's backlog, from which the
-        model's lanes are fed in fair order (`store.dispatch`). Interactive jobs go to their own queue, ahead of
+        model's lanes are fed in fair order (`store.backlog`). Interactive jobs go to their own queue, ahead of
         bulk work, placed in it by `ahead`, their tenant's interactive pairs in flight
         (`store.queueing.interactive_steps`), and push their final status to a list that `wait` blocks on. A job
         that would push Redis past its memory headroom is refused (`StoreFull`). An Idempotency-Key's `claim` is
@@ -205,7 +205,7 @@ class JobStore:
             opened_at = len(pipe)  # where the ledger's reply (chunk 0's sequence number) will be
             if interactive:  # straight to the interactive queue
                 await self.ledger.open_chunks(pipe, job_id, lanes, lane, ttl)
-            else:  # into the model's backlog, fed to its lanes in fair order (`store.dispatch`)
+            else:  # into the model's backlog, fed to its lanes in fair order (`store.backlog`)
                 await self.backlog.enqueue(pipe, model, job_id, tenant, body.priority, chunks, total)
             pipe.zadd(keys.recent_jobs_key(tenant), {job_id: time.time()})
             pipe.zremrangebyrank(keys.recent_jobs_key(tenant), 0, -keys.RECENT_JOBS_KEPT - 1)
@@ -222,8 +222,7 @@ class JobStore:
         del new_job
         try:
             await self.replicated(job_id)
-            if refs:
-                await anyio.to_thread.run_sync(publish, self.celery, refs)
+            await dispatch.asend(self.celery, refs)
         except Exception as exc:
             logger.error("job %s: enqueue failed: %r", job_id, exc)
             # The one path to a final state: the job leaves its tenant's in-flight set, a waiter and a webhook
@@ -254,12 +253,10 @@ class JobStore:
         return record.to_job()
 
     async def feed(self, model: str) -> None:
-        """Top the model's lanes up from its backlog (`store.dispatch`). The job is safe in the backlog already: a
-        feed that fails here is left to the workers' own (each take, and every recovery look)."""
+        """Top the model's lanes up from its backlog (`store.dispatch.afeed`). The job is safe in the backlog
+        already: a feed that fails here is left to the workers' own (each take, and every recovery look)."""
         try:
-            refs = await self.run(dispatch.feed(model, self.settings.lane_depth, self.settings.result_ttl_s))
-            if refs:
-                await anyio.to_thread.run_sync(publish, self.celery, refs)
+            await dispatch.afeed(self.run, self.celery, self.settings, model)
         except Exception as exc:
             logger.warning("feeding model %s's lanes failed (its workers feed them too): %r", model, exc)
 
@@ -303,7 +300,7 @@ class JobStore:
         job = view.to_job()
         record = view.record
         if record.kind == "bulk" and not record.final and record.fed < record.chunks_total:
-            at = await self.run(dispatch.position(record.model, job_id, tenant, record.priority))
+            at = await self.run(backlog.position(record.model, job_id, tenant, record.priority))
             if at.pairs_waiting:
                 job.queue = QueuePosition(**dataclasses.asdict(at))
         if job.webhook is not None and record.webhook_state == WebhookState.pending:
@@ -408,9 +405,9 @@ class JobStore:
         lengths = iter(await self._lengths([name for _, _, names in queues for name in names]))
         return {(queue, model): sum(next(lengths) for _ in names) for queue, model, names in queues}
 
-    async def backlogs(self) -> dict[str, dispatch.Waiting]:
-        """What waits in each served model's backlog (`store.dispatch`)."""
-        return {model.name: await self.run(dispatch.waiting(model.name)) for model in await self.models.served()}
+    async def backlogs(self) -> dict[str, backlog.Waiting]:
+        """What waits in each served model's backlog (`store.backlog`)."""
+        return {model.name: await self.run(backlog.waiting(model.name)) for model in await self.models.served()}
 
     async def live_workers(self) -> list[dict[str, Any]]:
         found = []

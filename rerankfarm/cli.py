@@ -149,17 +149,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def positive_weight(text: str) -> float:
-    from store import dispatch
+    from store import backlog
 
     try:
-        return dispatch.check_weight(float(text))
+        return backlog.check_weight(float(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     from store import api_keys as auth
-    from store import dispatch, moves, webhook_secrets
+    from store import backlog, moves, webhook_secrets
     from store.connect import redis_client
 
     settings = get_settings()
@@ -172,7 +172,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             raise SystemExit(f"rerankfarm keys create: {exc}") from None
         print(f"created {info['id']} for tenant {info['tenant']}. The key is shown once; store it now:\n{key}")
         if args.weight is not None:
-            dispatch.set_weight(client, args.tenant, args.weight)
+            backlog.set_weight(client, args.tenant, args.weight)
             print(f"tenant {args.tenant}'s weight in the fair shares: {args.weight:g}")
         made, move = webhook_secrets.rotate(args.tenant, settings.webhook_secret_overlap_s, only_if_none=True)
         if run(move):
@@ -193,12 +193,12 @@ def cmd_keys(args: argparse.Namespace) -> int:
         if not auth.TENANT_NAME.match(args.tenant):
             raise SystemExit(f"rerankfarm keys weight: no such tenant name {args.tenant!r}")
         try:
-            dispatch.set_weight(client, args.tenant, args.weight)
+            backlog.set_weight(client, args.tenant, args.weight)
         except ValueError as exc:
             raise SystemExit(f"rerankfarm keys weight: {exc}") from None
         print(f"tenant {args.tenant}'s weight in the fair shares: {args.weight:g}")
     elif args.action == "list":
-        weights = dispatch.weights(client)
+        weights = backlog.weights(client)
         for info in auth.list_keys(client):
             weight = weights.get(info["tenant"], 1.0)
             print(f"{info['id']}  tenant={info['tenant']}  weight={weight:g}  prefix={info['prefix']}...  "

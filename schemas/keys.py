@@ -85,12 +85,12 @@ CHUNKS_OPEN = f"{NAMESPACE}:chunks:open"
 JOB_DEADLINES = f"{NAMESPACE}:jobs:deadlines"
 
 
-# Hash: tenant -> its weight in the fair shares of bulk work (`store.dispatch`; 1 when absent).
+# Hash: tenant -> its weight in the fair shares of bulk work (`store.backlog`; 1 when absent).
 TENANT_WEIGHTS = f"{NAMESPACE}:tenants:weights"
 
 
 def backlog_prefix(model: str) -> str:
-    """The prefix of a model's backlog keys (`store.dispatch`): bulk chunks not yet sent to a worker's lane.
+    """The prefix of a model's backlog keys (`store.backlog`): bulk chunks not yet sent to a worker's lane.
     `{prefix}:{priority}:tenants` (sorted set: tenant -> its virtual time at that priority), `{prefix}:{priority}:
     jobs:{tenant}` (sorted set: job -> its virtual time within its tenant), `{prefix}:{priority}:clock` (hash: `_` the
     tenants' clock, tenant -> its jobs' clock), `{prefix}:left` (hash: job -> chunks not yet sent, `{job}:pairs` their

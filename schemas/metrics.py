@@ -44,12 +44,24 @@ REDIS_MEMORY_USED = Gauge("rerank_redis_memory_used_bytes", "Redis used_memory (
 REDIS_MEMORY_MAX = Gauge("rerank_redis_memory_max_bytes", "Redis maxmemory (INFO memory, at scrape); 0: no limit.")
 WORKERS_ALIVE = Gauge("rerank_workers_alive", "Scoring workers with a fresh heartbeat (at scrape).")
 
-CHUNKS_RECOVERED = Counter(
-    "rerank_chunks_recovered_total",
-    "Lost chunks found by the ledger's recovery: sent again, or given up (their job failed).",
-    ["outcome"],
+CHUNK_SENDS = Counter(
+    "rerank_chunk_sends_total",
+    "Chunk messages sent to the broker (`store.dispatch`), by cause: first (fed from a model's backlog), "
+    "engine_error (sent again after its engine call failed), lost (sent again by recovery: its worker died or the "
+    "broker lost it).",
+    ["cause"],
 )
-# A worker's engine series carry its model's served name.
+CHUNKS_GIVEN_UP = Counter(
+    "rerank_chunks_given_up_total",
+    "Chunks not sent again, their job failed instead, by the job's error code (engine_error, chunk_lost: sent "
+    "RERANK_CHUNK_MAX_RETRIES + 1 times; store_full: Redis too full to count another send).",
+    ["code"],
+)
+PAIRS_SERVED = Counter(
+    "rerank_pairs_served_total",
+    "Pairs of the chunks this worker recorded, per model and tenant (bulk and interactive): each tenant's share.",
+    ["model", "tenant"],
+)
 PAIRS_SCORED = Counter("rerank_pairs_scored_total", "Pairs scored by this worker.", ["model"])
 TOKENS_SCORED = Counter(
     "rerank_tokens_scored_total", "Prompt tokens scored by this worker (without padding).", ["model"]

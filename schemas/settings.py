@@ -188,7 +188,7 @@ class Settings(BaseSettings):
         "engine calls, so more chunks in flight means fuller batches and more work to redo after a crash.",
     )
     lane_depth: int = Field(
-        8,
+        4,
         ge=1,
         description="Bulk chunks kept waiting in each model's broker lists, fed from the farm's backlog in fair "
         "order (between tenants by weight, between a tenant's jobs, priorities strictly) as workers take them. Deep "

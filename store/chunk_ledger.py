@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas import keys
-from schemas.chunks import ChunkRef
+from schemas.chunks import ChunkRef, chunk_priority
 from schemas.jobs import JobStatus
 from store.codec import as_str
 
@@ -112,6 +112,19 @@ class Lost:
     @property
     def member(self) -> str:
         return f"{self.job_id}:{self.index}"
+
+    @property
+    def ref(self) -> ChunkRef:
+        """The chunk's message as it was last sent."""
+        return ChunkRef(
+            job_id=self.job_id,
+            index=self.index,
+            tenant=self.tenant,
+            priority=chunk_priority(self.kind, self.priority),
+            lane=self.lane,
+            seq=self.seq,
+            send=self.sends,
+        )
 
 
 @dataclass

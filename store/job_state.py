@@ -16,7 +16,7 @@ Moves, each one atomic (a Lua script, or the creating transaction), each returni
        └──────── cancel, fail ───────┴──▶ cancelled | failed
 
 Every move into a final state runs the shared prelude `finalize` in its script: the job leaves its tenant's
-in-flight set and its model's backlog (what it had not sent, `store.dispatch`), its status goes to the done-list
+in-flight set and its model's backlog (what it had not sent, `store.backlog`), its status goes to the done-list
 when someone waits on it (an interactive call), the webhook event the job asked for is scheduled, and the chunks'
 ledger and inputs go (the inputs stay when results echo documents).
 Nothing can set a final state without those following. A move is data (`store.moves.Move`: script, keys, args, and
@@ -40,7 +40,7 @@ from schemas import keys, metrics
 from schemas.chunks import Chunk
 from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
 from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
-from store import dispatch
+from store import backlog
 from store.codec import as_str, decode_hash, now_iso
 from store.moves import Move
 
@@ -79,7 +79,7 @@ class JobRecord:
     keep_input: int = 0  # 1: results echo documents, read from the chunks' inputs, which then outlive the job's end
     deadline_at: str = ""  # ISO time past which the job expires unless it has ended
     chunk_size: int = 0  # pairs per chunk (the last one holds the rest)
-    fed: int = 0  # a bulk job's chunks sent from its model's backlog so far (`store.dispatch`)
+    fed: int = 0  # a bulk job's chunks sent from its model's backlog so far (`store.backlog`)
     tokenize_ms: int = 0  # the slowest recorded chunk's tokenization
     inference_ms: int = 0  # the slowest recorded chunk's wait for its scores
 
@@ -244,7 +244,7 @@ end
 # the status to the done-list when someone waits (`notify`), the webhook event scheduled when the job's webhook
 # wants it. The script's last ARGV is the done-list's TTL in seconds.
 _FINALIZE = (
-    dispatch.BACKLOG
+    backlog.BACKLOG
     + """
 local function finalize(status)
   local id = redis.call('HGET', KEYS[1], 'id')

@@ -1,5 +1,5 @@
-"""What a worker does to jobs: each chunk's take and scores and the job's failure, as moves of `store.job_state`, and a
-chunk's re-send through `store.chunk_ledger`."""
+"""What a worker does to jobs: each chunk's take and scores and the job's failure, as moves of `store.job_state`. (A
+chunk's re-send is the dispatcher's, `store.dispatch`.)"""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from schemas.chunks import ChunkRef, ChunkResult
 from schemas.jobs import JobStatus
 from store import job_state, moves
-from store.chunk_ledger import Ledger
 from store.job_state import Finished, Recorded, Taken
 from store.moves import Move
-from store.queueing import resend_lane
 from store.redis_memory import is_out_of_memory
 
 logger = logging.getLogger(__name__)
@@ -25,7 +23,6 @@ class WorkerJobStore:
         self.redis = client
         self.ttl = result_ttl_s
         self.run = moves.Runner(client)
-        self.ledger = Ledger(client)
         # A full Redis (noeviction) refuses a take or a record: try again for up to store_full_wait_s, as running
         # jobs end and free their chunks' inputs; then the error goes up and the chunk's job fails `store_full`.
         self._with_room = Retrying(
@@ -46,15 +43,6 @@ class WorkerJobStore:
 
     def take(self, ref: ChunkRef, worker: str) -> Taken:
         return self._with_room(self.run, job_state.take(ref.job_id, ref.index, worker, ref.lane, ref.seq))
-
-    def resend(self, ref: ChunkRef, max_sends: int) -> tuple[str, ChunkRef | None]:
-        """Count another send of the chunk this message delivered: ('sent', the new message to publish), or
-        'exhausted' (sent `max_sends` times), 'raced' (sent again by someone else), 'recorded' or 'gone'."""
-        lane = resend_lane(ref.lane)
-        outcome, seq, sends = self.ledger.resend(ref.job_id, ref.index, lane, ref.send, max_sends)
-        if outcome != "sent":
-            return outcome, None
-        return outcome, ref.model_copy(update={"lane": lane, "seq": seq, "send": sends})
 
     def record_chunk(self, ref: ChunkRef, result: ChunkResult, worker: str, timings_ms: tuple[int, int]) -> Recorded:
         """Store a chunk's result and its (tokenization, inference) milliseconds. A job that succeeds now is counted

@@ -2,8 +2,9 @@
 
 Every scoring worker runs a `Recovery` thread, which looks at the chunk ledger as it starts and then every
 `SWEEP_INTERVAL_S` seconds (`store.chunk_ledger.Ledger.find_lost`) and sends again each chunk that nobody vouched for
-in two leases (`2 * RERANK_VISIBILITY_TIMEOUT_S`) and that is not waiting in its queue. A chunk sent
-RERANK_CHUNK_MAX_RETRIES + 1 times fails its job (`chunk_lost`).
+in two leases (`2 * RERANK_VISIBILITY_TIMEOUT_S`) and that is not waiting in its queue, through the dispatcher
+(`store.dispatch`: a chunk sent RERANK_CHUNK_MAX_RETRIES + 1 times fails its job, `chunk_lost`). Each look also ends
+the jobs past their deadline and feeds the model's lanes from its backlog (`store.backlog`), for lanes no take has fed.
 
 There is no lock: the ledger's re-send is a compare-and-set on the chunk's send count, so when several workers find
 the same lost chunk, one sends it and the others are told 'raced'. (A lock held by one worker at a time starved
@@ -21,14 +22,11 @@ import threading
 import redis
 from celery import Celery
 
-from schemas import metrics
-from schemas.chunks import ChunkRef, chunk_priority
 from schemas.settings import Settings
 from store import job_state
 from store.chunk_ledger import Lost
 from store.dispatch import Dispatcher
-from store.queueing import SWEEP_INTERVAL_S, job_lane, publish, resend_lane
-from store.redis_memory import is_out_of_memory
+from store.queueing import SWEEP_INTERVAL_S, job_lane
 from workers.job_store import WorkerJobStore
 
 logger = logging.getLogger(__name__)
@@ -39,11 +37,10 @@ class Recovery:
         self.app = app
         self.client = client
         self.store = WorkerJobStore(client, settings.result_ttl_s)
-        self.ledger = self.store.ledger
         self.dispatcher = Dispatcher(client, app, settings)
+        self.ledger = self.dispatcher.ledger
         self.model = settings.served_name
         self.grace_s = 2.0 * settings.visibility_timeout_s
-        self.max_sends = settings.chunk_max_retries + 1
         self.period_s = float(SWEEP_INTERVAL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
@@ -76,50 +73,8 @@ class Recovery:
         return sent
 
     def _recover(self, lost: Lost) -> int:
-        try:
-            return self._send_again(lost)
-        except redis.RedisError as exc:
-            if not is_out_of_memory(exc):
-                raise
-            # A chunk lost while Redis is full cannot be sent again: its job ends, with the reason.
-            message = f"chunk {lost.index} was lost and Redis is full: it cannot be sent again ({exc})"
-            if self.store.fail(lost.job_id, "store_full", message, lost.tenant):
-                metrics.CHUNKS_RECOVERED.labels("given_up").inc()
-                logger.error("job %s failed: %s", lost.job_id, message)
-            return 0
-
-    def _send_again(self, lost: Lost) -> int:
-        lane = resend_lane(lost.lane)
-        outcome, seq, sends = self.ledger.resend(lost.job_id, lost.index, lane, lost.sends, self.max_sends)
-        if outcome == "sent":
-            ref = ChunkRef(
-                job_id=lost.job_id,
-                index=lost.index,
-                tenant=lost.tenant,
-                priority=chunk_priority(lost.kind, lost.priority),
-                lane=lane,
-                seq=seq,
-                send=sends,
-            )
-            publish(self.app, [ref])
-            metrics.CHUNKS_RECOVERED.labels("sent_again").inc()
-            logger.warning(
-                "job %s chunk %d lost (last held by %s): sent again (send %d)",
-                lost.job_id,
-                lost.index,
-                lost.holder or "no worker",
-                sends,
-            )
-            return 1
-        if outcome == "exhausted":
-            message = (
-                f"chunk {lost.index} was sent {sends} times and never scored (RERANK_CHUNK_MAX_RETRIES="
-                f"{self.max_sends - 1}): its workers kept dying or losing it"
-            )
-            if self.store.fail(lost.job_id, "chunk_lost", message, lost.tenant):
-                metrics.CHUNKS_RECOVERED.labels("given_up").inc()
-                logger.error("job %s failed: %s", lost.job_id, message)
-        return 0
+        reason = f"lost (last held by {lost.holder or 'no worker'})"
+        return int(self.dispatcher.send_again(lost.ref, "lost", reason) == "sent")
 
     def _run(self) -> None:
         # A look as it starts (a worker that dies young has still looked once), then every period, the workers'

@@ -14,10 +14,10 @@ import redis
 from celery import Task
 from celery.exceptions import Reject
 
+from schemas import metrics
 from schemas.chunks import INTERACTIVE_PRIORITY, ChunkRef
 from schemas.errors import InvalidInput
 from schemas.keys import TASK_SCORE_CHUNK
-from store.queueing import publish
 from store.redis_memory import is_out_of_memory
 from workers import runtime, scoring
 from workers.celery_app import app
@@ -117,6 +117,8 @@ def _score(ref: ChunkRef, hostname: str) -> str:
     result = scoring.aggregate(prepared, scores)
     timings_ms = (round((tokenized_at - started_at) * 1000), round((scored_at - tokenized_at) * 1000))
     outcome = store.record_chunk(ref, result, hostname, timings_ms).outcome
+    if outcome in ("recorded", "finished"):
+        metrics.PAIRS_SERVED.labels(rt.settings.served_name, ref.tenant).inc(prepared.pairs)
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,
@@ -137,20 +139,11 @@ def _feed(rt: runtime.Runtime) -> None:
 
 
 def _send_again_or_fail(ref: ChunkRef, exc: BaseException) -> str:
-    """An engine call failed: the chunk is sent again through the ledger (its sends count its attempts) after a
-    backoff, or its job fails once it was sent RERANK_CHUNK_MAX_RETRIES + 1 times."""
+    """An engine call failed: after a backoff, the chunk is sent again, or its job fails once it was sent
+    RERANK_CHUNK_MAX_RETRIES + 1 times (`store.dispatch`)."""
     rt = runtime.get()
-    max_sends = rt.settings.chunk_max_retries + 1
-    if ref.send < max_sends:
+    if ref.send <= rt.settings.chunk_max_retries:
         logger.warning("job %s chunk %d: engine failed (%r), sending it again", ref.job_id, ref.index, exc)
         time.sleep(min(2 ** (ref.send - 1), 30))
-    outcome, again = rt.store.resend(ref, max_sends)
-    if again is not None:
-        publish(app, [again])
-        return "sent again"
-    if outcome == "exhausted":
-        message = f"chunk {ref.index} failed after {ref.send} attempts: {exc!r}"
-        rt.store.fail(ref.job_id, "engine_error", message, ref.tenant)
-        logger.error("job %s failed: chunk %d: %r", ref.job_id, ref.index, exc)
-        return "failed"
-    return outcome  # recorded, sent again or ended meanwhile
+    outcome = rt.dispatcher.send_again(ref, "engine_error", f"engine failed: {exc!r}")
+    return {"sent": "sent again", "exhausted": "failed"}.get(outcome, outcome)  # or recorded, raced, gone meanwhile

@@ -34,10 +34,37 @@ def redis_url() -> Iterator[str]:
         yield server.url
 
 
-def other_db(url: str, db: int) -> str:
-    """The same server, another database: a farm with no worker in it."""
-    base = url.rsplit("/", 1)[0] if url.count("/") > 2 else url
-    return f"{base}/{db}"
+class Databases:
+    """The test server's databases but the session's (`redis_url`, where the session's `worker` consumes): a test or
+    module that needs a farm of its own (its own workers, or none at all) takes one, flushed, and gives it back, so
+    no two of them share one by accident."""
+
+    def __init__(self, url: str) -> None:
+        self.base, _, main = url.rpartition("/") if url.count("/") > 2 else (url, "", "0")
+        count = int(redis.Redis.from_url(url).config_get("databases").get("databases", 16))
+        self.free = [db for db in range(count) if db != int(main or 0)]
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[str]:
+        db = self.free.pop(0)
+        url = f"{self.base}/{db}"
+        redis.Redis.from_url(url).flushdb()
+        try:
+            yield url
+        finally:
+            self.free.append(db)  # last in line: the next test gets another
+
+
+@pytest.fixture(scope="session")
+def databases(redis_url: str) -> Databases:
+    return Databases(redis_url)
+
+
+@pytest.fixture
+def fresh_url(databases: Databases) -> Iterator[str]:
+    """A database of the test server of this test's own, empty: no worker consumes there unless the test starts one."""
+    with databases.take() as url:
+        yield url
 
 
 class WorkerProcess(FarmWorker):

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from tests.integration.conftest import farm_settings, other_db
+from tests.integration.conftest import farm_settings
 
 pytestmark = pytest.mark.integration
 
@@ -64,12 +64,12 @@ def test_unknown_job_is_404(client, path, job_id) -> None:
     assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
 
 
-def test_readyz_needs_a_live_worker(redis_url, tiny_model_dir, client, worker) -> None:
+def test_readyz_needs_a_live_worker(fresh_url, tiny_model_dir, client, worker) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200 and any(h.startswith(f"{worker.node}@") for h in ready.json()["workers"])
     assert {e for h, e in ready.json()["engines"].items() if h.startswith(f"{worker.node}@")} == {"vllm on cpu"}
-    with TestClient(create_app(farm_settings(other_db(redis_url, 4), tiny_model_dir))) as lonely:
+    with TestClient(create_app(farm_settings(fresh_url, tiny_model_dir))) as lonely:
         r = lonely.get("/readyz")
     assert r.status_code == 503 and r.json()["reason"] == "no worker alive"
     with TestClient(create_app(farm_settings("redis://127.0.0.1:1/0", tiny_model_dir))) as cut_off:

@@ -249,14 +249,16 @@ def test_openai_compatible_generic_payloads(live_api, worker) -> None:
         assert "document" in http.post("/rerank", json=strings).json()["results"][0]
 
 
-def test_files_belong_to_their_tenant_and_have_their_own_size_limit(redis_url, tiny_model_dir, tmp_path) -> None:
+def test_files_belong_to_their_tenant_and_have_their_own_size_limit(
+    fresh_url, redis_url, tiny_model_dir, tmp_path
+) -> None:
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.integration.conftest import farm_settings, other_db
+    from tests.integration.conftest import farm_settings
     from tests.integration.test_tenants_and_limits import _key
 
-    redis_url = other_db(redis_url, 14)  # no worker: the batch stays queued until cancelled
+    redis_url = fresh_url  # no worker: the batch stays queued until cancelled
     alice, bob = _key(redis_url, "alice"), _key(redis_url, "bob")
     a, b = {"authorization": f"Bearer {alice}"}, {"authorization": f"Bearer {bob}"}
     settings = farm_settings(

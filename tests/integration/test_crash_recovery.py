@@ -19,7 +19,7 @@ from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
 from tests.conftest import TINY, Reference, random_text
-from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def _assert_every_pair_scored_once(client: TestClient, job: dict, body: dict, re
     assert r.hlen(keys.job_scores_key(job["id"])) == -(-done["progress"]["total"] // 10)
 
 
-def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, log_dir, reference) -> None:
+def test_worker_killed_mid_job_twice_loses_nothing(fresh_url, redis_url, tiny_model_dir, log_dir, reference) -> None:
     """Each kill leaves chunks taken and not recorded; they are delivered again, scored by a live worker, counted
     once, and score what the reference says."""
     rng = random.Random(41)
@@ -117,8 +117,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
             for _ in range(5)
         ]
     }
-    redis_url = other_db(redis_url, 8)  # only this test's workers consume there: their logs tell the whole story
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url = fresh_url  # only this test's workers consume there: their logs tell the whole story
     settings = farm_settings(redis_url, tiny_model_dir, chunk_size=10)
     with TestClient(create_app(settings)) as client:
         first = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
@@ -158,7 +157,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(redis_url, tiny_model_dir, lo
 
 
 def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_settings(
-    redis_url, tiny_model_dir, log_dir
+    fresh_url, redis_url, tiny_model_dir, log_dir
 ) -> None:
     """Two workers with default settings (20 s lease): one is killed with its chunks in hand; the other takes each of
     them within 30 s of the kill, and no chunk is taken twice by the live worker."""
@@ -169,8 +168,7 @@ def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_set
             for _ in range(4)
         ]
     }
-    redis_url = other_db(redis_url, 12)
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url = fresh_url
     doomed = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
     survivor = WorkerProcess(redis_url, tiny_model_dir, log_dir).start()
     try:
@@ -204,14 +202,15 @@ def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_set
     assert all(survivor_outcomes[(i, "duplicate")] == 1 for i in skipped), survivor_outcomes
 
 
-def test_a_chunk_scored_for_longer_than_the_lease_is_never_handed_out_twice(redis_url, tiny_model_dir, log_dir) -> None:
+def test_a_chunk_scored_for_longer_than_the_lease_is_never_handed_out_twice(
+    fresh_url, redis_url, tiny_model_dir, log_dir
+) -> None:
     """A 5 s lease, one chunk that takes several leases to score, and a second idle worker sweeping every 5 s (and
     looking for lost chunks: the recovery's grace is two leases): the holder keeps renewing, so the chunk is taken
     once and scored once, never sent again."""
     rng = random.Random(46)
     body = {"requests": [{"query": "slow", "documents": [random_text(rng, 200, 300) for _ in range(6000)]}]}
-    redis_url = other_db(redis_url, 13)
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url = fresh_url
     lease = {"RERANK_VISIBILITY_TIMEOUT_S": "5", "RERANK_VLLM_MAX_NUM_BATCHED_TOKENS": "2048"}
     holder = WorkerProcess(redis_url, tiny_model_dir, log_dir, concurrency=1, **lease).start()
     try:
@@ -278,13 +277,12 @@ def test_redis_killed_and_restarted_under_a_running_farm(tiny_model_dir, log_dir
 
 @pytest.mark.parametrize("in_process", ["true", "false"])
 def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
-    in_process, redis_url, tiny_model_dir, log_dir
+    fresh_url, in_process, redis_url, tiny_model_dir, log_dir
 ) -> None:
     """SIGKILL of the worker process alone (its launcher lives on and starts a new one), mid-job: the job completes
     with every pair scored once, and nothing the killed worker started outlives it (vLLM's engine core, when it
     runs in a process of its own, would hold the model's memory)."""
-    redis_url = other_db(redis_url, 10)  # only this test's worker consumes there
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url = fresh_url  # only this test's worker consumes there
     rng = random.Random(43)
     body = {
         "requests": [
@@ -317,7 +315,7 @@ def test_killed_vllm_worker_loses_nothing_and_leaves_no_engine_process(
         worker.stop()
 
 
-def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, tiny_model_dir, log_dir) -> None:
+def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(fresh_url, tiny_model_dir, log_dir) -> None:
     """Two extra messages for one chunk (what a redelivery, or a re-send beside a restored message, looks like)
     reach a real worker ahead of the rest: one copy is recorded, the others are dropped (at the take, or by the
     record's first-write-wins), and the job's counts are exact."""
@@ -326,8 +324,7 @@ def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(redis_url, 
     from schemas.chunks import ChunkRef
     from store.queueing import celery_config, publish
 
-    url = other_db(redis_url, 7)
-    redis.Redis.from_url(url).flushdb()
+    url = fresh_url
     rng = random.Random(44)
     body = {"requests": [{"query": random_text(rng, 2, 4), "documents": [random_text(rng, 5, 30) for _ in range(60)]}]}
     settings = farm_settings(url, tiny_model_dir, chunk_size=10)

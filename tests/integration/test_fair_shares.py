@@ -1,5 +1,5 @@
 """Fair shares with a real worker: two tenants at one priority, weights, a priority job overtaking, on the farm's
-own backlog (`store.dispatch`). Each test has a database and a worker of its own, so nothing else is queued."""
+own backlog (`store.backlog`). The module has a database and a worker of its own, so nothing else is queued."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from schemas import keys
-from store import api_keys, dispatch
+from store import api_keys, backlog
 from tests.conftest import TINY, random_text
-from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,15 +29,14 @@ TAKEN = re.compile(r"job (job_\w+) chunk \d+ taken")
 
 
 @pytest.fixture(scope="module")
-def farm(redis_url: str, tiny_model_dir: Path, log_dir: Path) -> Iterator[tuple[str, TestClient, WorkerProcess]]:
-    url = other_db(redis_url, 6)
-    redis.Redis.from_url(url).flushdb()
-    worker = WorkerProcess(url, tiny_model_dir, log_dir, name="fair").start()
-    try:
-        with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=CHUNK, auth="on"))) as client:
-            yield url, client, worker
-    finally:
-        worker.stop()
+def farm(databases, tiny_model_dir: Path, log_dir: Path) -> Iterator[tuple[str, TestClient, WorkerProcess]]:
+    with databases.take() as url:
+        worker = WorkerProcess(url, tiny_model_dir, log_dir, name="fair").start()
+        try:
+            with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=CHUNK, auth="on"))) as client:
+                yield url, client, worker
+        finally:
+            worker.stop()
 
 
 def tenant_headers(url: str, name: str) -> dict[str, str]:
@@ -88,7 +87,7 @@ def test_served_shares_follow_the_weights(farm) -> None:
     url, client, _ = farm
     names = f"heavy{time.time_ns()}", f"light{time.time_ns()}"
     a, b = tenant_headers(url, names[0]), tenant_headers(url, names[1])
-    dispatch.set_weight(redis.Redis.from_url(url), names[0], 3)
+    backlog.set_weight(redis.Redis.from_url(url), names[0], 3)
     rng = random.Random(2)
     jobs_a = [client.post("/v1/jobs", json=job_body(rng, 500), headers=a).json()["id"] for _ in range(2)]
     jobs_b = [client.post("/v1/jobs", json=job_body(rng, 500), headers=b).json()["id"] for _ in range(2)]
@@ -125,10 +124,9 @@ def test_a_higher_priority_job_overtakes_every_tenants_backlog(farm) -> None:
     assert len(between) <= worker.concurrency, between
 
 
-def test_a_queued_job_says_where_it_stands(redis_url, tiny_model_dir) -> None:
+def test_a_queued_job_says_where_it_stands(fresh_url, tiny_model_dir) -> None:
     """No worker: the API's feed fills the lane (RERANK_LANE_DEPTH chunks), the rest waits in the backlog."""
-    url = other_db(redis_url, 7)
-    redis.Redis.from_url(url).flushdb()
+    url = fresh_url
     rng = random.Random(4)
     with TestClient(create_app(farm_settings(url, tiny_model_dir, chunk_size=5, lane_depth=8))) as client:
         first = client.post("/v1/jobs", json=job_body(rng, 200)).json()["id"]
@@ -151,8 +149,8 @@ def test_a_queued_job_says_where_it_stands(redis_url, tiny_model_dir) -> None:
             client.post(f"/v1/jobs/{job}/cancel")
 
 
-def test_keys_weight_sets_a_tenants_share(redis_url) -> None:
-    env = dict(os.environ, RERANK_REDIS_URL=other_db(redis_url, 6))
+def test_keys_weight_sets_a_tenants_share(fresh_url) -> None:
+    env = dict(os.environ, RERANK_REDIS_URL=fresh_url)
     cli = [sys.executable, "-m", "rerankfarm.cli", "keys"]
     tenant = f"w{time.time_ns()}"
     run = subprocess.run(
@@ -163,4 +161,4 @@ def test_keys_weight_sets_a_tenants_share(redis_url) -> None:
     assert f"tenant={tenant}  weight=2.5" in listed
     bad = subprocess.run([*cli, "weight", "--tenant", tenant, "0"], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "above 0" in bad.stderr
-    assert dispatch.weights(redis.Redis.from_url(env["RERANK_REDIS_URL"]))[tenant] == 2.5
+    assert backlog.weights(redis.Redis.from_url(env["RERANK_REDIS_URL"]))[tenant] == 2.5

@@ -26,7 +26,7 @@ from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis, free_port
 from store.queueing import job_lane
 from tests.conftest import TINY, random_text
-from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 from tests.integration.test_crash_recovery import _assert_every_pair_scored_once, chunk_events, stall_holding
 
 pytestmark = pytest.mark.integration
@@ -74,10 +74,10 @@ def _outlast_three_leases(
         _assert_every_pair_scored_once(client, job, body, url)
 
 
-def test_a_chunk_message_lost_from_its_queue_is_scored_again_within_60s(redis_url, tiny_model_dir, log_dir) -> None:
+def test_a_chunk_message_lost_from_its_queue_is_scored_again_within_60s(fresh_url, tiny_model_dir, log_dir) -> None:
     """What a worker killed between kombu's BRPOP and its unacked record leaves: the message is nowhere in Redis's
     queues. With default settings the farm's ledger finds the chunk and sends it again; the job completes."""
-    url = other_db(redis_url, 5)
+    url = fresh_url
     r = redis.Redis.from_url(url)
     r.flushdb()
     body = _body(51, 2, 30, 5, 30)
@@ -101,12 +101,11 @@ def test_a_chunk_message_lost_from_its_queue_is_scored_again_within_60s(redis_ur
     assert recovered_after < 60
 
 
-def test_a_worker_frozen_past_two_leases_loses_nothing(redis_url, tiny_model_dir, log_dir) -> None:
+def test_a_worker_frozen_past_two_leases_loses_nothing(fresh_url, tiny_model_dir, log_dir) -> None:
     """SIGSTOP of a worker holding chunks, for three 5 s leases: another worker scores them meanwhile. Resumed, the
     frozen worker finishes its copies late and acks them with the same delivery tags as the copies the other
     worker took (kombu reuses tags on redelivery); the job still completes, every pair counted once."""
-    url = other_db(redis_url, 4)
-    redis.Redis.from_url(url).flushdb()
+    url = fresh_url
     lease = {"RERANK_VISIBILITY_TIMEOUT_S": "5"}
     frozen = WorkerProcess(url, tiny_model_dir, log_dir, **lease).start()
     other = WorkerProcess(url, tiny_model_dir, log_dir, **lease).start()
@@ -119,10 +118,10 @@ def test_a_worker_frozen_past_two_leases_loses_nothing(redis_url, tiny_model_dir
         other.stop()
 
 
-def test_a_sigkilled_launcher_leaves_no_worker_or_engine_process(redis_url, tiny_model_dir, log_dir) -> None:
+def test_a_sigkilled_launcher_leaves_no_worker_or_engine_process(fresh_url, tiny_model_dir, log_dir) -> None:
     """`rerankfarm worker` SIGKILLed, with vLLM's engine core in processes of its own: the worker dies with its
     launcher (PR_SET_PDEATHSIG), and the worker's reaper ends its process group, engine processes included."""
-    url = other_db(redis_url, 3)
+    url = fresh_url
     worker = WorkerProcess(url, tiny_model_dir, log_dir, RERANK_VLLM_IN_PROCESS="false").start()
     try:
         assert worker.process is not None

@@ -66,20 +66,16 @@ def test_job_scores_equal_transformers_alone_for_every_pair(client, worker, refe
     assert [x["id"] for x in data[2]["results"]] == [f"doc-{x['index']}" for x in data[2]["results"]]
 
 
-def test_results_are_409_until_the_job_succeeded(redis_url, tiny_model_dir) -> None:
-    from tests.integration.conftest import other_db
-
+def test_results_are_409_until_the_job_succeeded(fresh_url, tiny_model_dir) -> None:
     # A database no worker consumes: the job stays queued.
-    with TestClient(create_app(farm_settings(other_db(redis_url, 3), tiny_model_dir))) as c:
+    with TestClient(create_app(farm_settings(fresh_url, tiny_model_dir))) as c:
         job = c.post("/v1/jobs", json={"requests": [{"query": "w1", "documents": ["w2"]}]}).json()
         r = c.get(f"/v1/jobs/{job['id']}/results")
         assert r.status_code == 409 and "queued" in r.json()["error"]["message"]
 
 
-def test_a_job_past_its_deadline_ends_expired_when_read_with_no_worker_at_all(redis_url, tiny_model_dir) -> None:
-    from tests.integration.conftest import other_db
-
-    with TestClient(create_app(farm_settings(other_db(redis_url, 3), tiny_model_dir))) as c:
+def test_a_job_past_its_deadline_ends_expired_when_read_with_no_worker_at_all(fresh_url, tiny_model_dir) -> None:
+    with TestClient(create_app(farm_settings(fresh_url, tiny_model_dir))) as c:
         body = {"requests": [{"query": "w1", "documents": ["w2", "w3"]}], "deadline_s": 1}
         job = c.post("/v1/jobs", json=body).json()
         assert job["status"] == "queued" and job["deadline_at"]

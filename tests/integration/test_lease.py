@@ -15,7 +15,6 @@ from kombu import Connection, Exchange, Queue
 
 from schemas.settings import Settings
 from store.queueing import UNACKED_INDEX_KEY, UNACKED_KEY, celery_config
-from tests.integration.conftest import other_db
 from workers.lease import renew
 
 pytestmark = pytest.mark.integration
@@ -24,10 +23,8 @@ LEASE_S = 2
 
 
 @pytest.fixture
-def url(redis_url: str) -> str:
-    url = other_db(redis_url, 11)
-    redis.Redis.from_url(url).flushdb()
-    return url
+def url(fresh_url) -> str:
+    return fresh_url
 
 
 def _transport_options(url: str) -> dict:

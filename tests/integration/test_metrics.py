@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.main import create_app
 from rerankfarm.embedded_redis import free_port
 from tests.conftest import TINY
-from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,8 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-def test_metrics_move_when_jobs_run(redis_url, tiny_model_dir, log_dir) -> None:
-    url = other_db(redis_url, 7)  # this worker alone scores the job
+def test_metrics_move_when_jobs_run(fresh_url, tiny_model_dir, log_dir) -> None:
+    url = fresh_url  # this worker alone scores the job
     port = free_port()
     worker = WorkerProcess(url, tiny_model_dir, log_dir, RERANK_WORKER_METRICS_PORT=str(port)).start()
     stack = contextlib.ExitStack()
@@ -44,6 +44,17 @@ def test_metrics_move_when_jobs_run(redis_url, tiny_model_dir, log_dir) -> None:
         after_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
         pairs = ("rerank_pairs_scored_total", (("model", TINY),))
         assert after_worker[pairs] == before_worker.get(pairs, 0) + 40
+        served = ("rerank_pairs_served_total", (("model", TINY), ("tenant", "default")))
+        assert after_worker[served] == before_worker.get(served, 0) + 40
+        first = (
+            "rerank_chunk_sends_total",
+            (("cause", "first"),),
+        )  # 8 chunks of 5, the API fed some, the worker the rest
+        fed = sum(
+            after.get(first, 0) - before.get(first, 0)
+            for before, after in ((before_api, after_api), (before_worker, after_worker))
+        )
+        assert fed == 8
         finished = ("rerank_jobs_finished_total", (("model", TINY), ("status", "succeeded")))
         assert after_worker[finished] == before_worker.get(finished, 0) + 1
         assert ("rerank_engine_seconds_count", (("model", TINY),)) in after_worker

@@ -11,12 +11,11 @@ import time
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
 from tests.conftest import TINY, TINY_CE, random_text
-from tests.integration.conftest import WorkerProcess, farm_settings, other_db, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 from workers.models.qwen3_reranker import DEFAULT_INSTRUCTION
 
 pytestmark = pytest.mark.integration
@@ -38,16 +37,15 @@ def _close(got: dict[int, float], query: str, docs: list[str], reference: Any) -
 
 
 @pytest.fixture(scope="module")
-def two_models(redis_url, tiny_model_dir, tiny_cross_encoder_dir, log_dir):
-    url = other_db(redis_url, 15)
-    redis.Redis.from_url(url).flushdb()
-    qwen = WorkerProcess(url, tiny_model_dir, log_dir, concurrency=1).start()
-    cross = WorkerProcess(url, tiny_cross_encoder_dir, log_dir, concurrency=1).start()
-    try:
-        yield url, qwen, cross
-    finally:
-        qwen.stop()
-        cross.stop()
+def two_models(databases, tiny_model_dir, tiny_cross_encoder_dir, log_dir):
+    with databases.take() as url:
+        qwen = WorkerProcess(url, tiny_model_dir, log_dir, concurrency=1).start()
+        cross = WorkerProcess(url, tiny_cross_encoder_dir, log_dir, concurrency=1).start()
+        try:
+            yield url, qwen, cross
+        finally:
+            qwen.stop()
+            cross.stop()
 
 
 def test_each_model_is_served_by_its_own_workers_with_its_familys_rule(

@@ -24,7 +24,7 @@ from schemas.chunks import INTERACTIVE_PRIORITY, chunk_priority
 from store.api_keys import create_key
 from store.queueing import interactive_queue_keys
 from tests.conftest import TINY, random_text
-from tests.integration.conftest import WorkerProcess, farm_settings, other_db, serve, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, serve, wait_for
 from workers.models.qwen3_reranker import PREFIX, SUFFIX, format_body
 
 pytestmark = pytest.mark.integration
@@ -118,9 +118,9 @@ def test_an_answer_says_where_its_time_went_in_teis_headers(client, worker) -> N
     assert job["timings"]["inference_ms"] == ms["x-inference-time"]
 
 
-def test_timeout_answers_504_with_the_job_id_and_cancels_the_job(redis_url, tiny_model_dir) -> None:
+def test_timeout_answers_504_with_the_job_id_and_cancels_the_job(fresh_url, tiny_model_dir) -> None:
     """Nobody reads the answer of a call that timed out: its job is cancelled, so no worker scores it later."""
-    with TestClient(create_app(farm_settings(other_db(redis_url, 5), tiny_model_dir))) as lonely:
+    with TestClient(create_app(farm_settings(fresh_url, tiny_model_dir))) as lonely:
         started = time.monotonic()
         r = lonely.post("/v1/rerank", json={"query": "w1", "documents": ["w2", "w3"], "timeout": 0.5})
         assert 0.5 <= time.monotonic() - started < 5
@@ -132,11 +132,11 @@ def test_timeout_answers_504_with_the_job_id_and_cancels_the_job(redis_url, tiny
         assert job["error"]["code"] == "timeout"
 
 
-def test_a_wait_longer_than_a_redis_client_timeout_is_no_outage(redis_url, tiny_model_dir) -> None:
+def test_a_wait_longer_than_a_redis_client_timeout_is_no_outage(fresh_url, tiny_model_dir) -> None:
     """A call that waits longer than redis-py's default socket timeout (5 s since redis-py 6) answers at its own
     timeout, 504 with the job id: the wait's BLPOP must not time out as if Redis were unreachable (it answered 503
     `unavailable` after 5.0 s)."""
-    with TestClient(create_app(farm_settings(other_db(redis_url, 5), tiny_model_dir))) as lonely:
+    with TestClient(create_app(farm_settings(fresh_url, tiny_model_dir))) as lonely:
         started = time.monotonic()
         r = lonely.post("/v1/rerank", json={"query": "w1", "documents": ["w2", "w3"], "timeout": 6.5})
         assert r.status_code == 504, r.text

@@ -8,7 +8,7 @@ import pytest
 
 from rerankfarm import chaos
 from tests.conftest import VLLM_TEST_ENV
-from tests.integration.conftest import farm_settings, other_db, serve
+from tests.integration.conftest import farm_settings, serve
 
 pytestmark = pytest.mark.integration
 
@@ -19,11 +19,9 @@ JOBS, KILL_EVERY_S, MIN_KILLS = 600, 6.0, 3
 
 
 @pytest.mark.timeout(900)
-def test_soak_with_workers_sigkilled_every_few_seconds(redis_url, tiny_model_dir, log_dir, reference) -> None:
-    import redis
+def test_soak_with_workers_sigkilled_every_few_seconds(fresh_url, tiny_model_dir, log_dir, reference) -> None:
 
-    url = other_db(redis_url, 6)  # only this test's workers consume there
-    redis.Redis.from_url(url).flushdb()
+    url = fresh_url  # only this test's workers consume there
     settings = farm_settings(url, tiny_model_dir, max_jobs_in_flight_per_tenant=10_000, rate_limit_per_minute=0)
     env = {**VLLM_TEST_ENV, "RERANK_WORKER_HEARTBEAT_S": "1", "RERANK_WORKER_METRICS_PORT": "0"}
     with serve(settings) as api:

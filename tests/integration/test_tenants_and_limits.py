@@ -18,7 +18,7 @@ from store import api_keys as auth
 from store import webhook_secrets
 from store.queueing import bulk_queue_keys
 from tests.conftest import TINY
-from tests.integration.conftest import farm_settings, other_db, wait_for
+from tests.integration.conftest import farm_settings, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -117,9 +117,8 @@ def test_body_size_limit_is_413(redis_url, tiny_model_dir) -> None:
         assert c.post("/v1/jobs", json=JOB).status_code == 202
 
 
-def test_limits_answer_429_with_retry_after_and_leave_the_queue_alone(redis_url, tiny_model_dir) -> None:
-    url = other_db(redis_url, 6)  # no worker: jobs stay queued
-    redis.Redis.from_url(url).flushdb()
+def test_limits_answer_429_with_retry_after_and_leave_the_queue_alone(fresh_url, tiny_model_dir) -> None:
+    url = fresh_url  # no worker: jobs stay queued
     with TestClient(create_app(farm_settings(url, tiny_model_dir, max_jobs_in_flight_per_tenant=2))) as c:
         first = [c.post("/v1/jobs", json=JOB).json() for _ in range(2)]
         r = c.post("/v1/jobs", json=JOB)

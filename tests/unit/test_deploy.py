@@ -15,8 +15,8 @@ import yaml
 from prometheus_client import REGISTRY
 
 import schemas.metrics  # noqa: F401  # registers the farm's metrics
+from schemas import keys
 from schemas.settings import public_name
-from store.queueing import bulk_queue_keys, interactive_queue_keys
 
 ROOT = Path(__file__).parents[2]
 K8S = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
@@ -85,14 +85,18 @@ def test_workers_take_one_gpu_each_and_keda_scales_each_model_on_its_queues() ->
         "rerankfarm-worker": "qwen3-reranker-0.6b",
         "rerankfarm-worker-bge-reranker-v2-m3": "bge-reranker-v2-m3",
     }
-    for name, model in served.items():  # each model's workers scale on that model's own queues
+    for name, model in served.items():  # each model's workers scale on the work waiting for that model
         scaled = docs[("ScaledObject", name)]
         assert scaled["apiVersion"] == "keda.sh/v1alpha1"
         assert scaled["spec"]["scaleTargetRef"]["name"] == name
-        lists = [t["metadata"]["listName"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
-        # every list kombu keeps for the model's queues: the bulk queue's ten priority steps (a default job is in
-        # step 4), the interactive queue's ten steps
-        assert sorted(lists) == sorted([*bulk_queue_keys(model), *interactive_queue_keys(model)])
+        queries = [t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"]
+        assert len(queries) == len(scaled["spec"]["triggers"]) == 2
+        bulk, interactive = queries
+        # bulk work waits mostly in the backlog (the broker lists hold RERANK_LANE_DEPTH chunks): both are counted
+        assert f'rerank_backlog_chunks{{model="{model}"}}' in bulk
+        assert f'rerank_queue_depth{{model="{model}",queue="{keys.bulk_queue(model)}"}}' in bulk
+        assert f'rerank_queue_depth{{model="{model}",queue="{keys.interactive_queue(model)}"}}' in interactive
+        assert set(re.findall(r"rerank_[a-z_]+", bulk + interactive)) <= exported_metrics()
     assert ("StatefulSet", "rerankfarm-redis") in docs and ("Deployment", "rerankfarm-flower") in docs
     redis_args = docs[("StatefulSet", "rerankfarm-redis")]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--appendonly" in redis_args
@@ -100,12 +104,15 @@ def test_workers_take_one_gpu_each_and_keda_scales_each_model_on_its_queues() ->
     assert _option(redis_args, "--maxmemory") == "3gb"  # under the container's 4Gi limit
 
 
+def exported_metrics() -> set[str]:
+    """The series names of every rerank_ metric the farm defines (counters' _total, histograms' parts)."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
+    return {f.name + suffix for f in REGISTRY.collect() if f.name.startswith("rerank_") for suffix in suffixes[f.type]}
+
+
 def test_dashboard_uses_only_metrics_the_farm_exports() -> None:
     dashboard = json.loads((ROOT / "deploy" / "grafana" / "rerankfarm-dashboard.json").read_text())
-    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
-    exported = {
-        f.name + suffix for f in REGISTRY.collect() if f.name.startswith("rerank_") for suffix in suffixes[f.type]
-    }
+    exported = exported_metrics()
     used = {m for p in dashboard["panels"] for t in p["targets"] for m in re.findall(r"rerank_[a-z_]+", t["expr"])}
     assert used <= exported, used - exported
     assert len(used) >= 12

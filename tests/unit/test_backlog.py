@@ -1,4 +1,4 @@
-"""The backlog's fair order (`store.dispatch`), on fakeredis with Lua: which chunk the feed sends next between
+"""The backlog's fair order (`store.backlog`), on fakeredis with Lua: which chunk the feed sends next between
 priorities, tenants by weight and one tenant's jobs, what it writes into the ledger, and what leaves the backlog.
 Nothing is published here (the lanes stay empty), so each feed sends `depth` chunks."""
 
@@ -11,7 +11,7 @@ import fakeredis
 
 from schemas import keys
 from schemas.chunks import ChunkRef
-from store import codec, dispatch, job_state, moves
+from store import backlog, codec, job_state, moves
 from store.job_state import JobRecord, NewJob
 
 MODEL = "m"
@@ -35,12 +35,12 @@ def submit(r: fakeredis.FakeRedis, job_id: str, tenant: str, pairs: int, priorit
     )
     with r.pipeline(transaction=True) as pipe:
         job_state.create(pipe, NewJob(record, "{}", {i: "{}" for i in range(chunks)}), 3600)
-        dispatch.Backlog(r).enqueue(pipe, MODEL, job_id, tenant, priority, chunks, pairs)
+        backlog.Backlog(r).enqueue(pipe, MODEL, job_id, tenant, priority, chunks, pairs)
         pipe.execute()
 
 
 def feed(run: moves.Runner, depth: int, now: float | None = None) -> list[ChunkRef]:
-    return run(dispatch.feed(MODEL, depth, 3600, now))
+    return run(backlog.feed(MODEL, depth, 3600, now))
 
 
 def order(refs: list[ChunkRef]) -> list[str]:
@@ -99,7 +99,7 @@ def test_a_fed_chunk_is_in_the_ledger_and_the_open_set(r, run) -> None:
     ledger = codec.decode_hash(r.hgetall(keys.job_ledger_key("a1")))
     assert ledger == {"0:sends": "1", "0:seq": "1", "1:sends": "1", "1:seq": "2", "2:sends": "1", "2:seq": "3"}
     assert {m.decode() for m in r.zrange(keys.CHUNKS_OPEN, 0, -1)} == {"a1:0", "a1:1", "a1:2"}
-    assert run(dispatch.waiting(MODEL)) == dispatch.Waiting(0, 0, {})  # nothing of a's waits: its counts went
+    assert run(backlog.waiting(MODEL)) == backlog.Waiting(0, 0, {})  # nothing of a's waits: its counts went
     assert feed(run, 5) == []  # the whole job was sent
 
 
@@ -113,10 +113,10 @@ def test_a_job_that_ends_leaves_the_backlog_with_what_it_had_not_sent(r, run) ->
     submit(r, "a1", "a", 40)
     submit(r, "a2", "a", 40)
     submit(r, "b1", "b", 20)
-    assert run(dispatch.waiting(MODEL)) == dispatch.Waiting(25, 100, {"a": (20, 80), "b": (5, 20)})
+    assert run(backlog.waiting(MODEL)) == backlog.Waiting(25, 100, {"a": (20, 80), "b": (5, 20)})
     assert order(feed(run, 2)) == ["a1", "b1"]
     assert run(job_state.cancel("a2", "a")).moved
-    assert run(dispatch.waiting(MODEL)) == dispatch.Waiting(13, 52, {"a": (9, 36), "b": (4, 16)})
+    assert run(backlog.waiting(MODEL)) == backlog.Waiting(13, 52, {"a": (9, 36), "b": (4, 16)})
     assert "a2" not in order(feed(run, 100))
 
 
@@ -125,14 +125,14 @@ def test_a_job_past_its_deadline_is_never_fed(r, run) -> None:
     r.zadd(keys.JOB_DEADLINES, {"late": time.time() - 1})
     submit(r, "b1", "b", 8)
     assert order(feed(run, 10)) == ["b1", "b1"]
-    assert run(dispatch.waiting(MODEL)).chunks == 0
+    assert run(backlog.waiting(MODEL)).chunks == 0
 
 
 def test_a_job_gone_from_redis_leaves_the_backlog(r, run) -> None:
     submit(r, "a1", "a", 40)
     r.delete(keys.job_key("a1"))
     assert feed(run, 10) == []
-    assert run(dispatch.waiting(MODEL)).chunks == 0
+    assert run(backlog.waiting(MODEL)).chunks == 0
     assert r.zcard(f"{keys.backlog_prefix(MODEL)}:5:tenants") == 0
 
 
@@ -151,5 +151,5 @@ def test_position_of_a_queued_job(r, run) -> None:
     submit(r, "a2", "a", 40)
     submit(r, "b1", "b", 20)
     submit(r, "hi", "c", 12, priority=7)
-    pos = run(dispatch.position(MODEL, "a2", "a", 5))
-    assert pos == dispatch.Position(pairs_waiting=40, pairs_ahead=12, tenants_sharing=2, jobs_sharing=2)
+    pos = run(backlog.position(MODEL, "a2", "a", 5))
+    assert pos == backlog.Position(pairs_waiting=40, pairs_ahead=12, tenants_sharing=2, jobs_sharing=2)
