@@ -336,17 +336,27 @@ class JobStore:
         logger.info("job %s: webhook %s scheduled for redelivery", job_id, record.webhook_event)
         return view.to_job()
 
-    async def _succeeded(self, job_id: str, tenant: str) -> JobRecord:
+    async def _readable(self, job_id: str, tenant: str) -> JobRecord:
+        """A job whose results can be read: succeeded, or expired (what was scored before its deadline)."""
         record = (await self._view(job_id, tenant)).record
-        if record.status != JobStatus.succeeded:
+        if record.status != JobStatus.succeeded and not self._expired(record):
             reason = f": {record.error_message}" if record.error_message else ""
-            raise JobNotFinished(f"job {job_id} is {record.status}{reason}; results exist once it has succeeded")
+            raise JobNotFinished(
+                f"job {job_id} is {record.status}{reason}; results exist once it has succeeded (or, in part, once "
+                "it has expired)"
+            )
         return record
+
+    @staticmethod
+    def _expired(record: JobRecord) -> bool:
+        return record.error_code == job_state.EXPIRED and record.chunk_size > 0
 
     async def stream_results(self, job_id: str, tenant: str) -> AsyncIterator[RequestResults]:
         """The job's results request by request (`store.results`): the API holds the input summary and a few
-        chunks, never the job's whole results. Raises (before the first result) as `results` does."""
-        return await open_results(self.redis, await self._succeeded(job_id, tenant))
+        chunks, never the job's whole results; an expired job's hold the pairs scored before its deadline. Raises
+        (before the first result) as `results` does."""
+        record = await self._readable(job_id, tenant)
+        return await open_results(self.redis, record, partial=self._expired(record))
 
     async def results(self, job_id: str, tenant: str) -> JobResults:
         """The whole job's results in one object (interactive calls): `stream_results`, gathered."""

@@ -278,14 +278,17 @@ end
 )
 
 # ARGV: chunk index, result JSON, pairs in the chunk, worker, now, ttl seconds, tokens, tokenization ms, inference ms,
-# done-list ttl. HSETNX makes a chunk count once however often it is delivered (first write wins); a recorded chunk
-# leaves the open set; the job keeps the slowest chunk's timings; the last chunk finishes the job. Returns
-# {'finished', the job's hash}, {'recorded'}, {'duplicate'} (already counted), or {'missing'} (the job expired).
+# done-list ttl. A job that failed (expired among them) or was cancelled records nothing more: what it scored stays
+# what it had when it ended. HSETNX makes a chunk count once however often it is delivered (first write wins); a
+# recorded chunk leaves the open set; the job keeps the slowest chunk's timings; the last chunk finishes the job.
+# Returns {'finished', the job's hash}, {'recorded'}, {'duplicate'} (already counted), {'failed'} or {'cancelled'}
+# (the job ended), or {'missing'} (the job expired).
 RECORD_CHUNK = (
     _FINALIZE
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
+if status == 'failed' or status == 'cancelled' then return {status} end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return {'duplicate'} end
 local id = redis.call('HGET', KEYS[1], 'id')
 if id then redis.call('ZREM', KEYS[10], id .. ':' .. ARGV[1]) end

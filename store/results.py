@@ -22,21 +22,23 @@ READ_CHUNKS = 32  # chunk results read per Redis round trip
 
 
 def rank(
-    scores: list[float],
+    scores: Sequence[float | None],
     top_n: int | None,
     texts: list[str] | None,
     ids: list[str | None] | None,
     windows: list[list[int] | None] | None = None,
 ) -> list[RankedResult]:
-    """Results sorted by score (ties keep document order), cut to top_n (0 or None: all)."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: top_n or None]
+    """Results sorted by score (ties keep document order), cut to top_n (0 or None: all). A document without a score
+    (its chunk never scored: an expired job's partial results) is left out."""
+    scored = {i: s for i, s in enumerate(scores) if s is not None}
+    order = sorted(scored, key=lambda i: -scored[i])[: top_n or None]
     results = []
     for i in order:
         window = windows[i] if windows else None
         results.append(
             RankedResult(
                 index=i,
-                relevance_score=scores[i],
+                relevance_score=scored[i],
                 id=ids[i] if ids else None,
                 document=ResultDocument(text=texts[i]) if texts is not None else None,
                 window=WindowInfo(index=window[0], count=window[1], start_token=window[2], end_token=window[3])
@@ -49,15 +51,19 @@ def rank(
 
 class ResultReader:
     """Turns a job's chunk results, fed in chunk order, into its requests' ranked results as soon as each request's
-    pairs are all in: only the pairs of the request being completed are held."""
+    pairs are all in: only the pairs of the request being completed are held. `partial` (a job that expired): a chunk
+    never scored leaves its documents out of their requests' results instead of failing the read."""
 
-    def __init__(self, record: JobRecord, job_input: JobInput) -> None:
+    def __init__(self, record: JobRecord, job_input: JobInput, partial: bool = False) -> None:
         self.job_id = record.id
         self.chunks_total = record.chunks_total
+        self.partial = partial
+        self.chunk_size, self.total = record.chunk_size, record.total
+        self._chunk = 0  # the index of the chunk fed next
         self.needs_inputs = job_input.echo  # feed `add` each chunk's input too
         self._requests = iter(job_input.requests)
         self._next = next(self._requests, None)
-        self._scores: list[float] = []
+        self._scores: list[float | None] = []
         self._texts: list[str] = []
         self._windows: list[list[int] | None] = []
         self._request = 0  # the number of the request completed next
@@ -74,17 +80,25 @@ class ResultReader:
         done: list[RequestResults] = []
         for i, raw in enumerate(raw_scores):
             raw_input = raw_inputs[i] if raw_inputs is not None else None
+            if raw is None and self.partial:  # never scored: its pairs have no score
+                pairs = min(self.chunk_size, self.total - self._chunk * self.chunk_size)
+                done.extend(self.add(ChunkResult(scores=[], windows=None, request_tokens=[]), None, missing=pairs))
+                continue
             if raw is None or (self.needs_inputs and raw_input is None):
                 raise JobNotFound(self.job_id)
             chunk_input = Chunk.model_validate_json(raw_input) if raw_input is not None else None
             done.extend(self.add(ChunkResult.model_validate_json(raw), chunk_input))
         return done
 
-    def add(self, chunk: ChunkResult, chunk_input: Chunk | None = None) -> list[RequestResults]:
-        self._scores.extend(chunk.scores)
+    def add(self, chunk: ChunkResult, chunk_input: Chunk | None = None, missing: int = 0) -> list[RequestResults]:
+        """One chunk's scores; or, with `missing`, that many pairs of a chunk never scored."""
+        self._chunk += 1
+        self._scores.extend(chunk.scores or [None] * missing)
         if chunk_input is not None:
             self._texts.extend(text for segment in chunk_input.segments for text in segment.documents)
-        self._windows.extend(chunk.windows or [None] * len(chunk.scores))
+        elif missing and self.needs_inputs:
+            self._texts.extend([""] * missing)
+        self._windows.extend(chunk.windows or [None] * len(chunk.scores or [None] * missing))
         if chunk.request_tokens is None:
             self._tokens = None
         elif self._tokens is not None:
@@ -113,10 +127,11 @@ def _input(raw: Any, job_id: str) -> JobInput:
     return JobInput.model_validate_json(raw)
 
 
-async def open_results(client: Any, record: JobRecord) -> AsyncIterator[RequestResults]:
-    """The job's results, request by request, from an asyncio Redis client. Raises JobNotFound here when they
-    expired (before a response starts), or from the stream when they expire while it is read."""
-    reader = ResultReader(record, _input(await client.get(keys.job_input_key(record.id)), record.id))
+async def open_results(client: Any, record: JobRecord, partial: bool = False) -> AsyncIterator[RequestResults]:
+    """The job's results, request by request, from an asyncio Redis client (`partial`: what was scored of a job that
+    expired). Raises JobNotFound here when they expired (before a response starts), or from the stream when they
+    expire while it is read."""
+    reader = ResultReader(record, _input(await client.get(keys.job_input_key(record.id)), record.id), partial)
 
     async def results() -> AsyncIterator[RequestResults]:
         for indexes in reader.reads():

@@ -92,3 +92,23 @@ def test_bench_webhooks_measures_a_tenants_event_behind_anothers_hanging_receive
     assert fifo["a_attempts_at_once"] == 8, fifo  # every slot
     assert fifo["b_event_after_job_end_s"] > fair["b_event_after_job_end_s"] + 1, (fair, fifo)
     assert "farm caps (defaults)" in run.stdout
+
+
+def test_bench_fairness_measures_two_tenants_shares_and_a_small_job_behind_a_backlog(tmp_path) -> None:
+    """The fairness benchmark, small (a few seconds of backlog, a 4 s window): both weight pairs run, B's small job
+    ends while A's backlog waits, both tenants are served in the 1:1 window, and A's share is larger at 3:1."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RERANK_")}
+    env.update(HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "rerankfarm.bench_fairness", "--backlog-s", "12", "--window-s", "4"]
+    run = subprocess.run(
+        [*command, "--repeats", "1", "--json", str(out)], env=env, capture_output=True, text=True, timeout=400
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    even, weighted = result["runs"]
+    assert even["weights"] == [1, 1] and weighted["weights"] == [3, 1]
+    assert all(r["small_job_s"] > 0 and r["engine_busy"] > 0 for r in (even, weighted)), result
+    assert even["pairs_served"]["a"] > 0 and even["pairs_served"]["b"] > 0, even
+    assert weighted["share_a"] > even["share_a"], (even, weighted)
+    assert "| 3:1 |" in run.stdout

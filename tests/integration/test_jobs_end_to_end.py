@@ -86,6 +86,24 @@ def test_a_job_past_its_deadline_ends_expired_when_read_with_no_worker_at_all(fr
         assert c.post("/v1/jobs", json={**body, "deadline_s": 0}).status_code == 422
 
 
+def test_an_expired_jobs_results_hold_what_was_scored_before_its_deadline(client, worker) -> None:
+    """A job too big for its 4 s deadline ends expired part-way; its results hold exactly the pairs it scored."""
+    rng = random.Random(7)
+    documents = [random_text(rng, 50, 200) for _ in range(3000)]
+    body = {
+        "requests": [{"query": "w1", "documents": documents[:1500]}, {"query": "w2", "documents": documents[1500:]}]
+    }
+    job = client.post("/v1/jobs", json={**body, "deadline_s": 4}).json()
+    ended = wait_for(client, job["id"], timeout=60)
+    assert ended["status"] == "failed" and ended["error"]["code"] == "expired", ended
+    data = client.get(f"/v1/jobs/{job['id']}/results").json()["data"]
+    scored = [len(entry["results"]) for entry in data]
+    assert 0 < sum(scored) == client.get(f"/v1/jobs/{job['id']}").json()["progress"]["completed"] < 3000
+    for entry in data:  # ranked as usual, among the documents scored
+        values = [r["relevance_score"] for r in entry["results"]]
+        assert values == sorted(values, reverse=True)
+
+
 def test_the_workers_expire_a_job_waiting_past_its_deadline(client, worker, redis_url) -> None:
     """A job with a 1 s deadline waits behind a big one of a higher priority (of the same tenant at the same priority,
     it would share the workers with it); no one reads it, and the workers' periodic look (every 5 s) ends it expired;

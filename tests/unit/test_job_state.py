@@ -155,6 +155,17 @@ def test_a_succeeded_job_cannot_be_cancelled_or_failed(r, run) -> None:
     assert stored(r).status == "succeeded"
 
 
+@pytest.mark.parametrize("end", [lambda: job_state.cancel("job_1", "acme"), lambda: job_state.expire("job_1", "acme")])
+def test_a_job_that_ended_records_nothing_more(r, run, end) -> None:
+    """A chunk in flight when its job was cancelled or expired is not counted: the job's scores stay what they were
+    when it ended (an expired job's results are read from them)."""
+    new_job(r, chunks=3)
+    assert record(r, run, 0) == "recorded"
+    assert run(end()).moved
+    assert record(r, run, 1) in ("cancelled", "failed")
+    assert stored(r).completed == 2 and r.hkeys(keys.job_scores_key("job_1")) == [b"0"]
+
+
 class _UnreachableQueue:
     """A Celery app whose broker refuses every message: enqueueing fails after the job was admitted."""
 

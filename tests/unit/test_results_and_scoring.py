@@ -109,6 +109,30 @@ def test_results_echo_document_ids_and_windows() -> None:
     assert [(r.index, r.window.index if r.window else None) for r in entry.results] == [(1, 1), (0, 0)]
 
 
+def test_an_expired_jobs_results_hold_what_was_scored() -> None:
+    """Chunks of 2 pairs; chunk 1 was never scored (the job expired): its documents are left out of their requests,
+    the rest ranked as usual, texts echoed where asked. Read in full, the same job fails as the job expired does."""
+    client, record = _stored_job(
+        [_meta("q1", 3, echo=True), _meta("q2", 3)],
+        {0: ChunkResult(scores=[0.1, 0.9]), 2: ChunkResult(scores=[0.3, 0.7])},
+        {0: _input(0, (0, ["a", "b"])), 2: _input(2, (1, ["e", "f"]))},
+    )
+    record.chunks_total, record.chunk_size, record.total = 3, 2, 6
+
+    async def read(partial: bool) -> list[RequestResults]:
+        aclient = fakeredis.aioredis.FakeRedis(server=client.connection_pool.connection_kwargs["server"])
+        return [entry async for entry in await open_results(aclient, record, partial=partial)]
+
+    q1, q2 = asyncio.run(read(partial=True))
+    assert [(r.index, r.relevance_score, r.document.text if r.document else None) for r in q1.results] == [
+        (1, 0.9, "b"),
+        (0, 0.1, "a"),
+    ]
+    assert [(r.index, r.relevance_score) for r in q2.results] == [(2, 0.7), (1, 0.3)]
+    with pytest.raises(JobNotFound):
+        asyncio.run(read(partial=False))
+
+
 def test_results_that_expired_raise_job_not_found() -> None:
     client, record = _stored_job([_meta(None, 2)], {0: ChunkResult(scores=[0.2, 0.4])})
     client.delete(keys.job_scores_key("job_x"))
