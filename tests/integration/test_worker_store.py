@@ -61,7 +61,9 @@ def test_cancelled_job_stays_cancelled_and_is_skipped(store) -> None:
     job_id = _job(store, chunks=1, status="cancelled")
     assert store.should_skip(job_id)
     assert store.take(_ref(job_id, 0), "w1@h") == ("cancelled", None, False)
-    assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "recorded"
+    # a late chunk of a job that ended is not counted
+    assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "cancelled"
+    assert not store.redis.exists(keys.job_scores_key(job_id))
     assert store.status(job_id) is JobStatus.cancelled
     assert not store.fail(job_id, "engine_error", "late failure")
     assert store.should_skip(f"job_{uuid.uuid4().hex}")  # gone (expired): nothing to score
