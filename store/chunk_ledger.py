@@ -1,6 +1,6 @@
 """The chunk ledger: the farm, not the broker, owns every chunk until its scores are recorded.
 
-Celery on Redis can lose a message (`README.md`, Crashes and restarts): kombu pops it before it records it as
+Celery on Redis can lose a message (`docs/guarantees.md`): kombu pops it before it records it as
 unacked, a late ack of a redelivered message deletes the record another worker depends on, a failover drops what
 had not reached the replica. So each chunk's state lives with its job, and recovery reads that, never the broker:
 

@@ -1,8 +1,11 @@
-"""The README stays true: every setting is documented with its default (docs/configuration.md, generated), its links
-resolve, and the two commands are there."""
+"""The README and docs/ stay true: every setting is documented with its default (docs/configuration.md, generated),
+every link and every command they name resolves, and the two commands are there."""
 
+import importlib.util
 import re
 from pathlib import Path
+
+import pytest
 
 from rerankfarm import config_doc
 from schemas.settings import Settings
@@ -19,12 +22,43 @@ def test_every_setting_is_documented_with_its_default() -> None:
     assert "(docs/configuration.md)" in README
 
 
-def test_the_readmes_links_to_files_resolve() -> None:
-    root = Path(__file__).parents[2]
-    targets = re.findall(r"\]\(((?!https?://|#)[^)\s]+)\)", README)
-    assert targets
-    missing = [t for t in targets if not (root / t.split("#")[0]).exists()]
-    assert missing == []
+ROOT = Path(__file__).parents[2]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    return {slug(h) for h in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_link_of_the_docs_resolves(page: Path) -> None:
+    """Links to files (from the page's own folder) and to headings, in the README and every page of docs/."""
+    targets = re.findall(r"\]\(((?!https?://|mailto:)[^)\s]+)\)", page.read_text())
+    broken = []
+    for target in targets:
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists() or (anchor and file.suffix == ".md" and anchor not in anchors(file)):
+            broken.append(target)
+    assert broken == []
+
+
+def test_every_command_the_docs_name_exists() -> None:
+    """`rerankfarm SUB` and `python -m MODULE` named in the README or docs/ are commands the code has."""
+    from rerankfarm.cli import build_parser
+
+    subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    text = "\n".join(page.read_text() for page in PAGES)
+    named = set(re.findall(r"(?<!from )\brerankfarm ([a-z][a-z-]+)", text)) - {"farm"}
+    assert named and named <= subcommands, named - subcommands
+    modules = set(re.findall(r"python3? -m ([a-z_][\w.]+)", text))
+    assert modules and all(importlib.util.find_spec(m) is not None for m in modules), modules
 
 
 UNINSTALL = ".venv/bin/pip uninstall -qy torchvision torchaudio torchcodec"
