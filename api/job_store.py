@@ -31,7 +31,7 @@ from schemas.errors import (
     Unavailable,
     WaitTimeout,
 )
-from schemas.jobs import Job, JobCreate, JobResults, JobStatus, QueuePosition, RequestResults
+from schemas.jobs import Job, JobCreate, JobKind, JobResults, JobStatus, QueuePosition, RequestResults
 from schemas.settings import Settings
 from schemas.webhooks import WebhookEvent, WebhookState, destination
 from store import backlog, dispatch, job_state, moves, redis_memory, webhook_queue, webhook_secrets
@@ -168,7 +168,7 @@ class JobStore:
             id=job_id,
             tenant=tenant,
             model=model,
-            kind="interactive" if interactive else "bulk",
+            kind=JobKind.interactive if interactive else JobKind.bulk,
             priority=body.priority,
             created_at=now_iso(),
             total=total,
@@ -292,14 +292,14 @@ class JobStore:
     async def get(self, job_id: str, tenant: str) -> Job:
         """The job; a pending webhook shows when its paused destination is tried again."""
         view = await self._view(job_id, tenant)
-        if job_state.past_deadline(view.record):  # the workers' sweep expires it too: whoever comes first
+        if job_state.past_deadline(view.record):  # the workers' recovery look expires it too: whoever comes first
             expired = await self.run(job_state.expire(job_id, tenant))
             if expired.moved and expired.job is not None:
                 job_state.ended(expired.job.record)
             view = expired.job or view
         job = view.to_job()
         record = view.record
-        if record.kind == "bulk" and not record.final and record.fed < record.chunks_total:
+        if record.kind == JobKind.bulk and not record.final and record.fed < record.chunks_total:
             at = await self.run(backlog.position(record.model, job_id, tenant, record.priority))
             if at.pairs_waiting:
                 job.queue = QueuePosition(**dataclasses.asdict(at))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from pydantic import BaseModel
 
-from schemas.jobs import RerankRequest
+from schemas.jobs import JobKind, RerankRequest
 
 
 class PairOptions(BaseModel):
@@ -79,10 +79,10 @@ INTERACTIVE_PRIORITY = 10
 QUEUE_STEPS = 10  # each queue's steps in the broker (`store.queueing`): a bulk job's priority, an interactive share
 
 
-def chunk_priority(kind: str, job_priority: int, step: int = 0) -> int:
+def chunk_priority(kind: JobKind, job_priority: int, step: int = 0) -> int:
     """The priority a job's chunks are scored at; an interactive chunk's by its step in the interactive queue, so
     that the engine, too, serves a tenant with little in flight before one with much (a chunk sent again: step 0)."""
-    return INTERACTIVE_PRIORITY + QUEUE_STEPS - 1 - step if kind == "interactive" else job_priority
+    return INTERACTIVE_PRIORITY + QUEUE_STEPS - 1 - step if kind == JobKind.interactive else job_priority
 
 
 class ChunkRef(BaseModel):

@@ -25,6 +25,14 @@ class JobStatus(StrEnum):
         return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.cancelled)
 
 
+class JobKind(StrEnum):
+    """Bulk jobs wait in their model's backlog and are polled for; interactive calls are answered in the call, ahead
+    of every bulk chunk."""
+
+    bulk = "bulk"
+    interactive = "interactive"
+
+
 class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="ignore")  # rerank clients may send more fields per document
 
@@ -154,7 +162,7 @@ class Job(BaseModel):
     id: str
     object: Literal["rerank.job"] = "rerank.job"
     status: JobStatus
-    kind: Literal["bulk", "interactive"] = "bulk"
+    kind: JobKind = JobKind.bulk
     model: str | None = Field(None, description="The served model that scores the job.")
     priority: int
     metadata: dict[str, str] | None = None

@@ -36,6 +36,7 @@ from typing import Any
 
 from schemas import keys
 from schemas.chunks import ChunkRef, chunk_priority
+from schemas.jobs import JobKind
 from store.codec import decode_hash
 from store.moves import Move
 from store.queueing import bulk_queue_keys
@@ -200,7 +201,7 @@ def _fed(model: str, reply: Sequence[Any]) -> list[ChunkRef]:
                 job_id=raw_id.decode() if isinstance(raw_id, bytes) else raw_id,
                 index=int(index),
                 tenant=tenant.decode() if isinstance(tenant, bytes) else tenant,
-                priority=chunk_priority("bulk", int(priority)),
+                priority=chunk_priority(JobKind.bulk, int(priority)),
                 lane=lists[int(step)],
                 seq=int(seq),
             )

@@ -32,7 +32,7 @@ from typing import Any
 
 from schemas import keys
 from schemas.chunks import ChunkRef, chunk_priority
-from schemas.jobs import JobStatus
+from schemas.jobs import JobKind, JobStatus
 from store.codec import as_str
 
 # KEYS: ledger, open chunks, then each group's lane. ARGV: job id, now (unix), ttl, the job's own lane (`job_lane`'s),
@@ -102,7 +102,7 @@ class Lost:
     job_id: str
     index: int
     tenant: str
-    kind: str
+    kind: JobKind
     priority: int  # the job's 0..9
     sends: int
     seq: int
@@ -128,7 +128,7 @@ class Lost:
 
 
 @dataclass
-class Sweep:
+class Findings:
     """What one look at the open set found."""
 
     lost: list[Lost] = field(default_factory=list)
@@ -184,15 +184,15 @@ class Ledger:
         return outcome, 0, int(reply[1]) if outcome == "exhausted" else 0
 
     def find_lost(
-        self, grace_s: float, job_lane: Callable[[str, int, str], str], now: float | None = None, limit: int = 1000
-    ) -> Sweep:
+        self, grace_s: float, job_lane: Callable[[JobKind, int, str], str], now: float | None = None, limit: int = 1000
+    ) -> Findings:
         """Look at up to `limit` chunks nobody vouched for in `grace_s` seconds; see the module's docstring.
         `job_lane(kind, priority, model)` names the lane a job's chunks are sent to."""
         now = time.time() if now is None else now
-        sweep = Sweep()
+        found = Findings()
         members = [as_str(m) for m in self.client.zrangebyscore(keys.CHUNKS_OPEN, "-inf", now - grace_s, 0, limit)]
         if not members:
-            return sweep
+            return found
         parsed = [split_member(m) for m in members]
         with self.client.pipeline(transaction=False) as pipe:
             for job_id, index in parsed:
@@ -207,7 +207,7 @@ class Ledger:
             if status is None or JobStatus(as_str(status)).final or recorded:
                 closed.append(members[n])
                 continue
-            job_kind = as_str(kind or "bulk")
+            job_kind = JobKind(as_str(kind or JobKind.bulk))
             job_priority = int(priority or 0)
             suspects.append(
                 Lost(
@@ -232,12 +232,12 @@ class Ledger:
         queued = {lane: int(lane_replies[2 * k + 1]) for k, lane in enumerate(lanes)}
         in_queue = [s.seq > taken[s.lane] and queued[s.lane] > 0 for s in suspects]
         waiting = [s.member for s, queued_now in zip(suspects, in_queue, strict=True) if queued_now]
-        sweep.lost = [s for s, queued_now in zip(suspects, in_queue, strict=True) if not queued_now]
+        found.lost = [s for s, queued_now in zip(suspects, in_queue, strict=True) if not queued_now]
         with self.client.pipeline(transaction=False) as pipe:
             if closed:
                 pipe.zrem(keys.CHUNKS_OPEN, *closed)
             if waiting:
                 pipe.zadd(keys.CHUNKS_OPEN, dict.fromkeys(waiting, now), xx=True)
             pipe.execute()
-        sweep.closed, sweep.waiting = len(closed), len(waiting)
-        return sweep
+        found.closed, found.waiting = len(closed), len(waiting)
+        return found

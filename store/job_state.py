@@ -38,13 +38,16 @@ from pydantic import BaseModel
 
 from schemas import keys, metrics
 from schemas.chunks import Chunk
-from schemas.jobs import ErrorInfo, Job, JobStatus, Progress, RerankRequest, Timings
+from schemas.jobs import ErrorInfo, Job, JobKind, JobStatus, Progress, RerankRequest, Timings
 from schemas.webhooks import WebhookAttempt, WebhookState, WebhookStatus
 from store import backlog
 from store.codec import as_str, decode_hash, now_iso
 from store.moves import Move
 
 logger = logging.getLogger(__name__)
+
+
+_TYPES: dict[str, Any] = {"int": int, "JobKind": JobKind}  # how a record's hash fields are read back (else str)
 
 
 @dataclass
@@ -59,7 +62,7 @@ class JobRecord:
     request_count: int
     tenant: str = "default"
     model: str = ""  # the served model's name: its queues, its workers
-    kind: str = "bulk"  # or "interactive"
+    kind: JobKind = JobKind.bulk
     status: str = JobStatus.queued.value
     notify: int = 0  # 1: push the final status to the done-list (someone waits on it)
     metadata: str = "null"  # JSON
@@ -93,7 +96,7 @@ class JobRecord:
         known: dict[str, Any] = {}
         for f in fields(cls):
             if f.name in values:
-                known[f.name] = int(values[f.name]) if f.type == "int" else values[f.name]
+                known[f.name] = _TYPES.get(str(f.type), str)(values[f.name])
         return cls(**known)
 
     @property
@@ -130,7 +133,7 @@ class JobRecord:
         return Job(
             id=self.id,
             status=JobStatus(self.status),
-            kind="interactive" if self.kind == "interactive" else "bulk",
+            kind=self.kind,
             model=self.model or None,
             tokens=self.tokens,
             priority=self.priority,

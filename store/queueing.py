@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from schemas.chunks import QUEUE_STEPS, ChunkRef
+from schemas.jobs import JobKind
 from schemas.keys import TASK_SCORE_CHUNK, bulk_queue, interactive_queue
 from schemas.settings import Settings
 
@@ -44,10 +45,10 @@ def step_lane(queue: str, step: int) -> str:
     return queue if step == 0 else f"{queue}:{step}"
 
 
-def job_lane(kind: str, job_priority: int, model: str) -> str:
+def job_lane(kind: JobKind, job_priority: int, model: str) -> str:
     """The lane of a job's chunks, in its model's queues: interactive chunks have one queue of their own, bulk
     chunks a step per priority."""
-    if kind == "interactive":
+    if kind == JobKind.interactive:
         return interactive_queue(model)
     return step_lane(bulk_queue(model), celery_priority(job_priority))
 

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 STOP_WAIT_S = 30  # a stopping worker finishes the interactive chunks in hand for up to this long
 
 
-def interactive_queue(model: str) -> Queue:
+def interactive_kombu_queue(model: str) -> Queue:
     """A model's interactive queue as Celery declares it for `send_task(queue=...)`: a direct exchange of the same
     name."""
     name = keys.interactive_queue(model)
@@ -73,7 +73,7 @@ class InteractiveConsumer(bootsteps.ConsumerStep):
     def get_consumers(self, channel: Any) -> list[Consumer]:
         consumer = Consumer(
             channel,
-            queues=[interactive_queue(get_settings().served_name)],
+            queues=[interactive_kombu_queue(get_settings().served_name)],
             callbacks=[self.on_message],
             accept=["json"],
             prefetch_count=self.slots,
@@ -131,4 +131,4 @@ def active_queues(state: Any) -> list[dict[str, Any]]:
     """Celery's `active_queues` (what Flower lists and measures), with the queue this step consumes."""
     consumer = state.consumer.task_consumer
     queues = [dict(queue.as_dict(recurse=True)) for queue in consumer.queues] if consumer else []
-    return [*queues, dict(interactive_queue(get_settings().served_name).as_dict(recurse=True))]
+    return [*queues, dict(interactive_kombu_queue(get_settings().served_name).as_dict(recurse=True))]

@@ -52,23 +52,23 @@ class Recovery:
         self._stop.set()
         self._thread.join(2)
 
-    def sweep_once(self, now: float | None = None) -> int:
+    def look_once(self, now: float | None = None) -> int:
         """One look at the ledger, at the jobs past their deadline (each ends `expired`) and at the model's backlog
         (its lanes fed). Returns how many chunks this look sent again."""
         for job_id, tenant in self.store.run(job_state.overdue(now)):
             self.store.end(job_state.expire(job_id, tenant))
         self.dispatcher.feed(self.model)  # lanes no take has fed (idle workers, a feeder that died)
-        sweep = self.ledger.find_lost(self.grace_s, job_lane, now=now)
+        found = self.ledger.find_lost(self.grace_s, job_lane, now=now)
         sent = 0
-        for lost in sweep.lost:
+        for lost in found.lost:
             sent += self._recover(lost)
-        if sweep.lost or sweep.closed:
+        if found.lost or found.closed:
             logger.info(
                 "recovery: %d lost chunk(s), %d sent again, %d waiting in their queue, %d closed",
-                len(sweep.lost),
+                len(found.lost),
                 sent,
-                sweep.waiting,
-                sweep.closed,
+                found.waiting,
+                found.closed,
             )
         return sent
 
@@ -84,6 +84,6 @@ class Recovery:
             if self._stop.wait(wait):
                 return
             try:
-                self.sweep_once()
+                self.look_once()
             except Exception as exc:  # Redis or the broker away: look again next period
-                logger.warning("recovery sweep failed: %r", exc)
+                logger.warning("recovery look failed: %r", exc)

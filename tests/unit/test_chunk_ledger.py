@@ -68,14 +68,14 @@ def test_a_chunk_still_in_its_queue_is_waiting_not_lost(r) -> None:
     new_job(r, 2)
     r.hset(keys.lane_key(LANE), "taken", 0)
     r.rpush(LANE, "a message")  # the lane holds messages: chunks above the mark are in it
-    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
-    assert (sweep.lost, sweep.waiting) == ([], 2)
+    found = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
+    assert (found.lost, found.waiting) == ([], 2)
     assert r.zscore(keys.CHUNKS_OPEN, "job_1:0") == NOW  # vouched for: looked at again a grace from now
 
 
 def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_each(r) -> None:
     """A call's chunks spread over its queue's steps (`interactive_steps`): each lane numbers its own, a chunk outside
-    the job's own lane has its lane written down, and the sweep asks each chunk's own lane."""
+    the job's own lane has its lane written down, and the look asks each chunk's own lane."""
     own = job_lane("interactive", 9, "m")
     steps = interactive_steps(5, 10, ahead=20, share=40)  # pairs ahead 20, 30, 40, 50, 60 -> steps 0 0 1 1 1
     assert steps == [0, 0, 1, 1, 1]
@@ -97,19 +97,19 @@ def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_
     r.hset(keys.lane_key(f"{own}:1"), "taken", 1)  # ... and one of the second's, whose list still holds messages
     r.rpush(own, "a message of a later call")
     r.rpush(f"{own}:1", "chunk 3", "chunk 4")
-    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
-    assert [(lost.index, lost.lane) for lost in sweep.lost] == [(0, own), (1, own), (2, f"{own}:1")]
-    assert sweep.waiting == 2
+    found = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
+    assert [(lost.index, lost.lane) for lost in found.lost] == [(0, own), (1, own), (2, f"{own}:1")]
+    assert found.waiting == 2
 
 
 def test_taken_and_not_renewed_or_never_in_the_list_is_lost(r) -> None:
     new_job(r, 3)
     r.hset(keys.lane_key(LANE), "taken", 2)  # chunks 0 and 1 left the list (taken); chunk 2 did not
     r.hset(keys.job_ledger_key("job_1"), "0:holder", "w1@h")
-    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
-    assert [(lost.index, lost.holder, lost.lane) for lost in sweep.lost][:2] == [(0, "w1@h", LANE), (1, None, LANE)]
-    assert [lost.index for lost in sweep.lost] == [0, 1, 2]  # the lane is empty: chunk 2 never reached it
-    assert sweep.waiting == 0
+    found = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
+    assert [(lost.index, lost.holder, lost.lane) for lost in found.lost][:2] == [(0, "w1@h", LANE), (1, None, LANE)]
+    assert [lost.index for lost in found.lost] == [0, 1, 2]  # the lane is empty: chunk 2 never reached it
+    assert found.waiting == 0
     r.rpush(LANE, "a message")
     assert [lost.index for lost in Ledger(r).find_lost(GRACE, job_lane, now=NOW).lost] == [0, 1]
 
@@ -126,8 +126,8 @@ def test_recorded_chunks_and_ended_jobs_leave_the_open_set(r) -> None:
     r.hset(keys.job_scores_key("job_1"), "0", "{}")
     r.hset(keys.job_key("job_2"), "status", "cancelled")
     r.hset(keys.lane_key(LANE), "taken", 99)
-    sweep = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
-    assert [lost.member for lost in sweep.lost] == ["job_1:1"] and sweep.closed == 2
+    found = Ledger(r).find_lost(GRACE, job_lane, now=NOW)
+    assert [lost.member for lost in found.lost] == ["job_1:1"] and found.closed == 2
     assert r.zrange(keys.CHUNKS_OPEN, 0, -1) == [b"job_1:1"]
 
 
@@ -152,7 +152,7 @@ def test_recovery_sends_lost_chunks_again_and_fails_a_job_whose_chunk_is_sent_to
     r.hset(keys.job_ledger_key("job_1"), "1:sends", 4)  # chunk 1 was sent 4 times: RERANK_CHUNK_MAX_RETRIES=3
     celery = RecordingCelery()
     recovery = Recovery(Settings(visibility_timeout_s=20), celery, r)  # type: ignore[arg-type]
-    assert recovery.sweep_once(now=NOW) == 1
+    assert recovery.look_once(now=NOW) == 1
     [(message, queue, priority)] = celery.sent
     assert (message["job_id"], message["index"], message["send"], message["seq"]) == ("job_1", 0, 2, 1)
     # to the front: the bulk queue's first step, served before the backlog it already waited behind once
