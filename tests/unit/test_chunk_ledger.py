@@ -12,10 +12,10 @@ import pytest
 
 from schemas import keys
 from schemas.settings import Settings
-from store import codec
 from store.chunk_ledger import Ledger
 from store.job_state import JobRecord
 from store.queueing import interactive_steps, job_lane, step_lane
+from tests.jobs import create_job
 from workers.recovery import Recovery
 
 LANE = job_lane("bulk", 5, "m")  # rerank.bulk.m:4
@@ -44,9 +44,7 @@ def r() -> fakeredis.FakeRedis:
 
 def new_job(r: fakeredis.FakeRedis, chunks: int, job_id: str = "job_1", at: float = NOW - 100) -> int:
     """A running bulk job (priority 5) whose chunks were all sent at `at`; returns chunk 0's sequence number."""
-    record = JobRecord(id=job_id, tenant="acme", model="m", priority=5, created_at=codec.now_iso(), total=chunks,
-                       chunks_total=chunks, request_count=1, status="running")  # fmt: skip
-    r.hset(keys.job_key(job_id), mapping=record.to_hash())
+    create_job(r, job_id, chunks, pairs_per_chunk=1, tenant="acme", model="m", status="running")
     ledger = Ledger(r)
     with r.pipeline(transaction=True) as pipe:
         ledger.open_chunks(pipe, job_id, [LANE] * chunks, LANE, 3600)
@@ -80,11 +78,9 @@ def test_an_interactive_calls_chunks_in_several_lanes_are_numbered_and_found_in_
     steps = interactive_steps(5, 10, ahead=20, share=40)  # pairs ahead 20, 30, 40, 50, 60 -> steps 0 0 1 1 1
     assert steps == [0, 0, 1, 1, 1]
     lanes = [step_lane(own, step) for step in steps]
-    record = JobRecord(
-        id="job_i", tenant="acme", model="m", kind="interactive", priority=9, created_at=codec.now_iso(),
-        total=50, chunks_total=5, request_count=1, status="running",
-    )  # fmt: skip
-    r.hset(keys.job_key("job_i"), mapping=record.to_hash())
+    create_job(
+        r, "job_i", 5, pairs_per_chunk=10, tenant="acme", model="m", kind="interactive", priority=9, status="running"
+    )
     r.hset(keys.lane_key(own), "sent", 7)  # other calls went before it in the first lane
     with r.pipeline(transaction=True) as pipe:
         Ledger(r).open_chunks(pipe, "job_i", lanes, own, 3600)

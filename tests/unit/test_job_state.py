@@ -18,23 +18,11 @@ from schemas.settings import Settings
 from schemas.webhooks import WebhookAttempt, WebhookState
 from store import codec, job_state, moves
 from store.job_state import JobRecord, Taken
+from tests.jobs import create_job
 
 
 def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme", chunks: int = 2, **extra: Any):
-    record = JobRecord(
-        id=job_id,
-        tenant=tenant,
-        kind="bulk",
-        priority=5,
-        created_at=codec.now_iso(),
-        total=chunks * 2,
-        chunks_total=chunks,
-        request_count=1,
-        **extra,
-    )
-    r.hset(keys.job_key(job_id), mapping=record.to_hash())
-    r.sadd(keys.tenant_inflight_key(tenant), job_id)
-    return record
+    return create_job(r, job_id, chunks, tenant=tenant, **extra)
 
 
 def record(r: fakeredis.FakeRedis, run: moves.Runner, index: int, job_id: str = "job_1") -> str:
