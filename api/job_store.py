@@ -39,7 +39,7 @@ from store.chunk_ledger import Ledger
 from store.codec import as_str, now_iso
 from store.idempotency import Claim
 from store.interactive import InteractiveLimits
-from store.job_state import JobInput, JobRecord, JobView
+from store.job_state import JobHandle, JobInput, JobRecord, JobView
 from store.queueing import bulk_queue_keys, interactive_queue_keys, interactive_steps, job_lane, step_lane
 from store.results import open_results
 from webhooks.ssrf import UnsafeURL, resolve_checked
@@ -229,9 +229,7 @@ class JobStore:
             # hear of it. (Chunks sent before the failure find the job failed and are skipped.) The move is taken
             # by a full Redis too (`store.job_state`'s final moves).
             with contextlib.suppress(Exception):
-                failed = await self.run(job_state.fail(job_id, tenant, "enqueue_failed", "the queue was unreachable"))
-                if failed.moved and failed.job is not None:
-                    job_state.ended(failed.job.record)
+                await self.run(JobHandle(job_id, tenant).fail("enqueue_failed", "the queue was unreachable"))
             if redis_memory.is_out_of_memory(exc):
                 raise StoreFull(
                     "the job store is full: Redis refused the job's messages; retry later",
@@ -284,7 +282,7 @@ class JobStore:
         """The job; JobNotFound for unknown ids and for another tenant's jobs alike."""
         if not JOB_ID.match(job_id):
             raise JobNotFound(job_id)
-        view = await self.run(job_state.read(job_id, tenant))
+        view = await self.run(JobHandle(job_id, tenant).read())
         if view is None or view.record.tenant != tenant:
             raise JobNotFound(job_id)
         return view
@@ -293,9 +291,7 @@ class JobStore:
         """The job; a pending webhook shows when its paused destination is tried again."""
         view = await self._view(job_id, tenant)
         if job_state.past_deadline(view.record):  # the workers' recovery look expires it too: whoever comes first
-            expired = await self.run(job_state.expire(job_id, tenant))
-            if expired.moved and expired.job is not None:
-                job_state.ended(expired.job.record)
+            expired = await self.run(JobHandle(job_id, tenant).expire())
             view = expired.job or view
         job = view.to_job()
         record = view.record
@@ -330,7 +326,7 @@ class JobStore:
             raise InvalidRequest(f"job {job_id} has no webhook")
         if not record.webhook_event:
             raise JobNotFinished(f"job {job_id} is {record.status}: its webhook event is sent when it ends")
-        view = await self.run(job_state.redeliver(job_id, tenant))
+        view = await self.run(JobHandle(job_id, tenant).redeliver())
         if view is None:  # expired since it was read
             raise JobNotFound(job_id)
         logger.info("job %s: webhook %s scheduled for redelivery", job_id, record.webhook_event)
@@ -383,17 +379,15 @@ class JobStore:
         """Cancel a job that is not final yet: its chunks are dropped wherever they wait (queue, batcher, engine).
         `code` and `reason` say why when the farm, not the job's owner, cancels it."""
         await self._view(job_id, tenant)
-        finished = await self.run(job_state.cancel(job_id, tenant, code, reason))
+        finished = await self.run(JobHandle(job_id, tenant).cancel(code, reason))
         if finished.job is None:  # expired since it was read
             raise JobNotFound(job_id)
-        if finished.moved:
-            job_state.ended(finished.job.record)
         return finished.job.to_job()
 
     async def delete(self, job_id: str, tenant: str) -> None:
         """Free a finished job's record, inputs and results at once (its caller has them); 409 while it runs."""
         await self._view(job_id, tenant)
-        outcome = await self.run(job_state.delete(job_id, tenant))
+        outcome = await self.run(JobHandle(job_id, tenant).delete())
         if outcome is None:  # expired since it was read
             raise JobNotFound(job_id)
         if outcome != "deleted":

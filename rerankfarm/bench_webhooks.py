@@ -32,7 +32,7 @@ from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas.webhooks import destination
 from store import job_state, moves, webhook_secrets
 from store.codec import now_iso
-from store.job_state import JobRecord, NewJob
+from store.job_state import JobHandle, JobRecord, NewJob
 
 
 class Receiver:
@@ -88,7 +88,7 @@ def ended_job(client: redis.Redis, run: moves.Runner, tenant: str, url: str) -> 
         job_state.create(pipe, NewJob(record, '{"requests": []}', {}), 3600)
         pipe.execute()
     at = time.time()
-    run(job_state.cancel(job_id, tenant))
+    run(JobHandle(job_id, tenant).cancel())
     return at
 
 

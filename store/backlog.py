@@ -16,7 +16,7 @@ The feed is one Lua move: it counts the chunks waiting in the model's bulk lists
 writes each one's first send into the chunk ledger (`store.chunk_ledger`: from then on the ledger covers it as it
 covers every sent chunk) and returns their messages, for its caller to publish. Anyone runs it, at any time, with no
 lock: the API after accepting a job, a worker as it takes a bulk chunk, every worker's recovery each
-SWEEP_INTERVAL_S. A feeder that dies between the move and the publish leaves chunks that the ledger finds lost
+look (`workers.recovery`). A feeder that dies between the move and the publish leaves chunks that the ledger finds lost
 (sent, never seen in their lane), and recovery sends them again. Chunks in the backlog are held by Redis alone,
 like the job itself: no worker's death touches them. A job that ends leaves the backlog in the same script
 (`store.job_state`'s finalize runs `backlog_drop`); the feed drops one gone from Redis, and never feeds one past its

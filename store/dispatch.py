@@ -12,8 +12,9 @@ import redis
 from schemas import metrics
 from schemas.chunks import ChunkRef
 from schemas.settings import Settings
-from store import backlog, job_state, moves, redis_memory
+from store import backlog, moves, redis_memory
 from store.chunk_ledger import Ledger
+from store.job_state import JobHandle
 from store.queueing import publish, resend_lane
 
 if TYPE_CHECKING:
@@ -79,10 +80,9 @@ class Dispatcher:
 
     def give_up(self, ref: ChunkRef, code: str, message: str) -> bool:
         """The chunk's job fails with `code` (a no-op for a job that has ended); whether it moved."""
-        finished = self.run(job_state.fail(ref.job_id, ref.tenant, code, message))
-        if finished.moved and finished.job is not None:
+        finished = self.run(JobHandle(ref.job_id, ref.tenant).fail(code, message))
+        if finished.moved:
             metrics.CHUNKS_GIVEN_UP.labels(code).inc()
-            job_state.ended(finished.job.record)
         return finished.moved
 
 

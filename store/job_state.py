@@ -1,11 +1,13 @@
 """A job: its typed record and input in Redis, and every write to it as a named move. The one place a job changes.
 
-Moves, each one atomic (a Lua script, or the creating transaction), each returning what its caller reads next:
+Moves, each one atomic (a Lua script, or the creating transaction), each returning what its caller reads next. Every
+side reaches a job through one handle, `JobHandle(job_id, tenant)`, whose methods are its moves:
 
     create            the record, the input summary, the chunks' inputs, the tenant's in-flight slot   (API)
     take              a worker takes a chunk: queued -> running on the first       -> Taken       (workers)
     record_chunk      a chunk's scores, counted once; the last one: -> succeeded   -> Recorded    (workers)
     fail, cancel      -> failed | cancelled, with a cause                         -> Finished    (API, workers)
+    expire            -> failed `expired`, past its deadline                      -> Finished    (recovery, API)
     webhook_attempt   one delivery attempt of the job's event, and the next due   -> None        (webhook worker)
     redeliver         the job's last event scheduled again                        -> JobView     (API)
     delete            a finished job and all it holds, at once                    -> str         (API)
@@ -19,7 +21,8 @@ Every move into a final state runs the shared prelude `finalize` in its script: 
 in-flight set and its model's backlog (what it had not sent, `store.backlog`), its status goes to the done-list
 when someone waits on it (an interactive call), the webhook event the job asked for is scheduled, and the chunks'
 ledger and inputs go (the inputs stay when results echo documents).
-Nothing can set a final state without those following. A move is data (`store.moves.Move`: script, keys, args, and
+Nothing can set a final state without those following, and each move that changes a job's state counts and logs it
+(`Move.then`, run by whichever runner ran the move: once). A move is data (`store.moves.Move`: script, keys, args, and
 how to read the reply); `moves.Runner` runs it on a sync client, `moves.AsyncRunner` on an asyncio one.
 `store.chunk_ledger` keeps the chunks' own state (sent, re-sent, renewed) beside it.
 """
@@ -491,22 +494,9 @@ def _taken(reply: Sequence[Any]) -> Taken:
     return Taken(outcome, Chunk.model_validate_json(reply[1]), bool(int(reply[2])))
 
 
-def take(job_id: str, index: int, worker: str, lane: str, seq: int) -> Move[Taken]:
-    move_keys = [keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_ledger_key(job_id), keys.CHUNKS_OPEN]
-    move_keys += [keys.job_chunks_key(job_id), keys.lane_key(lane)]
-    return Move(TAKE, move_keys, [index, worker, now_iso(), time.time(), seq], _taken)
-
-
 def _recorded(reply: Sequence[Any]) -> Recorded:
     outcome = as_str(reply[0])
     return Recorded(outcome, JobRecord.from_hash(_fields(reply[1])) if outcome == "finished" else None)
-
-
-def record_chunk(job_id: str, tenant: str, index: int, result_json: str, pairs: int, worker: str, tokens: int,
-                 ttl_s: int, tokenize_ms: int = 0, inference_ms: int = 0) -> Move[Recorded]:  # fmt: skip
-    args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, tokenize_ms, inference_ms]
-    args.append(keys.DONE_TTL_S)
-    return Move(RECORD_CHUNK, script_keys(job_id, tenant), args, _recorded)
 
 
 def _finished(reply: Sequence[Any] | None) -> Finished:
@@ -515,33 +505,93 @@ def _finished(reply: Sequence[Any] | None) -> Finished:
     return Finished(bool(int(reply[0])), JobView.from_reply(reply[1]))
 
 
-def fail(job_id: str, tenant: str, code: str, message: str) -> Move[Finished]:
-    args: list[str | int] = [JobStatus.failed.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
-    return Move(FINISH, script_keys(job_id, tenant), args, _finished)
-
-
-def cancel(job_id: str, tenant: str, code: str = "", message: str = "") -> Move[Finished]:
-    """A cancel by its owner (no reason), or by the farm with one (an interactive call nobody waits for)."""
-    args: list[str | int] = [JobStatus.cancelled.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
-    return Move(FINISH, script_keys(job_id, tenant), args, _finished)
-
-
 def _view(reply: Sequence[Any] | None) -> JobView | None:
     return None if reply is None else JobView.from_reply(reply)
 
 
-def redeliver(job_id: str, tenant: str) -> Move[JobView | None]:
-    return Move(REDELIVER, script_keys(job_id, tenant), [time.time()], _view)
-
-
-def webhook_attempt(job_id: str, tenant: str, entry: WebhookAttempt, state: WebhookState, due: float | None,
-                    kept: int, ttl_s: int) -> Move[None]:  # fmt: skip
-    move_keys = [keys.job_key(job_id), keys.job_webhook_attempts_key(job_id), keys.webhooks_due_key(tenant)]
-    args = [job_id, entry.model_dump_json(), state.value, entry.attempt, "" if due is None else due, kept, ttl_s]
-    return Move(WEBHOOK_ATTEMPT, move_keys, args, lambda _: None)
-
-
 EXPIRED = "expired"  # the error code of a job whose deadline passed
+
+
+@dataclass(frozen=True)
+class JobHandle:
+    """The one handle on a job, every side's (arq's `Job`): its moves, bound to it. A runner runs them, sync
+    (`moves.Runner`: workers, recovery, dispatcher) or asyncio (`moves.AsyncRunner`: API, webhook worker):
+
+        run(JobHandle(job_id, tenant).fail("engine_error", "...")) -> Finished
+
+    Each change of state is counted in the metrics and logged once, by the move that made it (its `then`), whichever
+    side ran it: a start (`take`), an end (`record_chunk`'s last chunk, `fail`, `cancel`, `expire`). The tenant names
+    the job's in-flight set and webhook schedule; moves that only read (`read`, `status`) need none."""
+
+    id: str
+    tenant: str = "default"
+
+    def _keys(self) -> list[str]:
+        return script_keys(self.id, self.tenant)
+
+    def take(self, index: int, worker: str, lane: str, seq: int) -> Move[Taken]:
+        """A worker takes chunk `index` (sent to `lane` as its `seq`th message): queued -> running on the first."""
+        job_id = self.id
+        move_keys = [keys.job_key(job_id), keys.job_scores_key(job_id), keys.job_ledger_key(job_id), keys.CHUNKS_OPEN]
+        move_keys += [keys.job_chunks_key(job_id), keys.lane_key(lane)]
+        return Move(TAKE, move_keys, [index, worker, now_iso(), time.time(), seq], _taken, self._started)
+
+    def record_chunk(self, index: int, result_json: str, pairs: int, worker: str, tokens: int, ttl_s: int,
+                     tokenize_ms: int = 0, inference_ms: int = 0) -> Move[Recorded]:  # fmt: skip
+        """A chunk's scores, counted once; the last one: -> succeeded. Results live `ttl_s` from then."""
+        args: list[str | int] = [index, result_json, pairs, worker, now_iso(), ttl_s, tokens, tokenize_ms]
+        args += [inference_ms, keys.DONE_TTL_S]
+        return Move(RECORD_CHUNK, self._keys(), args, _recorded, _succeeded)
+
+    def fail(self, code: str, message: str) -> Move[Finished]:
+        """-> failed with its cause (`code`) and reason; a no-op for a job that has ended (it keeps its first end)."""
+        return self._finish(JobStatus.failed, code, message)
+
+    def cancel(self, code: str = "", message: str = "") -> Move[Finished]:
+        """A cancel by its owner (no reason), or by the farm with one (an interactive call nobody waits for)."""
+        return self._finish(JobStatus.cancelled, code, message)
+
+    def expire(self) -> Move[Finished]:
+        """A job past its deadline ends `failed` with code `expired` (a no-op for one that has ended): its chunks still
+        waiting or in flight are dropped as a cancel drops them; its progress says what was scored."""
+        return self.fail(EXPIRED, "its deadline passed before it finished")
+
+    def _finish(self, status: JobStatus, code: str, message: str) -> Move[Finished]:
+        args: list[str | int] = [status.value, code, message[:2000], now_iso(), keys.DONE_TTL_S]
+        return Move(FINISH, self._keys(), args, _finished, _ended_by)
+
+    def redeliver(self) -> Move[JobView | None]:
+        """The job's last webhook event scheduled again."""
+        return Move(REDELIVER, self._keys(), [time.time()], _view)
+
+    def webhook_attempt(self, entry: WebhookAttempt, state: WebhookState, due: float | None, kept: int,
+                        ttl_s: int) -> Move[None]:  # fmt: skip
+        """One delivery attempt of the job's event recorded (the last `kept`), and its next due time, if any."""
+        job_id = self.id
+        move_keys = [keys.job_key(job_id), keys.job_webhook_attempts_key(job_id), keys.webhooks_due_key(self.tenant)]
+        args = [job_id, entry.model_dump_json(), state.value, entry.attempt, "" if due is None else due, kept, ttl_s]
+        return Move(WEBHOOK_ATTEMPT, move_keys, args, lambda _: None)
+
+    def read(self) -> Move[JobView | None]:
+        """The job as the API shows it (callers check the record's own tenant)."""
+        return Move(READ, self._keys(), [], _view)
+
+    def status(self) -> Move[JobStatus | None]:
+        return Move(STATUS, [keys.job_key(self.id)], [], _status)
+
+    def delete(self) -> Move[str | None]:
+        """Delete a finished job: 'deleted', else the status of a job not final yet, or None for an unknown job."""
+        move_keys = [*self._keys(), keys.recent_jobs_key(self.tenant)]
+        return Move(DELETE, move_keys, [], lambda reply: None if reply is None else as_str(reply))
+
+    def _started(self, taken: Taken) -> None:
+        if taken.started:
+            logger.info("job %s running", self.id)
+
+
+def _status(reply: Any) -> JobStatus | None:
+    return None if reply is None else JobStatus(as_str(reply))
+
 
 # KEYS: the deadlines set. ARGV: now, most, job key prefix. {id, tenant} of each job whose deadline has passed; the
 # entries of jobs gone from Redis leave.
@@ -555,16 +605,10 @@ return out
 """
 
 
-def overdue(now: float | None = None, most: int = 100) -> Move[list[tuple[str, str]]]:
-    """(job id, tenant) of up to `most` jobs whose deadline has passed and that have not ended."""
+def overdue(now: float | None = None, most: int = 100) -> Move[list[JobHandle]]:
+    """Up to `most` jobs whose deadline has passed and that have not ended."""
     args: list[str | int | float] = [time.time() if now is None else now, most, keys.job_key("")]
-    return Move(OVERDUE, [keys.JOB_DEADLINES], args, lambda reply: [(as_str(j), as_str(t)) for j, t in reply])
-
-
-def expire(job_id: str, tenant: str) -> Move[Finished]:
-    """A job past its deadline ends `failed` with code `expired` (a no-op for one that has ended): its chunks still
-    waiting or in flight are dropped as a cancel drops them; its progress says what was scored."""
-    return fail(job_id, tenant, EXPIRED, "its deadline passed before it finished")
+    return Move(OVERDUE, [keys.JOB_DEADLINES], args, lambda reply: [JobHandle(as_str(j), as_str(t)) for j, t in reply])
 
 
 def past_deadline(record: JobRecord, now: float | None = None) -> bool:
@@ -575,24 +619,19 @@ def past_deadline(record: JobRecord, now: float | None = None) -> bool:
     )
 
 
-def read(job_id: str, tenant: str = "default") -> Move[JobView | None]:
-    """The job as the API shows it (the tenant only names the in-flight set; callers check the record's own)."""
-    return Move(READ, script_keys(job_id, tenant), [], _view)
+def _succeeded(recorded: Recorded) -> None:
+    if recorded.record is not None:
+        _ended(recorded.record)
 
 
-def status(job_id: str) -> Move[JobStatus | None]:
-    return Move(STATUS, [keys.job_key(job_id)], [], lambda reply: None if reply is None else JobStatus(as_str(reply)))
+def _ended_by(finished: Finished) -> None:
+    if finished.moved and finished.job is not None:
+        _ended(finished.job.record)
 
 
-def delete(job_id: str, tenant: str) -> Move[str | None]:
-    """Delete a finished job: 'deleted', else the status of a job not final yet, or None for an unknown job."""
-    move_keys = [*script_keys(job_id, tenant), keys.recent_jobs_key(tenant)]
-    return Move(DELETE, move_keys, [], lambda reply: None if reply is None else as_str(reply))
-
-
-def ended(record: JobRecord) -> None:
-    """A job its caller's move has just ended (the move said it moved, so once per job, whoever moved it): counted
-    in `rerank_jobs_finished_total`, a failure's cause in `rerank_jobs_failed_total`, a success's latency observed,
+def _ended(record: JobRecord) -> None:
+    """A job a move has just ended (the move said it moved, so once per job, whoever moved it): counted in
+    `rerank_jobs_finished_total`, a failure's cause in `rerank_jobs_failed_total`, a success's latency observed,
     and logged."""
     metrics.JOBS_FINISHED.labels(record.status, record.model).inc()
     if record.status == JobStatus.succeeded:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError, ResponseError
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from schemas import metrics
 from schemas.errors import StoreFull
@@ -53,6 +54,19 @@ def is_out_of_memory(exc: BaseException | None) -> bool:
             return True
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return False
+
+
+def waiting_for_room(wait_s: float) -> Retrying:
+    """A write that a full Redis refuses is tried again for up to `wait_s` seconds, as running jobs end and free
+    their chunks' inputs; then the error goes up (a worker's chunk then fails its job, `store_full`). Use:
+    `waiting_for_room(5)(run, move)`."""
+    return Retrying(
+        retry=retry_if_exception(is_out_of_memory),
+        stop=stop_after_delay(wait_s),
+        wait=wait_exponential(multiplier=0.1, max=2.0),
+        before_sleep=lambda state: logger.warning("redis full: waiting for room (%r)", state.outcome),
+        reraise=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ asyncio loop. Its dispatcher claims as many due deliveries as it has free slots 
 robin between tenants, capped per tenant and per destination, a paused destination's deliveries recorded as not
 sent) and runs each at once as a task: read the job, sign its event with the tenant's secrets
 (`store.webhook_secrets`), make one attempt (`webhooks.delivery`), record it and the next due time
-(`job_state.webhook_attempt`), then free the slot and tell the destination's circuit breaker
+(`JobHandle.webhook_attempt`), then free the slot and tell the destination's circuit breaker
 (`webhook_queue.release`). Nothing waits in a first-in first-out queue between the claim and the attempt, so a
 receiver that hangs holds only the slots its caps allow. Several workers share the work through Redis alone; one that
 dies mid-delivery only delays the deliveries it held, by RERANK_WEBHOOK_LEASE_S (the receiver may then get the event
@@ -32,9 +32,9 @@ from schemas import keys, metrics
 from schemas.errors import JobNotFound
 from schemas.settings import Settings, get_settings
 from schemas.webhooks import WebhookAttempt, WebhookState, event_payload
-from store import job_state, moves, redis_memory, webhook_queue, webhook_secrets
+from store import moves, redis_memory, webhook_queue, webhook_secrets
 from store.connect import async_redis_client, close_async
-from store.job_state import JobRecord
+from store.job_state import JobHandle, JobRecord
 from store.results import open_results
 from store.webhook_queue import Claimed, Outcome
 from webhooks import delivery
@@ -78,7 +78,7 @@ class Deliveries:
     async def deliver(self, claimed: Claimed) -> str:
         """One attempt of the claimed delivery; returns the webhook state afterwards."""
         settings = self.settings
-        view = await self.run(job_state.read(claimed.job_id))
+        view = await self.run(JobHandle(claimed.job_id).read())
         record = view.record if view is not None else None
         if record is None or record.webhook_state != WebhookState.pending or not record.webhook_url:
             await self.run(webhook_queue.drop(claimed))
@@ -114,9 +114,8 @@ class Deliveries:
             error=result.error,
             duration_ms=result.duration_ms,
         )
-        move = job_state.webhook_attempt(record.id, record.tenant, entry, state, due, ATTEMPTS_KEPT,
-                                         settings.result_ttl_s)  # fmt: skip
-        await self.run(move)
+        await self.run(JobHandle(record.id, record.tenant).webhook_attempt(entry, state, due, ATTEMPTS_KEPT,
+                                                                           settings.result_ttl_s))  # fmt: skip
         sent = claimed.paused_until is None and bool(secrets)
         health = delivery.outcome(result) if sent else Outcome.none
         failures, paused = await self.run(webhook_queue.release(claimed, health, settings))

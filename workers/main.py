@@ -37,7 +37,7 @@ def _on_ready(sender: object = None, **_: object) -> None:
     rt = runtime.get()
     _heartbeat = runtime.Heartbeat(rt, hostname)
     _heartbeat.start()
-    _recovery = Recovery(rt.settings, app, rt.store.redis)
+    _recovery = Recovery(rt.settings, app, rt.redis)
     _recovery.start()
     logger.info("worker %s consuming", hostname)
 

@@ -1,7 +1,7 @@
 """Recovery of lost chunks: every scoring worker looks for what the broker lost, and a chunk is sent again once.
 
 Every scoring worker runs a `Recovery` thread, which looks at the chunk ledger as it starts and then every
-`SWEEP_INTERVAL_S` seconds (`store.chunk_ledger.Ledger.find_lost`) and sends again each chunk that nobody vouched for
+`LOOK_INTERVAL_S` seconds (`store.chunk_ledger.Ledger.find_lost`) and sends again each chunk that nobody vouched for
 in two leases (`2 * RERANK_VISIBILITY_TIMEOUT_S`) and that is not waiting in its queue, through the dispatcher
 (`store.dispatch`: a chunk sent RERANK_CHUNK_MAX_RETRIES + 1 times fails its job, `chunk_lost`). Each look also ends
 the jobs past their deadline and feeds the model's lanes from its backlog (`store.backlog`), for lanes no take has fed.
@@ -23,25 +23,26 @@ import redis
 from celery import Celery
 
 from schemas.settings import Settings
-from store import job_state
+from store import job_state, moves
 from store.chunk_ledger import Lost
 from store.dispatch import Dispatcher
 from store.queueing import SWEEP_INTERVAL_S, job_lane
-from workers.job_store import WorkerJobStore
 
 logger = logging.getLogger(__name__)
+
+LOOK_INTERVAL_S = SWEEP_INTERVAL_S  # as often as kombu's sweep restores the messages whose lease ran out
 
 
 class Recovery:
     def __init__(self, settings: Settings, app: Celery, client: redis.Redis) -> None:
         self.app = app
         self.client = client
-        self.store = WorkerJobStore(client, settings.result_ttl_s)
+        self.run = moves.Runner(client)
         self.dispatcher = Dispatcher(client, app, settings)
         self.ledger = self.dispatcher.ledger
         self.model = settings.served_name
         self.grace_s = 2.0 * settings.visibility_timeout_s
-        self.period_s = float(SWEEP_INTERVAL_S)
+        self.period_s = float(LOOK_INTERVAL_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recovery", daemon=True)
 
@@ -55,8 +56,8 @@ class Recovery:
     def look_once(self, now: float | None = None) -> int:
         """One look at the ledger, at the jobs past their deadline (each ends `expired`) and at the model's backlog
         (its lanes fed). Returns how many chunks this look sent again."""
-        for job_id, tenant in self.store.run(job_state.overdue(now)):
-            self.store.end(job_state.expire(job_id, tenant))
+        for job in self.run(job_state.overdue(now)):
+            self.run(job.expire())
         self.dispatcher.feed(self.model)  # lanes no take has fed (idle workers, a feeder that died)
         found = self.ledger.find_lost(self.grace_s, job_lane, now=now)
         sent = 0

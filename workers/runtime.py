@@ -1,6 +1,6 @@
-"""Per-process worker state: the prompt builder, the engine (which schedules its own work) and the job store, created
-once before consuming, plus the heartbeat that tells the API this worker is alive (and ends a worker whose engine
-died)."""
+"""Per-process worker state: the prompt builder, the engine (which schedules its own work), the runner of the jobs'
+moves and the dispatcher, created once before consuming, plus the heartbeat that tells the API this worker is alive
+(and ends a worker whose engine died)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,13 @@ from redis.retry import Retry
 
 from schemas import keys, metrics
 from schemas.settings import Settings
+from store import moves
 from store.codec import now_iso
 from store.connect import redis_client
 from store.dispatch import Dispatcher
+from store.redis_memory import waiting_for_room
 from workers.engines.base import Engine
 from workers.engines.factory import load_engine
-from workers.job_store import WorkerJobStore
 from workers.prompts import Prompts, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,9 @@ class Runtime:
     settings: Settings
     prompts: Prompts
     engine: Engine
-    store: WorkerJobStore
+    redis: redis.Redis
+    run: moves.Runner  # the jobs' moves (`store.job_state.JobHandle`)
+    with_room: Callable[..., Any]  # with_room(run, move): a take or a record waits for room in a full Redis
     dispatcher: Dispatcher
 
     def close(self) -> None:
@@ -59,10 +63,11 @@ def start(settings: Settings) -> Runtime:
             client = redis_client(
                 settings.redis_url, health_check_interval=30, socket_timeout=10, **outage_retry(settings)
             )
-            store = WorkerJobStore(client, settings.result_ttl_s, settings.store_full_wait_s)
             from workers.celery_app import app  # (the app's module imports no runtime)
 
-            _runtime = Runtime(settings, prompts, engine, store, Dispatcher(client, app, settings))
+            with_room = waiting_for_room(settings.store_full_wait_s)
+            dispatcher = Dispatcher(client, app, settings)
+            _runtime = Runtime(settings, prompts, engine, client, moves.Runner(client), with_room, dispatcher)
         return _runtime
 
 

@@ -1,6 +1,7 @@
 """Scoring one chunk of a job (`score`), and the Celery task that runs it for bulk chunks. Interactive chunks run
-the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the engine and the job store.
-A message names its chunk (`ChunkRef`); the chunk's input is read from the job store as the chunk is taken."""
+the same `score` from `workers.interactive`'s consumer. Thin: the work is in scoring, the engine and the job's moves
+(`store.job_state.JobHandle`). A message names its chunk (`ChunkRef`); the chunk's input is read from Redis as the
+chunk is taken."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from celery.exceptions import Reject
 from schemas import metrics
 from schemas.chunks import INTERACTIVE_PRIORITY, ChunkRef
 from schemas.errors import InvalidInput
+from schemas.jobs import JobStatus
 from schemas.keys import TASK_SCORE_CHUNK
+from store.job_state import JobHandle
 from store.redis_memory import is_out_of_memory
 from workers import runtime, scoring
 from workers.celery_app import app
@@ -73,18 +76,18 @@ def score(message: dict[str, Any], hostname: str) -> str:
         if is_out_of_memory(exc):  # Redis stayed full for RERANK_STORE_FULL_WAIT_S: the job ends, with the reason
             reason = f"chunk {ref.index}: Redis is full: {exc}"
             logger.error("job %s failed, Redis full for %g s: %s", ref.job_id, rt.settings.store_full_wait_s, reason)
-            rt.store.fail(ref.job_id, "store_full", reason, ref.tenant)
+            rt.run(JobHandle(ref.job_id, ref.tenant).fail("store_full", reason))
             return "failed"
         logger.exception("job %s chunk %d: scoring failed", ref.job_id, ref.index)
-        rt.store.fail(ref.job_id, "internal_error", f"chunk {ref.index}: scoring failed: {exc!r}", ref.tenant)
+        rt.run(JobHandle(ref.job_id, ref.tenant).fail("internal_error", f"chunk {ref.index}: scoring failed: {exc!r}"))
         return "failed"
 
 
 def _score(ref: ChunkRef, hostname: str) -> str:
     rt = runtime.get()
-    store, job_id = rt.store, ref.job_id
+    job, job_id = JobHandle(ref.job_id, ref.tenant), ref.job_id
     logger.info("job %s chunk %d taken", job_id, ref.index)
-    outcome, chunk, started = store.take(ref, hostname)
+    outcome, chunk, _ = rt.with_room(rt.run, job.take(ref.index, hostname, ref.lane, ref.seq))
     if ref.priority < INTERACTIVE_PRIORITY:  # a bulk chunk left its lane: feed the lane from the backlog
         _feed(rt)
     if chunk is None:
@@ -93,22 +96,20 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         else:
             logger.info("job %s chunk %d skipped: job is %s", job_id, ref.index, outcome)
         return "skipped"
-    if started:
-        logger.info("job %s running", job_id)
     started_at = time.perf_counter()
     try:
         prepared = scoring.prepare(rt.prompts, chunk)
     except InvalidInput as exc:  # input the limits reject fails again: no retry
         logger.warning("job %s chunk %d: input rejected: %s", job_id, ref.index, exc.message)
-        store.fail(job_id, "invalid_input", f"chunk {ref.index}: {exc.message}", ref.tenant)
+        rt.run(job.fail("invalid_input", f"chunk {ref.index}: {exc.message}"))
         return "failed"
     tokenized_at = time.perf_counter()
     submission = rt.engine.submit(prepared.prompts, ref.priority)
     try:
         # Bounded, so that a stuck engine gives the chunk up (and sends it again) instead of holding it for ever.
-        scores = _wait(submission, lambda: store.should_skip(job_id), rt.settings.chunk_timeout_s)
+        scores = _wait(submission, lambda: _ended(rt.run(job.status())), rt.settings.chunk_timeout_s)
     except Cancelled:
-        status = store.status(job_id)
+        status = rt.run(job.status())
         logger.info("job %s chunk %d dropped: job is %s", job_id, ref.index, status.value if status else "gone")
         return "cancelled"
     except (Exception, FutureTimeout) as exc:
@@ -116,7 +117,9 @@ def _score(ref: ChunkRef, hostname: str) -> str:
     scored_at = time.perf_counter()
     result = scoring.aggregate(prepared, scores)
     timings_ms = (round((tokenized_at - started_at) * 1000), round((scored_at - tokenized_at) * 1000))
-    outcome = store.record_chunk(ref, result, hostname, timings_ms).outcome
+    move = job.record_chunk(ref.index, result.model_dump_json(), len(result.scores), hostname, result.tokens,
+                            rt.settings.result_ttl_s, *timings_ms)  # fmt: skip
+    outcome = rt.with_room(rt.run, move).outcome
     if outcome in ("recorded", "finished"):
         metrics.PAIRS_SERVED.labels(rt.settings.served_name, ref.tenant).inc(prepared.pairs)
     logger.info(
@@ -129,6 +132,11 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         outcome,
     )
     return outcome
+
+
+def _ended(status: JobStatus | None) -> bool:
+    """True when the job is gone, cancelled, failed or already done: its remaining chunks need no scoring."""
+    return status is None or status.final
 
 
 def _feed(rt: runtime.Runtime) -> None:

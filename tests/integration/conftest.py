@@ -132,6 +132,27 @@ def wait_for(
         time.sleep(0.1)
 
 
+def wait_for_all(client: TestClient, job_ids: list[str], stall_s: float = 120) -> list[dict[str, Any]]:
+    """Every job, once each has ended. The jobs share the engine fairly (`store.backlog`), so they end together near
+    the end, however long that takes on a loaded machine: what fails is `stall_s` seconds without a pair scored in
+    any of them (a job that hangs), not a slow run."""
+    jobs: dict[str, dict[str, Any]] = {}
+    done, moved_at = -1, time.monotonic()
+    while True:
+        for job_id in job_ids:
+            if jobs.get(job_id, {}).get("status") not in ("succeeded", "failed", "cancelled"):
+                jobs[job_id] = client.get(f"/v1/jobs/{job_id}").json()
+        if all(job["status"] in ("succeeded", "failed", "cancelled") for job in jobs.values()):
+            return [jobs[job_id] for job_id in job_ids]
+        scored = sum(job["progress"]["completed"] for job in jobs.values())
+        if scored > done:
+            done, moved_at = scored, time.monotonic()
+        elif time.monotonic() - moved_at > stall_s:
+            waiting = [job for job in jobs.values() if job["status"] not in ("succeeded", "failed", "cancelled")]
+            raise AssertionError(f"{len(waiting)} job(s) scored nothing in {stall_s}s: {waiting[0]}")
+        time.sleep(1.0)
+
+
 @contextlib.contextmanager
 def serve(settings: Settings) -> Iterator[str]:
     """The API served by uvicorn on a free port, for clients that speak real HTTP (SDKs, browsers, fuzzers)."""

@@ -17,10 +17,11 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
-from store import codec, job_state, moves
+from store import codec, moves
 from store.api_keys import API_KEYS
+from store.job_state import JobHandle
 from store.redis_memory import EvictingRedis, is_out_of_memory, read_memory
-from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
+from tests.integration.conftest import WorkerProcess, farm_settings, wait_for, wait_for_all
 from tests.jobs import create_job
 
 MB = 2**20
@@ -100,18 +101,18 @@ def test_the_moves_that_end_a_job_are_taken_by_a_full_redis(binary: str) -> None
             create_job(client, job_id, 2, tenant="acme", **webhook)
         fill(client)
         with pytest.raises(redis.exceptions.RedisError) as refused:
-            run(job_state.record_chunk("job_a", "acme", 0, '{"scores": [0.5, 0.5]}', 2, "w", 4, 3600))
+            run(JobHandle("job_a", "acme").record_chunk(0, '{"scores": [0.5, 0.5]}', 2, "w", 4, 3600))
         assert is_out_of_memory(refused.value)
-        assert run(job_state.fail("job_a", "acme", "store_full", "Redis is full")).moved
-        assert run(job_state.cancel("job_b", "acme")).moved
+        assert run(JobHandle("job_a", "acme").fail("store_full", "Redis is full")).moved
+        assert run(JobHandle("job_b", "acme").cancel()).moved
         assert client.zscore(keys.webhooks_due_key("acme"), "job_a") is not None  # its webhook is scheduled
-        view = run(job_state.read("job_a"))
+        view = run(JobHandle("job_a").read())
         assert view is not None and view.record.error_code == "store_full" and view.record.completed == 0
         assert client.scard(keys.tenant_inflight_key("acme")) == 0
         from schemas.webhooks import WebhookAttempt, WebhookState
 
         attempt = WebhookAttempt(attempt=1, at=codec.now_iso(), status_code=200)
-        run(job_state.webhook_attempt("job_a", "acme", attempt, WebhookState.delivered, None, 50, 3600))
+        run(JobHandle("job_a", "acme").webhook_attempt(attempt, WebhookState.delivered, None, 50, 3600))
         assert client.llen(keys.job_webhook_attempts_key("job_a")) == 1
 
 
@@ -168,7 +169,7 @@ def test_a_full_redis_refuses_new_work_cleanly_and_ends_every_accepted_job(
                     assert answer.json()["error"]["code"] == "store_full" and answer.headers["Retry-After"]
                     refusals += 1
                 assert len(accepted) < 2000, "never refused"
-            statuses = [wait_for(client, job_id, timeout=180)["status"] for job_id in accepted]
+            statuses = [job["status"] for job in wait_for_all(client, accepted)]
             assert statuses == ["succeeded"] * len(accepted)
             assert 500 not in codes and len(accepted) > 5, codes
             exported = client.get("/metrics").text

@@ -12,7 +12,7 @@ import fakeredis
 from schemas import keys
 from schemas.chunks import ChunkRef
 from store import backlog, codec, job_state, moves
-from store.job_state import JobRecord, NewJob
+from store.job_state import JobHandle, JobRecord, NewJob
 
 MODEL = "m"
 SIZE = 4  # pairs per chunk
@@ -115,7 +115,7 @@ def test_a_job_that_ends_leaves_the_backlog_with_what_it_had_not_sent(r, run) ->
     submit(r, "b1", "b", 20)
     assert run(backlog.waiting(MODEL)) == backlog.Waiting(25, 100, {"a": (20, 80), "b": (5, 20)})
     assert order(feed(run, 2)) == ["a1", "b1"]
-    assert run(job_state.cancel("a2", "a")).moved
+    assert run(JobHandle("a2", "a").cancel()).moved
     assert run(backlog.waiting(MODEL)) == backlog.Waiting(13, 52, {"a": (9, 36), "b": (4, 16)})
     assert "a2" not in order(feed(run, 100))
 

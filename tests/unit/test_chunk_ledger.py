@@ -163,10 +163,10 @@ def test_two_workers_finding_the_same_lost_chunk_send_it_once(r) -> None:
     r.hset(keys.lane_key(LANE), "taken", 1)
     first, second = RecordingCelery(), RecordingCelery()
     settings = Settings()
-    sweeps = [Recovery(settings, app, r) for app in (first, second)]  # type: ignore[arg-type]
-    lost = [recovery.ledger.find_lost(recovery.grace_s, job_lane, now=NOW).lost for recovery in sweeps]
+    recoveries = [Recovery(settings, app, r) for app in (first, second)]  # type: ignore[arg-type]
+    lost = [recovery.ledger.find_lost(recovery.grace_s, job_lane, now=NOW).lost for recovery in recoveries]
     assert lost[0] == lost[1] and len(lost[0]) == 1  # both looked before either sent
-    assert [sweeps[k]._recover(lost[k][0]) for k in (0, 1)] == [1, 0]  # the second is told 'raced'
+    assert [recoveries[k]._recover(lost[k][0]) for k in (0, 1)] == [1, 0]  # the second is told 'raced'
     assert (len(first.sent), len(second.sent)) == (1, 0)
 
 

@@ -17,7 +17,7 @@ from schemas.jobs import JobCreate, JobStatus
 from schemas.settings import Settings
 from schemas.webhooks import WebhookAttempt, WebhookState
 from store import codec, job_state, moves
-from store.job_state import JobRecord, Taken
+from store.job_state import JobHandle, JobRecord, Taken
 from tests.jobs import create_job
 
 
@@ -27,7 +27,7 @@ def new_job(r: fakeredis.FakeRedis, job_id: str = "job_1", tenant: str = "acme",
 
 def record(r: fakeredis.FakeRedis, run: moves.Runner, index: int, job_id: str = "job_1") -> str:
     result = ChunkResult(scores=[0.5, 0.25], tokens=10)
-    move = job_state.record_chunk(job_id, "acme", index, result.model_dump_json(), 2, "w@h", 10, 3600)
+    move = JobHandle(job_id, "acme").record_chunk(index, result.model_dump_json(), 2, "w@h", 10, 3600)
     return run(move).outcome
 
 
@@ -57,7 +57,7 @@ def test_record_round_trips_through_the_hash(r) -> None:
 
 
 def take(run: moves.Runner, index: int, job_id: str = "job_1", seq: int = 1) -> Taken:
-    return run(job_state.take(job_id, index, "w@h", "rerank.bulk:4", seq))
+    return run(JobHandle(job_id).take(index, "w@h", "rerank.bulk:4", seq))
 
 
 def test_chunks_move_a_job_from_queued_to_running_to_succeeded_counting_each_once(r, run) -> None:
@@ -93,7 +93,7 @@ def test_take_marks_the_holder_vouches_for_the_chunk_and_raises_the_lanes_mark(r
     assert take(run, 0, seq=3).outcome == "taken"  # an older message of the lane leaves the mark where it was
     assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"7"
     assert take(run, 0, job_id="job_gone") == Taken("gone")
-    assert run(job_state.cancel("job_1", "acme")).moved
+    assert run(JobHandle("job_1", "acme").cancel()).moved
     assert take(run, 0, seq=9) == Taken("cancelled")  # a final job's chunks need no scoring
     assert r.hget(keys.lane_key("rerank.bulk:4"), "taken") == b"9"  # the lane moved on all the same
 
@@ -103,7 +103,7 @@ def test_a_final_move_drops_the_ledger_and_the_inputs_unless_results_echo_them(r
         new_job(r, job_id=job_id, keep_input=keep)
         store_chunks(r, 1, job_id)
         r.hset(keys.job_ledger_key(job_id), mapping={"0:sends": 1})
-        assert run(job_state.cancel(job_id, "acme")).moved
+        assert run(JobHandle(job_id, "acme").cancel()).moved
         assert not r.exists(keys.job_ledger_key(job_id))
         assert bool(r.exists(keys.job_chunks_key(job_id))) == bool(keep)
 
@@ -112,7 +112,11 @@ def test_a_final_move_drops_the_ledger_and_the_inputs_unless_results_echo_them(r
 def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(r, run, move) -> None:
     events = json.dumps(["job.failed", "job.cancelled"])
     new_job(r, notify=1, webhook_url="https://h.example/x", webhook_events=events)
-    m = job_state.fail("job_1", "acme", "engine_error", "boom") if move == "fail" else job_state.cancel("job_1", "acme")
+    m = (
+        JobHandle("job_1", "acme").fail("engine_error", "boom")
+        if move == "fail"
+        else JobHandle("job_1", "acme").cancel()
+    )
     assert run(m).moved
     status = "failed" if move == "fail" else "cancelled"
     done = stored(r)
@@ -130,7 +134,7 @@ def test_a_final_move_frees_the_slot_wakes_the_waiter_and_schedules_the_webhook(
 
 def test_no_done_list_without_a_waiter_and_no_webhook_for_an_event_not_asked(r, run) -> None:
     new_job(r, webhook_url="https://h.example/x", webhook_events=json.dumps(["job.succeeded"]))
-    assert run(job_state.cancel("job_1", "acme")).moved
+    assert run(JobHandle("job_1", "acme").cancel()).moved
     assert r.llen(keys.job_done_key("job_1")) == 0
     assert stored(r).webhook_state == "" and r.zscore(keys.webhooks_due_key("acme"), "job_1") is None
 
@@ -138,12 +142,14 @@ def test_no_done_list_without_a_waiter_and_no_webhook_for_an_event_not_asked(r, 
 def test_a_succeeded_job_cannot_be_cancelled_or_failed(r, run) -> None:
     new_job(r, chunks=1)
     assert record(r, run, 0) == "finished"
-    assert not run(job_state.cancel("job_1", "acme")).moved
-    assert not run(job_state.fail("job_1", "acme", "x", "y")).moved
+    assert not run(JobHandle("job_1", "acme").cancel()).moved
+    assert not run(JobHandle("job_1", "acme").fail("x", "y")).moved
     assert stored(r).status == "succeeded"
 
 
-@pytest.mark.parametrize("end", [lambda: job_state.cancel("job_1", "acme"), lambda: job_state.expire("job_1", "acme")])
+@pytest.mark.parametrize(
+    "end", [lambda: JobHandle("job_1", "acme").cancel(), lambda: JobHandle("job_1", "acme").expire()]
+)
 def test_a_job_that_ended_records_nothing_more(r, run, end) -> None:
     """A chunk in flight when its job was cancelled or expired is not counted: the job's scores stay what they were
     when it ended (an expired job's results are read from them)."""
@@ -267,7 +273,7 @@ def test_a_fresh_record_shows_nothing_it_does_not_have() -> None:
 
 
 def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
-    move = job_state.cancel("job_9", "acme")
+    move = JobHandle("job_9", "acme").cancel()
     assert move.keys == [
         keys.job_key("job_9"),
         keys.job_scores_key("job_9"),
@@ -284,7 +290,7 @@ def test_moves_address_the_jobs_keys_and_the_tenants_in_flight_set() -> None:
         keys.JOB_DEADLINES,
     ]
     assert move.args[:3] == ["cancelled", "", ""] and move.args[-1] == keys.DONE_TTL_S
-    failed = job_state.fail("job_9", "acme", "code", "m" * 5000)
+    failed = JobHandle("job_9", "acme").fail("code", "m" * 5000)
     assert failed.args[:2] == ["failed", "code"] and failed.args[2] == "m" * 2000  # long messages are cut
     assert codec.as_str(b"x") == "x" and codec.as_str(3) == "3"
     assert codec.now_iso().endswith("+00:00")
@@ -299,7 +305,7 @@ def test_a_job_keeps_its_slowest_chunks_timings_and_its_queue_time(r, run) -> No
     take(run, 0)
     for index, tokenize_ms, inference_ms in ((0, 5, 300), (1, 9, 120), (1, 50, 900)):
         result = ChunkResult(scores=[0.5, 0.25], tokens=10).model_dump_json()
-        move = job_state.record_chunk("job_1", "acme", index, result, 2, "w@h", 10, 3600, tokenize_ms, inference_ms)
+        move = JobHandle("job_1", "acme").record_chunk(index, result, 2, "w@h", 10, 3600, tokenize_ms, inference_ms)
         run(move)
     timings = stored(r).to_job().timings
     assert timings is not None and (timings.tokenization_ms, timings.inference_ms) == (9, 300)
@@ -310,19 +316,19 @@ def test_moves_return_what_their_callers_read_next(r, run) -> None:
     """The last chunk returns the finished record (the worker's latency comes from it); fail and cancel return the
     job as the API shows it; unknown jobs read as None."""
     new_job(r, chunks=1)
-    recorded = run(job_state.record_chunk("job_1", "acme", 0, ChunkResult(scores=[0.5, 0.25]).model_dump_json(), 2,
-                                          "w@h", 10, 3600))  # fmt: skip
+    scores = ChunkResult(scores=[0.5, 0.25]).model_dump_json()
+    recorded = run(JobHandle("job_1", "acme").record_chunk(0, scores, 2, "w@h", 10, 3600))
     assert recorded.outcome == "finished" and recorded.record is not None
     assert recorded.record.status == "succeeded" and recorded.record.duration_s is not None
     assert recorded.record.duration_s >= 0
     new_job(r, job_id="job_2")
-    finished = run(job_state.fail("job_2", "acme", "engine_error", "boom"))
+    finished = run(JobHandle("job_2", "acme").fail("engine_error", "boom"))
     assert finished.moved and finished.job is not None
     assert finished.job.to_job().error is not None and finished.job.to_job().status is JobStatus.failed
-    assert run(job_state.cancel("job_none", "acme")) == job_state.Finished(False, None)
-    assert run(job_state.read("job_none")) is None and run(job_state.status("job_none")) is None
-    assert run(job_state.status("job_2")) is JobStatus.failed
-    view = run(job_state.read("job_1"))
+    assert run(JobHandle("job_none", "acme").cancel()) == job_state.Finished(False, None)
+    assert run(JobHandle("job_none").read()) is None and run(JobHandle("job_none").status()) is None
+    assert run(JobHandle("job_2").status()) is JobStatus.failed
+    view = run(JobHandle("job_1").read())
     assert view is not None and view.workers == {"w@h": 2} and view.to_job().progress.completed == 2
 
 
@@ -331,18 +337,18 @@ def test_webhook_attempts_and_redelivery_are_moves_of_the_job(r, run) -> None:
     out of the due set; a redelivery makes the last event pending again from attempt 0."""
     events = json.dumps(["job.cancelled"])
     new_job(r, webhook_url="https://h.example/x", webhook_events=events)
-    assert run(job_state.redeliver("job_1", "acme")) is None  # no event yet: nothing to send again
-    assert run(job_state.cancel("job_1", "acme")).moved
+    assert run(JobHandle("job_1", "acme").redeliver()) is None  # no event yet: nothing to send again
+    assert run(JobHandle("job_1", "acme").cancel()).moved
     for number in (1, 2, 3):
         attempt = WebhookAttempt(attempt=number, at=codec.now_iso(), status_code=503)
-        run(job_state.webhook_attempt("job_1", "acme", attempt, WebhookState.pending, 1000.0 + number, 2, 3600))
+        run(JobHandle("job_1", "acme").webhook_attempt(attempt, WebhookState.pending, 1000.0 + number, 2, 3600))
     assert stored(r).webhook_attempt == 3 and r.zscore(keys.webhooks_due_key("acme"), "job_1") == 1003.0
-    view = run(job_state.read("job_1"))
+    view = run(JobHandle("job_1").read())
     assert view is not None and [json.loads(a)["attempt"] for a in view.attempts] == [2, 3]  # the newest 2 kept
     delivered = WebhookAttempt(attempt=4, at=codec.now_iso(), status_code=200)
-    run(job_state.webhook_attempt("job_1", "acme", delivered, WebhookState.delivered, None, 2, 3600))
+    run(JobHandle("job_1", "acme").webhook_attempt(delivered, WebhookState.delivered, None, 2, 3600))
     assert stored(r).webhook_state == "delivered" and r.zscore(keys.webhooks_due_key("acme"), "job_1") is None
-    again = run(job_state.redeliver("job_1", "acme"))
+    again = run(JobHandle("job_1", "acme").redeliver())
     assert again is not None and again.to_job().webhook is not None
     assert (again.record.webhook_state, again.record.webhook_attempt) == ("pending", 0)
     assert (
@@ -357,7 +363,7 @@ def test_the_async_runner_runs_the_same_moves() -> None:
                            chunks_total=1, request_count=1)  # fmt: skip
         await client.hset(keys.job_key("job_1"), mapping=record.to_hash())
         run = moves.AsyncRunner(client)
-        return await run(job_state.cancel("job_1", "acme")), await run(job_state.status("job_1"))
+        return await run(JobHandle("job_1", "acme").cancel()), await run(JobHandle("job_1").status())
 
     finished, status = asyncio.run(scenario())
     assert finished.moved and finished.job is not None and status is JobStatus.cancelled
@@ -367,18 +373,19 @@ def test_delete_frees_a_finished_job_at_once_and_refuses_one_not_ended(r, run) -
     new_job(r, chunks=1)
     store_chunks(r, 1)
     r.zadd(keys.recent_jobs_key("acme"), {"job_1": 1.0})
-    assert run(job_state.delete("job_1", "acme")) == "queued"  # nothing deleted
+    assert run(JobHandle("job_1", "acme").delete()) == "queued"  # nothing deleted
     assert r.exists(keys.job_key("job_1")) and r.exists(keys.job_chunks_key("job_1"))
     assert record(r, run, 0) == "finished"
-    view = run(job_state.read("job_1"))
+    view = run(JobHandle("job_1").read())
     assert view is not None and view.expires_at is not None  # the result TTL runs from the last record
     assert 3590 < (view.expires_at - datetime.now(UTC)).total_seconds() <= 3600
-    assert run(job_state.delete("job_1", "acme")) == "deleted"
+    assert run(JobHandle("job_1", "acme").delete()) == "deleted"
     assert r.keys("rerank:job:job_1*") == [] and r.zscore(keys.recent_jobs_key("acme"), "job_1") is None
-    assert run(job_state.delete("job_1", "acme")) is None
+    assert run(JobHandle("job_1", "acme").delete()) is None
 
 
 def test_a_job_that_ended_is_counted_once_by_its_status_and_cause(r, run) -> None:
+    """The move counts its own end (`Move.then`): no caller has to."""
     from prometheus_client import REGISTRY
 
     def sample(name: str, **labels: str) -> float:
@@ -389,10 +396,9 @@ def test_a_job_that_ended_is_counted_once_by_its_status_and_cause(r, run) -> Non
     before = (sample("rerank_jobs_finished_total", status="failed", model="m-ended"),
               sample("rerank_jobs_failed_total", cause="engine_error"),
               sample("rerank_jobs_finished_total", status="cancelled", model="m-ended"))  # fmt: skip
-    for move in (job_state.fail("job_f", "acme", "engine_error", "boom"), job_state.cancel("job_c", "acme")):
-        finished = run(move)
-        assert finished.moved and finished.job is not None
-        job_state.ended(finished.job.record)
+    for _ in range(2):  # the second time nothing moves: nothing is counted
+        assert run(JobHandle("job_f", "acme").fail("engine_error", "boom")).moved is (_ == 0)
+        assert run(JobHandle("job_c", "acme").cancel()).moved is (_ == 0)
     assert sample("rerank_jobs_finished_total", status="failed", model="m-ended") == before[0] + 1
     assert sample("rerank_jobs_failed_total", cause="engine_error") == before[1] + 1
     assert sample("rerank_jobs_finished_total", status="cancelled", model="m-ended") == before[2] + 1
@@ -408,13 +414,13 @@ def test_a_job_past_its_deadline_is_found_and_ends_expired(r, run) -> None:
     r.zadd(keys.JOB_DEADLINES, {"job_gone": 1.0})  # a job that left Redis without ending
     assert run(job_state.overdue(soon.timestamp() - 1)) == []
     assert not job_state.past_deadline(record, soon.timestamp() - 1)
-    assert run(job_state.overdue(soon.timestamp() + 1)) == [("job_d", "acme")]
+    assert run(job_state.overdue(soon.timestamp() + 1)) == [JobHandle("job_d", "acme")]
     assert job_state.past_deadline(record, soon.timestamp() + 1)
     assert r.zscore(keys.JOB_DEADLINES, "job_gone") is None  # its entry left
-    expired = run(job_state.expire("job_d", "acme"))
+    expired = run(JobHandle("job_d", "acme").expire())
     assert expired.moved and expired.job is not None
     job = expired.job.to_job()
     assert job.status is JobStatus.failed and job.error is not None and job.error.code == "expired"
     assert job.deadline_at == soon
     assert r.zscore(keys.JOB_DEADLINES, "job_d") is None  # an ended job leaves the deadlines
-    assert not run(job_state.expire("job_d", "acme")).moved  # once
+    assert not run(JobHandle("job_d", "acme").expire()).moved  # once

@@ -1,8 +1,9 @@
-"""The worker's job store on a real Redis: a chunk delivered twice counts once; final states stay final."""
+"""A worker's moves on a job, on a real Redis: a chunk delivered twice counts once; final states stay final."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import pytest
 import redis
@@ -11,18 +12,43 @@ from schemas import keys
 from schemas.chunks import Chunk, ChunkRef, ChunkResult
 from schemas.errors import InvalidInput
 from schemas.jobs import JobStatus
+from store import moves
+from store.job_state import JobHandle, Recorded, Taken
 from tests.jobs import create_job
-from workers.job_store import WorkerJobStore
 
 pytestmark = pytest.mark.integration
 
 
+@dataclass
+class Worker:
+    """What a worker holds to move jobs: its Redis client and the runner of the jobs' moves (`workers.runtime`)."""
+
+    redis: redis.Redis
+    run: moves.Runner
+
+    def take(self, ref: ChunkRef, worker: str) -> Taken:
+        return self.run(JobHandle(ref.job_id, ref.tenant).take(ref.index, worker, ref.lane, ref.seq))
+
+    def record_chunk(self, ref: ChunkRef, result: ChunkResult, worker: str) -> Recorded:
+        move = JobHandle(ref.job_id, ref.tenant).record_chunk(
+            ref.index, result.model_dump_json(), len(result.scores), worker, result.tokens, 600
+        )
+        return self.run(move)
+
+    def fail(self, job_id: str, code: str, message: str) -> bool:
+        return self.run(JobHandle(job_id).fail(code, message)).moved
+
+    def status(self, job_id: str) -> JobStatus | None:
+        return self.run(JobHandle(job_id).status())
+
+
 @pytest.fixture
-def store(redis_url: str) -> WorkerJobStore:
-    return WorkerJobStore(redis.Redis.from_url(redis_url), result_ttl_s=600)
+def store(redis_url: str) -> Worker:
+    client = redis.Redis.from_url(redis_url)
+    return Worker(client, moves.Runner(client))
 
 
-def _job(store: WorkerJobStore, chunks: int, status: str = "queued") -> str:
+def _job(store: Worker, chunks: int, status: str = "queued") -> str:
     job_id = f"job_{uuid.uuid4().hex}"
     inputs = {i: Chunk(job_id=job_id, index=i, priority=5, segments=[]).model_dump_json() for i in range(chunks)}
     return create_job(store.redis, job_id, chunks, chunk_inputs=inputs, status=status).id
@@ -32,8 +58,8 @@ def _ref(job_id: str, index: int) -> ChunkRef:
     return ChunkRef(job_id=job_id, index=index, priority=5, lane="rerank.bulk:4", seq=index + 1)
 
 
-def record_chunk(store: WorkerJobStore, job_id: str, index: int, result: ChunkResult, worker: str) -> str:
-    return store.record_chunk(_ref(job_id, index), result, worker, (0, 0)).outcome
+def record_chunk(store: Worker, job_id: str, index: int, result: ChunkResult, worker: str) -> str:
+    return store.record_chunk(_ref(job_id, index), result, worker).outcome
 
 
 def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
@@ -54,14 +80,14 @@ def test_redelivered_chunk_counts_once_and_last_chunk_finishes(store) -> None:
 
 def test_cancelled_job_stays_cancelled_and_is_skipped(store) -> None:
     job_id = _job(store, chunks=1, status="cancelled")
-    assert store.should_skip(job_id)
+    assert store.status(job_id) is JobStatus.cancelled
     assert store.take(_ref(job_id, 0), "w1@h") == ("cancelled", None, False)
     # a late chunk of a job that ended is not counted
     assert record_chunk(store, job_id, 0, ChunkResult(scores=[0.5, 0.5]), "w1@h") == "cancelled"
     assert not store.redis.exists(keys.job_scores_key(job_id))
     assert store.status(job_id) is JobStatus.cancelled
     assert not store.fail(job_id, "engine_error", "late failure")
-    assert store.should_skip(f"job_{uuid.uuid4().hex}")  # gone (expired): nothing to score
+    assert store.status(f"job_{uuid.uuid4().hex}") is None  # gone (expired): nothing to score
 
 
 def test_failed_job_keeps_its_first_error(store) -> None:
@@ -95,12 +121,14 @@ def test_input_the_limits_reject_and_a_bug_fail_the_job_with_their_own_cause(sto
 
     from prometheus_client import REGISTRY
 
+    from store.redis_memory import waiting_for_room
     from workers import runtime, scoring, tasks
 
     def prepare(*_: object) -> None:
         raise error
 
-    monkeypatch.setattr(runtime, "get", lambda: SimpleNamespace(store=store, prompts=None))
+    rt = SimpleNamespace(redis=store.redis, run=store.run, with_room=waiting_for_room(0), prompts=None)
+    monkeypatch.setattr(runtime, "get", lambda: rt)
     monkeypatch.setattr(scoring, "prepare", prepare)
     job_id = _job(store, chunks=1)
     before = REGISTRY.get_sample_value("rerank_jobs_failed_total", {"cause": code}) or 0.0
