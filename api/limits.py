@@ -1,11 +1,16 @@
-"""Request body size limit, as plain ASGI middleware: a 413 before the body is read or parsed. File uploads have a
-limit of their own (they are streamed to disk, never held)."""
+"""Request body size limit, as plain ASGI middleware: a 413 before the body is read or parsed, answered through the
+error table (`api.errors`) in the caller's shape as far as the path and headers tell it (the body, unread, cannot:
+a TEI call's 413 reads in the rerank shape). File uploads have a limit of their own (they are streamed to disk,
+never held)."""
 
 from __future__ import annotations
 
-import json
-
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import errors
+from api.shapes import shape_of
+from schemas.errors import TooLarge
 
 
 class BodyTooLarge(Exception):
@@ -25,7 +30,7 @@ class BodySizeLimit:
         limit = self.per_path.get(scope["path"].rstrip("/"), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await self._reject(send, limit)
+            await self._reject(scope, receive, send, limit)
             return
         seen = 0
         started = False
@@ -48,17 +53,9 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
             if not started:
-                await self._reject(send, limit)
+                await self._reject(scope, receive, send, limit)
 
-    async def _reject(self, send: Send, limit: int) -> None:
-        body = json.dumps(
-            {"error": {"code": "too_large", "message": f"request bodies are limited to {limit} bytes"}}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
+        shape = shape_of(scope["path"], None, Headers(scope=scope))
+        response = errors.of(shape, TooLarge(f"request bodies are limited to {limit} bytes"))
+        await response(scope, receive, send)

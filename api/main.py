@@ -3,29 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from celery import Celery
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import errors
 from api.batch_store import BatchStore
 from api.deps import get_tenant
 from api.file_store import FileStore
 from api.job_store import JobStore
 from api.limits import BodySizeLimit
 from api.routes import batches, files, health, info, jobs, metrics, playground, rerank, webhooks
-from api.shapes import SHAPE_TAGS, Shape, error_payload
-from schemas.errors import RerankError, describe_validation
-from schemas.metrics import REQUEST_FAILURES
 from schemas.settings import Settings, get_settings
 from store import redis_memory
 from store.connect import async_redis_client, close_async
@@ -70,58 +62,6 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         sender.close()
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[int, str, str]:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return 400, "invalid_json", "the request body is not valid JSON"
-    return 422, "invalid_request", describe_validation(errors, skip={"body", *SHAPE_TAGS})
-
-
-def _error(
-    request: Request, status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **details: Any
-) -> JSONResponse:
-    """Every error answer: in the shape of the client's call (TEI, Voyage) where a rerank route noted one, in the
-    farm's `{"error": {code, message}}` elsewhere."""
-    shape: Shape | None = getattr(request.state, "shape", None)
-    REQUEST_FAILURES.labels(code).inc()
-    return JSONResponse(error_payload(shape, status, code, message, **details), status_code=status, headers=headers)
-
-
-async def _rerank_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RerankError)
-    return _error(request, exc.status, exc.code, exc.message, exc.headers, **exc.details)
-
-
-async def _invalid(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    status, code, message = _validation_message(exc)
-    return _error(request, status, code, message)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Errors raised by the framework itself (unparsable body, unknown path, wrong method) in the farm's shape."""
-    assert isinstance(exc, StarletteHTTPException)
-    code = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _error(request, exc.status_code, code, str(exc.detail), exc.headers)
-
-
-async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
-    logger.warning("redis unavailable: %r", exc)
-    return _error(request, 503, "unavailable", "the job store is unreachable; retry later", {"Retry-After": "5"})
-
-
-async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
-    """Redis answered a command with an error. Full (`noeviction` at its maxmemory): 503 `store_full`, nothing was
-    accepted, retry later. Anything else is a bug, answered 500 in the caller's shape and logged with its traceback."""
-    if redis_memory.is_out_of_memory(exc):
-        logger.warning("redis full: %r", exc)
-        message = "the job store is full (Redis refused a write); retry later"
-        retry = {"Retry-After": str(redis_memory.STORE_FULL_RETRY_AFTER_S)}
-        return _error(request, 503, "store_full", message, retry)
-    logger.error("redis refused a command", exc_info=exc)
-    return _error(request, 500, "internal_error", "internal error (logged); retry later")
-
-
 def protected_docs_router(app: FastAPI) -> APIRouter:
     """/openapi.json and /docs for callers with a valid key only."""
     router = APIRouter(include_in_schema=False, dependencies=[Depends(get_tenant)])
@@ -164,11 +104,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(info.router)
     app.include_router(playground.router)
     app.include_router(metrics.router)
-    app.add_exception_handler(RerankError, _rerank_error)
-    app.add_exception_handler(RequestValidationError, _invalid)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RedisConnectionError, _redis_down)
-    app.add_exception_handler(RedisTimeoutError, _redis_down)
-    app.add_exception_handler(ResponseError, _redis_refused)  # OutOfMemoryError included
-    app.add_exception_handler(ReadOnlyError, _redis_down)  # a demoted primary, during a Sentinel failover
+    errors.install(app)
     return app

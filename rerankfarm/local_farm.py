@@ -88,7 +88,7 @@ class LocalFarm:
                     if r.status_code == 200:
                         workers: list[str] = r.json()["workers"]
                         return workers
-                    reason = r.json().get("reason", "")
+                    reason = r.json().get("error", {}).get("message", "")
                 except httpx.HTTPError as exc:
                     reason = exc.__class__.__name__
                 time.sleep(0.3)

@@ -71,10 +71,10 @@ def test_readyz_needs_a_live_worker(fresh_url, tiny_model_dir, client, worker) -
     assert {e for h, e in ready.json()["engines"].items() if h.startswith(f"{worker.node}@")} == {"vllm on cpu"}
     with TestClient(create_app(farm_settings(fresh_url, tiny_model_dir))) as lonely:
         r = lonely.get("/readyz")
-    assert r.status_code == 503 and r.json()["reason"] == "no worker alive"
+    assert r.status_code == 503 and r.json()["error"]["message"] == "no worker alive"
     with TestClient(create_app(farm_settings("redis://127.0.0.1:1/0", tiny_model_dir))) as cut_off:
         r = cut_off.get("/readyz")
-        assert r.status_code == 503 and "redis" in r.json()["reason"]
+        assert r.status_code == 503 and "redis" in r.json()["error"]["message"]
         r = cut_off.post("/v1/jobs", json={"requests": [GOOD]})
         assert r.status_code == 503 and r.headers["retry-after"]
 

@@ -46,7 +46,7 @@ def test_the_api_refuses_to_start_on_an_evicting_redis(tiny_model_dir: Path) -> 
         allowed = farm_settings(server.url, tiny_model_dir, redis_allow_eviction=True)
         with TestClient(create_app(allowed)) as client:
             ready = client.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["reason"] == "no worker alive"  # runs, as asked
+        assert ready.status_code == 503 and ready.json()["error"]["message"] == "no worker alive"  # runs, as asked
 
 
 def test_readyz_names_a_policy_changed_while_the_api_runs(tiny_model_dir: Path) -> None:
@@ -56,7 +56,8 @@ def test_readyz_names_a_policy_changed_while_the_api_runs(tiny_model_dir: Path) 
             direct.config_set("maxmemory-policy", "allkeys-lru")
         ready = client.get("/readyz")
     assert ready.status_code == 503
-    assert "maxmemory-policy allkeys-lru" in ready.json()["reason"] and "noeviction" in ready.json()["reason"]
+    reason = ready.json()["error"]["message"]
+    assert "maxmemory-policy allkeys-lru" in reason and "noeviction" in reason
 
 
 @pytest.mark.parametrize("command", [["-m", "workers.main", "--name", "t"], ["-m", "webhooks.worker"]])

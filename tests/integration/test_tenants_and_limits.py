@@ -114,7 +114,13 @@ def test_body_size_limit_is_413(redis_url, tiny_model_dir) -> None:
         big = {"requests": [{"query": "w1", "documents": ["w2 " * 1000]}]}
         r = c.post("/v1/jobs", json=big)
         assert r.status_code == 413 and "2048 bytes" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "too_large"
         assert c.post("/v1/jobs", json=JOB).status_code == 202
+        # through the error table: in the caller's shape (as far as the unread body allows), and counted
+        voyage = c.post("/v1/rerank", json={"query": "q", "documents": ["w " * 2000]},
+                        headers={"x-voyage-client-user-agent": "voyage-python"})  # fmt: skip
+        assert voyage.status_code == 413 and "2048 bytes" in voyage.json()["detail"]
+        assert 'rerank_request_failures_total{cause="too_large"}' in c.get("/metrics").text
 
 
 def test_limits_answer_429_with_retry_after_and_leave_the_queue_alone(fresh_url, tiny_model_dir) -> None:
