@@ -140,7 +140,7 @@ def test_pair_scores_the_same_alone_and_inside_mixed_batches_from_several_jobs(t
 def test_oldest_pair_is_always_served_so_chunks_finish_in_arrival_order() -> None:
     engine = RecordingForward()
     engine.gate.clear()
-    batcher = batcher_of(engine, 100, window_batches=2)
+    batcher = batcher_of(engine, 100, lookahead_batches=2)
     try:
         batcher.submit([[1] * 5])
         assert engine.entered.wait(2)

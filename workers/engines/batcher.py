@@ -5,9 +5,9 @@ forms every pass:
 
 - a pass serves the most urgent priority that has work (interactive above bulk), except that after
   `starvation_limit` passes in a row while less urgent work waits, it serves the next level once;
-- within a level, among a window of the oldest pending prompts (`window_batches` budgets' worth) sorted by length,
-  it takes the pass (`plan_batches`) that holds the oldest prompt: similar lengths, little padding, and the oldest
-  work always served, so submissions finish roughly in arrival order.
+- within a level, among a look-ahead of the oldest pending prompts (`lookahead_batches` budgets' worth, the setting
+  RERANK_BATCH_WINDOW) sorted by length, it takes the pass (`plan_batches`) that holds the oldest prompt: similar
+  lengths, little padding, and the oldest work always served, so submissions finish roughly in arrival order.
 
 Prompts of several chunks and jobs share passes. A cancelled submission's pending prompts never reach the model.
 vLLM needs none of this: it packs tokens without padding and schedules by priority itself.
@@ -54,12 +54,12 @@ class Batcher:
         forward: Forward,
         max_batch_tokens: int,
         stats: EngineStats,
-        window_batches: int = 8,
+        lookahead_batches: int = 8,
         starvation_limit: int = 8,
     ) -> None:
         self.forward = forward
         self.max_batch_tokens = max_batch_tokens
-        self.window_tokens = max_batch_tokens * window_batches
+        self.lookahead_tokens = max_batch_tokens * lookahead_batches
         self.starvation_limit = starvation_limit
         self.stats = stats
         self._lock = threading.Condition()
@@ -102,9 +102,10 @@ class Batcher:
         self._streak += 1
         return levels[0]
 
-    def _window(self, queue: deque[_Item]) -> list[_Item]:
-        """Pop the oldest live prompts, up to the window's token size (at least one)."""
-        window: list[_Item] = []
+    def _lookahead(self, queue: deque[_Item]) -> list[_Item]:
+        """Pop the oldest live prompts, up to the look-ahead's token size (at least one). (A look-ahead of the queue;
+        a long document's windows are `PairOptions.window_tokens`.)"""
+        ahead: list[_Item] = []
         tokens = 0
         while queue:
             scoring, i = queue[0]
@@ -112,24 +113,24 @@ class Batcher:
                 queue.popleft()
                 continue
             size = len(scoring.prompts[i])
-            if window and tokens + size > self.window_tokens:
+            if ahead and tokens + size > self.lookahead_tokens:
                 break
-            window.append(queue.popleft())
+            ahead.append(queue.popleft())
             tokens += size
-        return window
+        return ahead
 
     def _next_batch(self) -> list[_Item] | None:
         """Under the lock: the next pass, or None when nothing is pending."""
         while (level := self._level()) is not None:
             queue = self._pending[level]
-            window = self._window(queue)
-            if not window:
+            ahead = self._lookahead(queue)
+            if not ahead:
                 continue
-            plans = plan_batches([len(s.prompts[i]) for s, i in window], self.max_batch_tokens)
+            plans = plan_batches([len(s.prompts[i]) for s, i in ahead], self.max_batch_tokens)
             chosen = next(plan for plan in plans if 0 in plan)  # the pass that serves the oldest prompt
             picked = set(chosen)
-            queue.extendleft(reversed([item for j, item in enumerate(window) if j not in picked]))
-            return [window[j] for j in chosen]
+            queue.extendleft(reversed([item for j, item in enumerate(ahead) if j not in picked]))
+            return [ahead[j] for j in chosen]
         return None
 
     def _run(self) -> None:

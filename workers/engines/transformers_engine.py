@@ -45,7 +45,7 @@ class TransformersEngine:
             self.head = model.get_output_embeddings().weight[list(prompts.label_ids)].detach().clone()
         self.pad_id = prompts.pad_id
         self.stats = EngineStats(model=name)
-        self.batcher = Batcher(self.score, max_batch_tokens, self.stats, window_batches=batch_window)
+        self.batcher = Batcher(self.score, max_batch_tokens, self.stats, lookahead_batches=batch_window)
         self._closed = False
 
     @classmethod
