@@ -14,10 +14,10 @@ together, and the farm's ledger and kombu's lease must bring each back.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -27,23 +27,24 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-# The worker log's lines about chunks (workers.tasks): taken, and recorded/finished/duplicate/skipped.
-_TAKEN = re.compile(r"^\[(?P<at>[\d-]+ [\d:,]+): INFO/\w+\] job (?P<job>job_\w+) chunk (?P<chunk>\d+) taken", re.M)
-_DONE = re.compile(
-    r"^\[(?P<at>[\d-]+ [\d:,]+): INFO/\w+\] job (?P<job>job_\w+) chunk (?P<chunk>\d+)"
-    r"(?:: \d+ pairs, \d+ tokens in [\d.]+s \((?P<outcome>\w+)\)| (?P<skipped>skipped))",
-    re.M,
-)
 
-
-def _stamp(text: str) -> float:
-    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+def chunk_events(log: Path) -> list[dict[str, Any]]:
+    """A worker's chunk events (`workers.tasks`: `chunk.taken`, `chunk.done` with its outcome), read from its log's
+    JSON lines (the chaos run starts workers with RERANK_LOG_FORMAT=json); other lines are left alone."""
+    events = []
+    text = log.read_text(errors="replace") if log.exists() else ""
+    for line in text.splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if str(entry.get("event", "")).startswith("chunk."):
+                    events.append(entry)
+    return events
 
 
 def _processes() -> list[tuple[int, str, int, int]]:
@@ -76,7 +77,8 @@ class FarmWorker:
         self.node = f"{self.name}-cpu"  # the launcher's name for a CPU worker; its hostname is NODE@host
         self.redis = redis_client(redis_url)
         self.log_path = log_dir / f"worker-{self.name}.log"
-        self.env = dict(os.environ, RERANK_REDIS_URL=redis_url, RERANK_MODEL=str(model), CUDA_VISIBLE_DEVICES="")
+        self.env = dict(os.environ, RERANK_REDIS_URL=redis_url, RERANK_MODEL=str(model), CUDA_VISIBLE_DEVICES="",
+                        RERANK_LOG_FORMAT="json")  # fmt: skip  # `chunk_events` reads its log
         self.env.update(env or {})
         self.args = [sys.executable, "-m", "rerankfarm.cli", "worker", "--name", self.name]
         self.args += ["--concurrency", str(concurrency)]
@@ -186,15 +188,16 @@ def recoveries(workers: list[FarmWorker]) -> list[float]:
     recorded: dict[tuple[str, int], float] = {}
     held: list[tuple[tuple[str, int], float]] = []
     for w in workers:
-        text = w.log_path.read_text(errors="replace") if w.log_path.exists() else ""
-        finished = {(m["job"], int(m["chunk"])) for m in _DONE.finditer(text)}
-        for m in _DONE.finditer(text):
-            if m["outcome"] in ("recorded", "finished"):
-                recorded[(m["job"], int(m["chunk"]))] = _stamp(m["at"])
+        events = chunk_events(w.log_path)
+        done = [e for e in events if e["event"] == "chunk.done"]
+        finished = {(e["job"], e["chunk"]) for e in done}
+        for e in done:
+            if e["outcome"] in ("recorded", "finished"):
+                recorded[(e["job"], e["chunk"])] = float(e["created"])
         if w.killed_at is not None:
-            for m in _TAKEN.finditer(text):
-                chunk = (m["job"], int(m["chunk"]))
-                if chunk not in finished:
+            for e in events:
+                chunk = (e["job"], e["chunk"])
+                if e["event"] == "chunk.taken" and chunk not in finished:
                     held.append((chunk, w.killed_at))
     return [recorded[chunk] - killed for chunk, killed in held if chunk in recorded and recorded[chunk] > killed]
 

@@ -366,6 +366,13 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, description="Port `rerankfarm api` listens on.")
     api_url: str = Field("http://127.0.0.1:8000", description="Where the CLI and the client reach the API.")
     worker_heartbeat_s: int = Field(5, ge=1, description="Seconds between a worker's liveness heartbeats in Redis.")
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="How a scoring worker writes its log. `json`: one JSON object per line (time `created` in unix "
+        "seconds, `levelname`, `name`, `message`), with the fields of its chunk events (`event`: `chunk.taken` or "
+        "`chunk.done`; `job`, `chunk`, and a done chunk's `outcome`: `workers.tasks._event`), for log shippers and "
+        "`rerankfarm.chaos`.",
+    )
 
     def retry_delays(self) -> list[float]:
         return [float(x) for x in self.webhook_retry_delays.split(",") if x.strip()]

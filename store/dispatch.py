@@ -69,7 +69,9 @@ class Dispatcher:
         if outcome == "sent":
             publish(self.app, [ref.model_copy(update={"lane": lane, "seq": seq, "send": sends})])
             metrics.CHUNK_SENDS.labels(cause).inc()
-            logger.warning("job %s chunk %d %s: sent again (send %d)", ref.job_id, ref.index, reason, sends)
+            event = {"event": "chunk.sent_again", "job": ref.job_id, "chunk": ref.index, "cause": cause, "send": sends}
+            logger.warning("job %s chunk %d %s: sent again (send %d)", ref.job_id, ref.index, reason, sends,
+                           extra=event)  # fmt: skip
         elif outcome == "exhausted":
             message = (
                 f"chunk {ref.index} was sent {sends} times and never scored (RERANK_CHUNK_MAX_RETRIES="

@@ -24,6 +24,7 @@ from workers.launcher import guard_group
 from workers.recovery import Recovery
 
 logger = logging.getLogger("workers")
+JSON_FIELDS = "%(created)f %(levelname)s %(name)s %(message)s"  # RERANK_LOG_FORMAT=json: each line's fields
 _heartbeat: runtime.Heartbeat | None = None
 _recovery: Recovery | None = None
 
@@ -40,6 +41,16 @@ def _on_ready(sender: object = None, **_: object) -> None:
     _recovery = Recovery(rt.settings, app, rt.redis)
     _recovery.start()
     logger.info("worker %s consuming", hostname)
+
+
+@signals.after_setup_logger.connect
+def _log_format(logger: logging.Logger, **_: object) -> None:
+    """RERANK_LOG_FORMAT=json: Celery's handlers (it sets up the root logger) write JSON lines."""
+    if get_settings().log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        for handler in logger.handlers:
+            handler.setFormatter(JsonFormatter(JSON_FIELDS))
 
 
 @signals.worker_shutdown.connect

@@ -86,15 +86,17 @@ def score(message: dict[str, Any], hostname: str) -> str:
 def _score(ref: ChunkRef, hostname: str) -> str:
     rt = runtime.get()
     job, job_id = JobHandle(ref.job_id, ref.tenant), ref.job_id
-    logger.info("job %s chunk %d taken", job_id, ref.index)
+    logger.info("job %s chunk %d taken", job_id, ref.index, extra=_event("chunk.taken", ref))
     outcome, chunk, _ = rt.with_room(rt.run, job.take(ref.index, hostname, ref.lane, ref.seq))
     if ref.priority < INTERACTIVE_PRIORITY:  # a bulk chunk left its lane: feed the lane from the backlog
         _feed(rt)
     if chunk is None:
         if outcome == "duplicate":  # a second message for a chunk recorded already: counted once
-            logger.info("job %s chunk %d skipped: duplicate (recorded already)", job_id, ref.index)
+            logger.info("job %s chunk %d skipped: duplicate (recorded already)", job_id, ref.index,
+                        extra=_event("chunk.done", ref, "duplicate"))  # fmt: skip
         else:
-            logger.info("job %s chunk %d skipped: job is %s", job_id, ref.index, outcome)
+            logger.info("job %s chunk %d skipped: job is %s", job_id, ref.index, outcome,
+                        extra=_event("chunk.done", ref, outcome))  # fmt: skip
         return "skipped"
     started_at = time.perf_counter()
     try:
@@ -110,7 +112,8 @@ def _score(ref: ChunkRef, hostname: str) -> str:
         scores = _wait(submission, lambda: _ended(rt.run(job.status())), rt.settings.chunk_timeout_s)
     except Cancelled:
         status = rt.run(job.status())
-        logger.info("job %s chunk %d dropped: job is %s", job_id, ref.index, status.value if status else "gone")
+        logger.info("job %s chunk %d dropped: job is %s", job_id, ref.index, status.value if status else "gone",
+                    extra=_event("chunk.done", ref, "dropped"))  # fmt: skip
         return "cancelled"
     except (Exception, FutureTimeout) as exc:
         return _send_again_or_fail(ref, exc)
@@ -122,16 +125,29 @@ def _score(ref: ChunkRef, hostname: str) -> str:
     outcome = rt.with_room(rt.run, move).outcome
     if outcome in ("recorded", "finished"):
         metrics.PAIRS_SERVED.labels(rt.settings.served_name, ref.tenant).inc(prepared.pairs)
+    seconds = time.perf_counter() - started_at
     logger.info(
         "job %s chunk %d: %d pairs, %d tokens in %.3fs (%s)",
         job_id,
         ref.index,
         prepared.pairs,
         result.tokens,
-        time.perf_counter() - started_at,
+        seconds,
         outcome,
+        extra=_event("chunk.done", ref, outcome, pairs=prepared.pairs, seconds=round(seconds, 3)),
     )
     return outcome
+
+
+def _event(name: str, ref: ChunkRef, outcome: str | None = None, **more: Any) -> dict[str, Any]:
+    """A chunk event's fields on its log line (RERANK_LOG_FORMAT=json writes them): `chunk.taken`; `chunk.done` with
+    its outcome: `recorded` or `finished` (with `pairs` and `seconds`), `duplicate` (recorded already), the status
+    of a job that ended before the take (`cancelled`, `failed`, `succeeded`, `gone`), or `dropped` (cancelled while
+    it was scored)."""
+    fields: dict[str, Any] = {"event": name, "job": ref.job_id, "chunk": ref.index, **more}
+    if outcome is not None:
+        fields["outcome"] = outcome
+    return fields
 
 
 def _ended(status: JobStatus | None) -> bool:

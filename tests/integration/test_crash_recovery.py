@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 import pytest
@@ -16,6 +16,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from rerankfarm import chaos
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
 from tests.conftest import TINY, Reference, random_text
@@ -24,24 +25,17 @@ from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 pytestmark = pytest.mark.integration
 
 
-# The task's log lines: "job J chunk N taken", "job J chunk N: P pairs, T tokens in Xs (OUTCOME)",
-# "job J chunk N skipped: job is STATUS", "job J chunk N skipped: duplicate (recorded already)". A skip's outcome is
-# the status, or "duplicate".
-CHUNK_LINE = re.compile(
-    r"job (job_\w+) chunk (\d+)(?: taken|: \d+ pairs, \d+ tokens in [\d.]+s \((\w+)\)| skipped: (?:job is )?(\w+))"
-)
-
-
-def chunk_events(log: str, job_id: str) -> tuple[Counter[int], Counter[tuple[int, str]]]:
-    """From a worker's log: how often each chunk of the job was taken, and each (chunk, outcome) of its scoring."""
+def chunk_events(log: Path, job_id: str) -> tuple[Counter[int], Counter[tuple[int, str]]]:
+    """From a worker's chunk events (`rerankfarm.chaos.chunk_events`): how often each chunk of the job was taken, and
+    each (chunk, outcome) of its scoring."""
     taken: Counter[int] = Counter()
     outcomes: Counter[tuple[int, str]] = Counter()
-    for job, index, outcome, skipped in CHUNK_LINE.findall(log):
-        if job == job_id:
-            if outcome or skipped:
-                outcomes[(int(index), outcome or skipped)] += 1
-            else:
-                taken[int(index)] += 1
+    for event in chaos.chunk_events(log):
+        if event["job"] == job_id:
+            if event["event"] == "chunk.taken":
+                taken[event["chunk"]] += 1
+            elif event["event"] == "chunk.done":
+                outcomes[(event["chunk"], event["outcome"])] += 1
     return taken, outcomes
 
 
@@ -55,7 +49,7 @@ def stall_holding(
     deadline = time.monotonic() + timeout
     while True:
         assert time.monotonic() < deadline, "the worker never held an unrecorded chunk of the job"
-        taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
+        taken, outcomes = chunk_events(worker.log_path, job_id)
         if any(not any(o[0] == i for o in outcomes) for i in taken):
             stall()
             held, _ = _held_and_unlogged(worker, job_id)
@@ -79,7 +73,7 @@ def kill_with_chunks_in_hand(worker: WorkerProcess, job_id: str) -> tuple[set[in
 def _held_and_unlogged(worker: WorkerProcess, job_id: str) -> tuple[set[int], set[int]]:
     """Chunks of the job the worker's log shows taken and not finished: those not recorded (Redis says), and those
     recorded (it was stopped between the record and its log line)."""
-    taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job_id)
+    taken, outcomes = chunk_events(worker.log_path, job_id)
     unfinished = {i for i in taken if not any(o[0] == i for o in outcomes)}
     recorded = {int(i) for i in worker.redis.hkeys(keys.job_scores_key(job_id))}
     return unfinished - recorded, unfinished & recorded
@@ -142,7 +136,7 @@ def test_worker_killed_mid_job_twice_loses_nothing(fresh_url, redis_url, tiny_mo
             _assert_scores_match_the_reference(client, job, body, reference)
         finally:
             third.stop()
-    logs = [chunk_events(w.log_path.read_text(errors="replace"), job["id"]) for w in (first, second, third)]
+    logs = [chunk_events(w.log_path, job["id"]) for w in (first, second, third)]
     recorded: Counter[int] = Counter()
     for _, outcomes in logs:
         recorded.update(
@@ -181,7 +175,7 @@ def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_set
             retaken_after: dict[int, float] = {}
             while set(retaken_after) != in_flight:
                 assert time.monotonic() - killed_at < 30, (in_flight, retaken_after)
-                survivor_taken, _ = chunk_events(survivor.log_path.read_text(errors="replace"), job["id"])
+                survivor_taken, _ = chunk_events(survivor.log_path, job["id"])
                 for i in in_flight & set(survivor_taken):
                     retaken_after.setdefault(i, time.monotonic() - killed_at)
                 time.sleep(0.2)
@@ -191,11 +185,11 @@ def test_a_dead_workers_chunks_are_scored_by_another_within_30s_with_default_set
             _assert_every_pair_scored_once(client, job, body, redis_url)
     finally:
         survivor.stop()
-    survivor_taken, survivor_outcomes = chunk_events(survivor.log_path.read_text(errors="replace"), job["id"])
+    survivor_taken, survivor_outcomes = chunk_events(survivor.log_path, job["id"])
     assert set(survivor_taken.values()) == {1}, survivor_taken  # the live worker never got a chunk twice
     # It recorded every chunk it took, but for those the killed worker had recorded before it died and not acked
     # (recorded, logged or not, and killed before the ack): those come back, and it skips them as duplicates.
-    _, doomed_outcomes = chunk_events(doomed.log_path.read_text(errors="replace"), job["id"])
+    _, doomed_outcomes = chunk_events(doomed.log_path, job["id"])
     recorded_by_doomed = {i for (i, outcome) in doomed_outcomes if outcome in ("recorded", "finished")}
     skipped = {i for (i, outcome) in survivor_outcomes if outcome not in ("recorded", "finished")}
     assert skipped <= recorded_by_doomed | recorded_unlogged, (survivor_outcomes, doomed_outcomes)
@@ -225,13 +219,13 @@ def test_a_chunk_scored_for_longer_than_the_lease_is_never_handed_out_twice(
             assert done["status"] == "succeeded", done
     finally:
         holder.stop()
-    log = holder.log_path.read_text(errors="replace")
-    taken, outcomes = chunk_events(log, job["id"])
+    taken, outcomes = chunk_events(holder.log_path, job["id"])
     assert taken == Counter({0: 1}) and outcomes == Counter({(0, "finished"): 1}), (taken, outcomes)
-    [seconds] = re.findall(rf"job {job['id']} chunk 0: \d+ pairs, \d+ tokens in ([\d.]+)s", log)
-    assert float(seconds) > 2 * 5, f"the chunk took {seconds} s: not long enough to outlast the lease"
-    assert chunk_events(idle.log_path.read_text(errors="replace"), job["id"]) == (Counter(), Counter())
-    assert "sent again" not in log + idle.log_path.read_text(errors="replace")
+    [seconds] = [e["seconds"] for e in chaos.chunk_events(holder.log_path) if e["event"] == "chunk.done"]
+    assert seconds > 2 * 5, f"the chunk took {seconds} s: not long enough to outlast the lease"
+    assert chunk_events(idle.log_path, job["id"]) == (Counter(), Counter())
+    events = chaos.chunk_events(holder.log_path) + chaos.chunk_events(idle.log_path)
+    assert [e for e in events if e["event"] == "chunk.sent_again"] == []
 
 
 def test_redis_killed_and_restarted_under_a_running_farm(tiny_model_dir, log_dir, tmp_path) -> None:
@@ -342,7 +336,7 @@ def test_a_chunk_delivered_twice_is_scored_once_and_the_copy_dropped(fresh_url, 
             sender.close()
         assert done["status"] == "succeeded"
         assert done["progress"]["completed"] == 60 and sum(done["workers"].values()) == 60
-    taken, outcomes = chunk_events(worker.log_path.read_text(errors="replace"), job["id"])
+    taken, outcomes = chunk_events(worker.log_path, job["id"])
     assert taken[3] == 3  # delivered three times
     assert outcomes[(3, "duplicate")] == 2, outcomes  # at the take, or by the record's first write
     assert outcomes[(3, "recorded")] + outcomes[(3, "finished")] == 1

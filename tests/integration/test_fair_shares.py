@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from rerankfarm import chaos
 from schemas import keys
 from store import api_keys, backlog
 from tests.conftest import TINY, random_text
@@ -25,7 +25,6 @@ from tests.integration.conftest import WorkerProcess, farm_settings, wait_for
 pytestmark = pytest.mark.integration
 
 CHUNK = 10
-TAKEN = re.compile(r"job (job_\w+) chunk \d+ taken")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +117,7 @@ def test_a_higher_priority_job_overtakes_every_tenants_backlog(farm) -> None:
     finally:
         cancel_all(client, backlog, a)
         cancel_all(client, [same], c)
-    takes = [job for job in TAKEN.findall(worker.log_path.read_text(errors="replace"))]
+    takes = [e["job"] for e in chaos.chunk_events(worker.log_path) if e["event"] == "chunk.taken"]
     first, last = takes.index(urgent), len(takes) - 1 - takes[::-1].index(urgent)
     between = [job for job in takes[first : last + 1] if job != urgent]
     assert len(between) <= worker.concurrency, between

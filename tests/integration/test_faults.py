@@ -23,6 +23,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from rerankfarm import chaos
 from rerankfarm.embedded_redis import EmbeddedRedis, free_port
 from store.queueing import job_lane
 from tests.conftest import TINY, random_text
@@ -65,7 +66,7 @@ def _outlast_three_leases(
         held = stall_holding(stalled, job["id"], stall, resume)
         try:
             time.sleep(15)
-            taken_by_other, _ = chunk_events(other.log_path.read_text(errors="replace"), job["id"])
+            taken_by_other, _ = chunk_events(other.log_path, job["id"])
         finally:
             resume()
         assert held & set(taken_by_other), (held, taken_by_other)  # scored by the other meanwhile
@@ -95,8 +96,8 @@ def test_a_chunk_message_lost_from_its_queue_is_scored_again_within_60s(fresh_ur
             _assert_every_pair_scored_once(client, job, body, url)
         finally:
             worker.stop()
-    log = worker.log_path.read_text(errors="replace")
-    assert f"job {job['id']} chunk 2 lost (last held by no worker): sent again (send 2)" in log
+    sent_again = [e for e in chaos.chunk_events(worker.log_path) if e["event"] == "chunk.sent_again"]
+    assert [(e["job"], e["chunk"], e["cause"], e["send"]) for e in sent_again] == [(job["id"], 2, "lost", 2)]
     print(f"the lost chunk was scored {recovered_after:.1f} s after its message was removed")
     assert recovered_after < 60
 

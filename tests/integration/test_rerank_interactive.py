@@ -18,6 +18,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from rerankfarm import chaos
 from rerankfarm.embedded_redis import EmbeddedRedis
 from schemas import keys
 from schemas.chunks import INTERACTIVE_PRIORITY, chunk_priority
@@ -209,7 +210,7 @@ def test_a_tenants_small_call_is_taken_before_another_tenants_flood(tiny_model_d
                 caller.join(150)
         assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(("a0", "a1", "a2", "b"), 200)
         job_of = {a.json()["id"]: name for name, a in answers.items()}
-        taken = [job_of[job] for job in re.findall(r"job (job_\w+) chunk \d+ taken", worker.log_path.read_text())]
+        taken = [job_of[e["job"]] for e in chaos.chunk_events(worker.log_path) if e["event"] == "chunk.taken"]
         assert len(taken) == 61, taken
         by_call = {name: sorted(priorities[job]) for job, name in job_of.items()}
         assert by_call["b"] == [INTERACTIVE_PRIORITY + 9] and set(by_call["a2"]) == {INTERACTIVE_PRIORITY}, by_call
@@ -257,7 +258,7 @@ def test_a_caller_that_hangs_up_has_its_pairs_dropped(redis_url, tiny_model_dir,
             assert time.monotonic() < deadline, "the call never became a job"
             time.sleep(0.05)
         [job] = new
-        while f"job {job['id']} chunk 0 taken" not in worker.log_path.read_text(errors="replace"):
+        while not any(e["job"] == job["id"] for e in chaos.chunk_events(worker.log_path)):
             assert time.monotonic() < deadline, "no worker took the call's chunk"
             time.sleep(0.02)
         scored_before = _pairs_scored(worker)

@@ -1,6 +1,8 @@
 """What every engine shares: prompts in as token ids (built by `workers.prompts`), P(yes) out, scheduled by the engine
 itself. An engine is one scheduler: vLLM's own (continuous batching under a token budget, priority policy), or the
-transformers engine's padded batcher (`workers.engines.batcher`). Engines know nothing of Celery, Redis or prompts.
+transformers engine's padded batcher (`workers.engines.batcher`). Engines know nothing of Celery or Redis; of prompts
+they get token ids to score and, at load, the model's `workers.prompts.Prompts` (its family's card: how the model
+loads; its length limit; where a document starts), never how a prompt is built.
 
 Priority is the farm's one scale (`schemas.chunks`): a job's 0..9, INTERACTIVE_PRIORITY (10) and up for interactive
 calls (by their tenant's share); higher is served first. An engine converts it at its own boundary (vLLM: lower runs
