@@ -25,6 +25,12 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A worker's /metrics, waited for as long as Prometheus' own scrape timeout allows (10 s; httpx's default 5 s
+    ran out once in a full CI run, right after the worker started, with several idle vLLM workers on 2 cores)."""
+    return _samples(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+
+
 def test_metrics_move_when_jobs_run(fresh_url, tiny_model_dir, log_dir) -> None:
     url = fresh_url  # this worker alone scores the job
     port = free_port()
@@ -33,7 +39,7 @@ def test_metrics_move_when_jobs_run(fresh_url, tiny_model_dir, log_dir) -> None:
     try:
         client = stack.enter_context(TestClient(create_app(farm_settings(url, tiny_model_dir))))
         before_api = _samples(client.get("/metrics").text)
-        before_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        before_worker = _scrape(port)
         job = client.post("/v1/jobs", json={"requests": [{"query": "w1", "documents": ["w2 w3"] * 40}]}).json()
         assert wait_for(client, job["id"])["status"] == "succeeded"
         after_api = _samples(client.get("/metrics").text)
@@ -41,7 +47,7 @@ def test_metrics_move_when_jobs_run(fresh_url, tiny_model_dir, log_dir) -> None:
         assert after_api[key] == before_api.get(key, 0) + 1
         assert ("rerank_queue_depth", (("model", TINY), ("queue", f"rerank.bulk.{TINY}"))) in after_api
         assert after_api[("rerank_workers_alive", ())] >= 1
-        after_worker = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        after_worker = _scrape(port)
         pairs = ("rerank_pairs_scored_total", (("model", TINY),))
         assert after_worker[pairs] == before_worker.get(pairs, 0) + 40
         served = ("rerank_pairs_served_total", (("model", TINY), ("tenant", "default")))
@@ -71,7 +77,7 @@ def test_metrics_move_when_jobs_run(fresh_url, tiny_model_dir, log_dir) -> None:
         refused = ("rerank_request_failures_total", (("cause", "invalid_request"),))
         assert _samples(client.get("/metrics").text)[refused] == after_api.get(refused, 0) + 1
         failed = ("rerank_jobs_failed_total", (("cause", "invalid_input"),))
-        worker_now = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text)
+        worker_now = _scrape(port)
         assert worker_now[failed] == after_worker.get(failed, 0) + 1
     finally:
         stack.close()
