@@ -5,7 +5,8 @@ tiny model), the way issue #28 measured the FIFO it replaced. Prints a table and
 2. For each weight pair (1:1, then 3:1 for A): tenant A queues `--backlog-s` seconds of work (jobs of 2,000 pairs,
    at the idle pace); 3 s later B submits its 64-pair job (its latency, against max(5 s, 5 x idle)); then B queues a
    backlog as large as A's, and once B's first chunks are scored (what A had in the lanes then has drained), each
-   tenant's pairs scored are sampled every second for `--window-s` seconds while both have work waiting: A's share
+   tenant's pairs scored are sampled every second for `--window-s` seconds while both have work waiting (each
+   backlog holds a window's worth more, and the run says whether both still waited at its end): A's share
    of the pairs served per second and over the window (target: within 10% of the weights; pairs count when their
    chunk is recorded, so one second holds a few chunks), and the engine's busy share over the window (engine seconds
    from the worker's heartbeat / wall seconds: the engine never idle while a backlog waits). Then every job is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import platform
 import random
 import statistics
@@ -28,7 +30,6 @@ import httpx
 import redis
 
 from schemas import keys
-from store.codec import as_str
 
 JOB_PAIRS = 2000
 SMALL_PAIRS = 64
@@ -83,18 +84,22 @@ def scenario(
     window_s: float,
     idle_s: float,
     rng: random.Random,
+    window_jobs: int,
 ) -> dict[str, Any]:
-    from store import backlog
+    """One weight pair. Each tenant's backlog holds `window_jobs` more jobs than `backlog_jobs`, enough for the whole
+    window at the idle pace, so that both still have work waiting when the window ends (`both_waiting`; a share
+    measured after one ran dry says nothing of the weights)."""
+    from store import backlog, moves
 
     a, b = clients["a"], clients["b"]
     backlog.set_weight(r, "tenant-a", weights[0])
     backlog.set_weight(r, "tenant-b", weights[1])
-    jobs_a = [submit(a, body(rng, JOB_PAIRS)) for _ in range(backlog_jobs)]
+    jobs_a = [submit(a, body(rng, JOB_PAIRS)) for _ in range(backlog_jobs + window_jobs)]
     time.sleep(3)
     small = submit(b, body(rng, SMALL_PAIRS))
     small_s = wait(b, small)
     print(f"  weights {weights[0]:g}:{weights[1]:g}: B's {SMALL_PAIRS}-pair job behind A's backlog: {small_s:.2f} s")
-    jobs_b = [submit(b, body(rng, JOB_PAIRS)) for _ in range(backlog_jobs)]
+    jobs_b = [submit(b, body(rng, JOB_PAIRS)) for _ in range(backlog_jobs + window_jobs)]
     while served(r, jobs_b) < 2 * 256:  # two chunks (RERANK_CHUNK_SIZE): what A had in the lanes then has drained
         time.sleep(0.1)
     samples = []
@@ -105,7 +110,7 @@ def scenario(
     samples.append((time.perf_counter(), served(r, jobs_a), served(r, jobs_b)))
     busy = (engine_seconds(r) - engine0) / (time.perf_counter() - t0)
     model = a.get(f"/v1/jobs/{jobs_a[0]}").json()["model"]
-    waiting = r.hgetall(f"{keys.backlog_prefix(model)}:waiting")
+    waiting = {tenant: chunks for tenant, (chunks, _) in moves.Runner(r)(backlog.waiting(model)).tenants.items()}
     per_second = []
     for (_, a1, b1), (_, a2, b2) in itertools.pairwise(samples):
         total = (a2 - a1) + (b2 - b1)
@@ -131,7 +136,8 @@ def scenario(
         "share_met": abs(share_a - target) <= 0.1 * target,
         "share_a_per_second": per_second,
         "engine_busy": round(busy, 3),
-        "backlog_waiting_at_end": {as_str(k): int(v) for k, v in waiting.items() if ":" not in as_str(k)},
+        "backlog_waiting_at_end": waiting,
+        "both_waiting": all(waiting.get(f"tenant-{name}", 0) > 0 for name in ("a", "b")),
     }
 
 
@@ -161,7 +167,8 @@ def main(engine: str, backlog_s: float, window_s: float, repeats: int, json_path
             work_s = backlog_jobs * JOB_PAIRS / pace
             print(f"idle: B's {SMALL_PAIRS}-pair job {idle:.3f} s; {JOB_PAIRS} pairs alone {pace:.0f} pairs/s; A's "
                   f"backlog: {backlog_jobs} jobs of {JOB_PAIRS} pairs (~{work_s:.0f} s)")  # fmt: skip
-            runs = [scenario(r, clients, w, backlog_jobs, window_s, idle, rng) for w in ((1, 1), (3, 1))]
+            window_jobs = math.ceil(window_s * pace / JOB_PAIRS) + 1
+            runs = [scenario(r, clients, w, backlog_jobs, window_s, idle, rng, window_jobs) for w in ((1, 1), (3, 1))]
         finally:
             for client in clients.values():
                 client.close()

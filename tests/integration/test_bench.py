@@ -110,5 +110,6 @@ def test_bench_fairness_measures_two_tenants_shares_and_a_small_job_behind_a_bac
     assert even["weights"] == [1, 1] and weighted["weights"] == [3, 1]
     assert all(r["small_job_s"] > 0 and r["engine_busy"] > 0 for r in (even, weighted)), result
     assert even["pairs_served"]["a"] > 0 and even["pairs_served"]["b"] > 0, even
+    assert even["both_waiting"] and weighted["both_waiting"], (even, weighted)  # the shares mean something
     assert weighted["share_a"] > even["share_a"], (even, weighted)
     assert "| 3:1 |" in run.stdout
