@@ -43,7 +43,7 @@ class FileStore:
     async def save(self, tenant: str, filename: str, purpose: str, source: BinaryIO) -> FileObject:
         if purpose != "batch":
             raise InvalidRequest(f"purpose {purpose!r} is not served here: files are batch input (purpose `batch`)")
-        await self._sweep()
+        await self._delete_expired()
         file_id = f"{FILE_ID_PREFIX}{uuid.uuid4().hex}"
         size = await anyio.to_thread.run_sync(self._write, file_id, source)
         if size == 0:
@@ -106,7 +106,7 @@ class FileStore:
         self.path(file_id).unlink(missing_ok=True)
         logger.info("file %s deleted", file_id)
 
-    async def _sweep(self) -> None:
+    async def _delete_expired(self) -> None:
         """Delete the bytes of files whose records have expired."""
         for raw in await self.redis.zrangebyscore(keys.FILES_EXPIRY, 0, time.time()):
             file_id = as_str(raw)
